@@ -1,0 +1,3 @@
+//! handoff
+#![deny(missing_docs)]
+pub mod wire;

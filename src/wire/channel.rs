@@ -1,0 +1,103 @@
+//! The handoff channel: a `SOCK_SEQPACKET` Unix socket pair, driven by tokio.
+//!
+//! `SOCK_SEQPACKET` keeps message boundaries (one JSON message per datagram, no framing to get
+//! wrong) and, unlike `SOCK_DGRAM`, reports the peer's exit as EOF.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::sys::socket::{self, getsockopt, setsockopt, sockopt, AddressFamily, SockFlag, SockType, UnixCredentials};
+use socket2::SockRef;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use super::fd_passing::{receive_buffer, recv_datagram, send_datagram, Received};
+use super::{Message, WireError};
+
+/// One end of a handoff channel.
+#[derive(Debug)]
+pub struct Channel {
+    fd: AsyncFd<OwnedFd>,
+    buf: Vec<u8>,
+}
+
+/// Creates a connected pair of channel ends, both close-on-exec. The one meant for a child
+/// process has its close-on-exec flag cleared in the child only, after `fork`.
+pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socket::socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
+impl Channel {
+    /// Wraps one end of a pair. Must be called within a tokio runtime.
+    pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        SockRef::from(&fd).set_nonblocking(true)?;
+        // SAFETY: an `OwnedFd` is open until dropped, which happens only with the `AsyncFd`,
+        // and always returns the same descriptor; we never swap it through `get_mut`.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
+        Ok(Self { fd, buf: receive_buffer() })
+    }
+
+    /// Sends one message with `fds` attached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a message is sent whole or not at all.
+    pub async fn send(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
+        let bytes = message.encode()?;
+        self.fd
+            .async_io(Interest::WRITABLE, |fd| send_datagram(fd.as_fd(), &bytes, fds))
+            .await?;
+        Ok(())
+    }
+
+    /// Receives one message, or `None` at the peer's EOF.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a datagram is consumed only by the call that returns it.
+    pub async fn recv_or_eof(&mut self) -> Result<Option<Received>, WireError> {
+        let buf = &mut self.buf;
+        let datagram = self
+            .fd
+            .async_io(Interest::READABLE, |fd| recv_datagram(fd.as_fd(), buf))
+            .await?;
+        datagram.into_received(&self.buf)
+    }
+
+    /// Receives one message; EOF is an error naming what was `expected`, and so is an
+    /// `Abort` from the peer.
+    pub async fn recv(&mut self, expected: &'static str) -> Result<Received, WireError> {
+        match self.recv_or_eof().await? {
+            None => Err(WireError::Closed { expected }),
+            Some(Received { message: Message::Abort { reason }, .. }) => Err(WireError::Refused(reason)),
+            Some(received) => Ok(received),
+        }
+    }
+
+    /// Waits until the peer has closed its end (it exited), discarding anything it sends.
+    pub async fn closed(&mut self) {
+        while let Ok(Some(_)) = self.recv_or_eof().await {}
+    }
+
+    /// Asks the kernel to attach the sender's credentials to every message we receive.
+    pub fn receive_credentials(&self) -> io::Result<()> {
+        Ok(setsockopt(&self.fd, sockopt::PassCred, &true)?)
+    }
+
+    /// The credentials of the peer, as the kernel recorded them (`SO_PEERCRED`). For a
+    /// `socketpair`, these are the creator's on both ends.
+    pub fn peer_credentials(&self) -> io::Result<UnixCredentials> {
+        Ok(getsockopt(&self.fd, sockopt::PeerCredentials)?)
+    }
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+}

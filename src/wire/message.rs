@@ -1,0 +1,178 @@
+//! The messages of the handoff protocol, one JSON object per `SOCK_SEQPACKET` datagram.
+//!
+//! ```text
+//! successor ── Hello ───────────────────▶ predecessor   (with SCM_CREDENTIALS)
+//! successor ◀── Hello ─────────────────── predecessor   (carries the new generation)
+//! successor ◀── Manifest ──────────────── predecessor
+//! successor ◀── Batch × n (+ SCM_RIGHTS)─ predecessor
+//! successor ── Accepted | Rejected ─────▶ predecessor
+//! successor ── Ready ───────────────────▶ predecessor
+//!          (EOF when the predecessor has exited)
+//! ```
+//!
+//! Either side may send `Abort` instead of its next message and close the channel.
+
+use serde::{Deserialize, Serialize};
+
+use super::{SocketEntry, WireError};
+
+/// The version of this protocol. Both sides refuse a peer that speaks another one.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest message either side sends or accepts. A batch of 200 entries with long names
+/// and Unix paths stays well under it, and it fits the default `SO_SNDBUF` of a Unix socket.
+pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
+
+/// At most this many descriptors travel in one message. The kernel refuses more than 253
+/// (`SCM_MAX_FD`) per `sendmsg`; staying below leaves room and keeps batches small.
+pub const MAX_FDS_PER_MESSAGE: usize = 200;
+
+/// One message of the handoff protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// The first message in each direction.
+    Hello {
+        /// The protocol version the sender speaks.
+        protocol: u32,
+        /// The sender's process id.
+        pid: u32,
+        /// From the predecessor: the generation number the successor will have.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        generation: Option<u64>,
+    },
+    /// Announces the sockets that follow, in `batches` messages.
+    Manifest {
+        /// The generation of the sender.
+        generation: u64,
+        /// How many sockets follow, over all batches.
+        sockets: usize,
+        /// How many `Batch` messages follow.
+        batches: usize,
+    },
+    /// Up to [`MAX_FDS_PER_MESSAGE`] sockets, their descriptors attached in the same order.
+    Batch {
+        /// The position of this batch, from 0.
+        index: usize,
+        /// One entry per attached descriptor.
+        sockets: Vec<SocketEntry>,
+    },
+    /// The successor checked every descriptor and took them.
+    Accepted,
+    /// The successor refused the handoff and closed everything it received.
+    Rejected {
+        /// Why, naming the socket at fault.
+        reason: String,
+    },
+    /// The successor's application is serving: the predecessor may stop accepting.
+    Ready {
+        /// Milliseconds the successor spent from its start to ready.
+        #[serde(default)]
+        startup_ms: u64,
+    },
+    /// The sender gives up; the channel closes after this.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Message {
+    /// The message's type as it appears on the wire, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Manifest { .. } => "manifest",
+            Self::Batch { .. } => "batch",
+            Self::Accepted => "accepted",
+            Self::Rejected { .. } => "rejected",
+            Self::Ready { .. } => "ready",
+            Self::Abort { .. } => "abort",
+        }
+    }
+
+    /// Serializes the message, refusing one too large to send as a single datagram.
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let bytes = serde_json::to_vec(self).map_err(WireError::Malformed)?;
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(WireError::MessageTooLarge { bytes: bytes.len() });
+        }
+        Ok(bytes)
+    }
+
+    /// Parses a message received from the peer.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        serde_json::from_slice(bytes).map_err(WireError::Malformed)
+    }
+}
+
+/// Checks the protocol version a peer announced.
+pub fn check_version(theirs: u32) -> Result<(), WireError> {
+    if theirs == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(WireError::UnsupportedVersion {
+            ours: PROTOCOL_VERSION,
+            theirs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::SocketKind;
+
+    #[test]
+    fn every_message_round_trips() {
+        let messages = [
+            Message::Hello { protocol: 1, pid: 42, generation: Some(3) },
+            Message::Hello { protocol: 1, pid: 43, generation: None },
+            Message::Manifest { generation: 2, sockets: 1, batches: 1 },
+            Message::Batch {
+                index: 0,
+                sockets: vec![SocketEntry {
+                    name: "dns".into(),
+                    kind: SocketKind::Udp { address: "[::1]:5353".parse().unwrap() },
+                }],
+            },
+            Message::Accepted,
+            Message::Rejected { reason: "no".into() },
+            Message::Ready { startup_ms: 7 },
+            Message::Abort { reason: "bye".into() },
+        ];
+        for message in messages {
+            let bytes = message.encode().unwrap();
+            assert_eq!(Message::decode(&bytes).unwrap(), message);
+        }
+    }
+
+    #[test]
+    fn the_wire_format_is_readable_json() {
+        let bytes = Message::Manifest { generation: 2, sockets: 5, batches: 1 }.encode().unwrap();
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            r#"{"type":"manifest","generation":2,"sockets":5,"batches":1}"#
+        );
+    }
+
+    #[test]
+    fn another_version_is_refused_with_both_numbers() {
+        let err = check_version(2).unwrap_err();
+        assert!(matches!(err, WireError::UnsupportedVersion { ours: 1, theirs: 2 }));
+        assert_eq!(err.to_string(), "peer speaks handoff protocol 2, this process speaks 1");
+        check_version(PROTOCOL_VERSION).unwrap();
+    }
+
+    #[test]
+    fn garbage_and_unknown_types_are_malformed() {
+        assert!(matches!(Message::decode(b"{\"type\":\"launch\"}"), Err(WireError::Malformed(_))));
+        assert!(matches!(Message::decode(b"\x00\x01"), Err(WireError::Malformed(_))));
+    }
+
+    #[test]
+    fn an_oversized_message_is_refused_before_sending() {
+        let message = Message::Abort { reason: "x".repeat(MAX_MESSAGE_BYTES) };
+        assert!(matches!(message.encode(), Err(WireError::MessageTooLarge { .. })));
+    }
+}
