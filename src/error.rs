@@ -1,0 +1,53 @@
+//! The crate's error type.
+
+use std::io;
+
+use crate::wire::WireError;
+
+/// An error from the registry or the lifecycle. Every variant that concerns a socket names it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A socket could not be created, configured or bound.
+    #[error("{socket}: {source}")]
+    Bind {
+        /// The socket, as "TCP listener `http` (127.0.0.1:8081)".
+        socket: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A name was registered twice.
+    #[error("a socket named `{0}` is already registered")]
+    DuplicateName(String),
+    /// A socket handed to [`ListenerRegistry::register`](crate::ListenerRegistry::register)
+    /// is of a kind the registry cannot hand over.
+    #[error("socket `{name}`: {problem}")]
+    Unsupported {
+        /// Its name.
+        name: String,
+        /// Why.
+        problem: String,
+    },
+    /// Receiving the sockets from the predecessor failed; we refused them all.
+    #[error("inheriting sockets from the predecessor: {0}")]
+    Inherit(#[source] WireError),
+    /// Telling the predecessor we are ready failed.
+    #[error("reporting ready to the predecessor: {0}")]
+    Ready(#[source] WireError),
+    /// An operating-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::Io { context: context.into(), source }
+    }
+}
