@@ -1,0 +1,59 @@
+//! What every example shares: the operator flags of `DESIGN.md` and logging.
+#![allow(dead_code)] // each example uses its own subset
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The flags every example accepts.
+#[derive(Debug, clap::Args)]
+pub struct ServerFlags {
+    /// The address to listen on (the example's default when absent).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Write the serving process's pid here (atomically), as each generation becomes ready.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// A Unix socket taking `upgrade` and `status` commands (see `handoffctl`).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Seconds a draining process gives its connections before closing what is left.
+    #[arg(long, default_value_t = 30.0)]
+    pub drain_timeout: f64,
+    /// Seconds a successor has to become ready before it is killed and we carry on.
+    #[arg(long, default_value_t = 30.0)]
+    pub upgrade_timeout: f64,
+}
+
+impl ServerFlags {
+    /// The handoff configuration these flags describe.
+    pub fn builder(&self) -> handoff::Builder {
+        let mut builder = handoff::Handoff::builder().upgrade_timeout(Duration::from_secs_f64(self.upgrade_timeout));
+        if let Some(path) = &self.pid_file {
+            builder = builder.pid_file(path);
+        }
+        if let Some(path) = &self.control {
+            builder = builder.control_socket(path);
+        }
+        builder
+    }
+
+    /// The address to listen on.
+    pub fn listen_or(&self, default: &str) -> SocketAddr {
+        self.listen.unwrap_or_else(|| default.parse().expect("valid default address"))
+    }
+
+    /// The drain deadline.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_timeout)
+    }
+}
+
+/// Logs to stderr, `info` and up unless `RUST_LOG` says otherwise.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+}

@@ -1,0 +1,96 @@
+//! [`Builder`]: how a process takes part in upgrades.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::signal::unix::SignalKind;
+
+use super::Handoff;
+use crate::Error;
+
+/// Configures and starts a [`Handoff`]. Each option states its default.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn example() -> Result<(), handoff::Error> {
+/// use std::time::Duration;
+///
+/// let handoff = handoff::Handoff::builder()
+///     .upgrade_timeout(Duration::from_secs(10))
+///     .pid_file("/run/myserver.pid")
+///     .start()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    pub(crate) upgrade_timeout: Duration,
+    pub(crate) pid_file: Option<PathBuf>,
+    pub(crate) upgrade_signal: Option<SignalKind>,
+    pub(crate) stop_on_signals: bool,
+    pub(crate) control_socket: Option<PathBuf>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self {
+            upgrade_timeout: Duration::from_secs(30),
+            pid_file: None,
+            upgrade_signal: Some(SignalKind::user_defined2()),
+            stop_on_signals: true,
+            control_socket: None,
+        }
+    }
+}
+
+impl Builder {
+    /// How long a successor has, from its start, to adopt the sockets and report ready
+    /// before it is killed and this process carries on. Default: 30 seconds.
+    pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
+        self.upgrade_timeout = timeout;
+        self
+    }
+
+    /// A file that names the serving process: written (atomically) by each generation when it
+    /// is ready, removed by a final stop. Default: none.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// The signal that triggers an upgrade, or `None` for none (upgrade through
+    /// [`Handoff::upgrade`] or the control socket only). Default: `SIGUSR2`.
+    pub fn upgrade_signal(mut self, signal: Option<SignalKind>) -> Self {
+        self.upgrade_signal = signal;
+        self
+    }
+
+    /// Whether SIGTERM and SIGINT request a final, graceful stop
+    /// ([`Shutdown::Stopped`](crate::Shutdown::Stopped)). Default: true.
+    pub fn stop_on_signals(mut self, enabled: bool) -> Self {
+        self.stop_on_signals = enabled;
+        self
+    }
+
+    /// A Unix socket (mode 0600, peers of our own user only) taking `upgrade` and `status`
+    /// commands, as `handoffctl` sends them. Default: none.
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control_socket = Some(path.into());
+        self
+    }
+
+    /// Starts: inherits the predecessor's sockets if this process was started by an upgrade,
+    /// and installs the signal handlers. Call it early, before other threads read the
+    /// environment: it removes its own marker variable from it.
+    ///
+    /// Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Inherit`] if a predecessor's handoff fails or is refused (the predecessor is
+    /// told why and goes on serving; this process should exit), or [`Error::Io`].
+    pub async fn start(self) -> Result<Handoff, Error> {
+        Handoff::start(self).await
+    }
+}

@@ -1,0 +1,17 @@
+//! The life of one process: start (inheriting sockets), ready, upgrade (spawning and handing
+//! over to a successor), drain, exit; or back to ready when an upgrade fails.
+
+mod builder;
+mod handoff;
+mod inheritance;
+mod pid_file;
+mod state;
+mod successor;
+mod trigger;
+mod upgrade_error;
+
+pub use builder::Builder;
+pub use handoff::Handoff;
+pub use inheritance::CHANNEL_FD_VAR;
+pub use state::{Shutdown, State};
+pub use upgrade_error::{Phase, UpgradeError, UpgradeReport};

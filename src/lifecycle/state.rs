@@ -1,0 +1,39 @@
+//! The states of one process, and why it stops serving.
+
+use serde::Serialize;
+
+/// Where a process is in its life.
+///
+/// ```text
+/// Starting ──ready()──▶ Ready ──trigger──▶ Upgrading ──successor ready──▶ Draining
+///                         ▲                    │
+///                         └──── failure ───────┘          Ready ──stop──▶ Stopping
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Binding and adopting sockets; not yet serving.
+    Starting,
+    /// Serving; an upgrade may start.
+    Ready,
+    /// A successor is starting; this process still serves.
+    Upgrading,
+    /// The successor serves; this process finishes its connections and exits.
+    Draining,
+    /// A final stop was requested; this process finishes its connections and exits.
+    Stopping,
+}
+
+/// Why a process stops serving: what [`Handoff::shutdown_signal`](crate::Handoff::shutdown_signal)
+/// resolves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "reason")]
+pub enum Shutdown {
+    /// A successor took over the sockets and serves: stop accepting and drain.
+    Upgraded {
+        /// The successor's pid.
+        successor_pid: u32,
+    },
+    /// A final stop (SIGTERM, SIGINT or [`Handoff::stop`](crate::Handoff::stop)): drain and exit.
+    Stopped,
+}

@@ -1,0 +1,230 @@
+//! The predecessor's side of a handoff: start the successor, hand it the sockets, wait for its
+//! ready; on any failure kill and reap it.
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use tokio::process::{Child, Command};
+
+use super::inheritance::CHANNEL_FD_VAR;
+use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
+use crate::wire::{self, Channel, Message, SocketEntry, WireError, PROTOCOL_VERSION};
+
+/// How to start a successor: what this process was started as, captured at start-up.
+#[derive(Debug, Clone)]
+pub(crate) struct Program {
+    /// The executable's path on disk (not `/proc/self/exe`, which would run the old inode
+    /// again): replacing the file and then upgrading runs the new code.
+    pub executable: PathBuf,
+    /// `argv`, including `argv[0]`.
+    pub args: Vec<OsString>,
+    /// The working directory.
+    pub cwd: PathBuf,
+}
+
+impl Program {
+    pub(crate) fn current() -> std::io::Result<Self> {
+        let mut executable = std::env::current_exe()?;
+        // If the binary was replaced between our exec and now, the kernel's link reads
+        // "/path (deleted)": the path a deploy wrote to is the one without the suffix.
+        if let Some(path) = executable.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+            executable = PathBuf::from(path);
+        }
+        Ok(Self { executable, args: std::env::args_os().collect(), cwd: std::env::current_dir()? })
+    }
+}
+
+/// A successor that has reported ready: its process and our end of its channel. Keep both
+/// until this process exits: the successor reads our exit as EOF on the channel.
+#[derive(Debug)]
+pub(crate) struct ReadySuccessor {
+    pub child: Child,
+    pub channel: Channel,
+    pub report: UpgradeReport,
+}
+
+/// Starts the successor and hands it `sockets`; returns once it is ready.
+pub(crate) async fn launch(
+    program: &Program,
+    generation: u64,
+    sockets: Vec<(SocketEntry, OwnedFd)>,
+    timeout: Duration,
+    cancelled: impl std::future::Future<Output = ()>,
+) -> Result<ReadySuccessor, UpgradeError> {
+    let started = Instant::now();
+    let (ours, theirs) = wire::pair().map_err(UpgradeError::Io)?;
+    let mut channel = Channel::new(ours).map_err(UpgradeError::Io)?;
+    channel.receive_credentials().map_err(UpgradeError::Io)?;
+    let child = spawn(program, theirs.as_fd()).map_err(|source| UpgradeError::Spawn { executable: program.executable.clone(), source })?;
+    // Only the child holds its end now: its exit shows up as EOF on ours.
+    drop(theirs);
+    let mut guard = KillOnFailure(Some(child));
+    let pid = guard.pid();
+    tracing::info!(successor_pid = pid, generation = generation + 1, "successor started");
+
+    let mut phase = Phase::Hello;
+    let outcome = {
+        let handshake = handshake(&mut channel, pid, generation, &sockets, &mut phase);
+        tokio::select! {
+            result = tokio::time::timeout(timeout, handshake) => match result {
+                Ok(Ok(count)) => Outcome::Ready(count),
+                Ok(Err(error)) => Outcome::Failed(error),
+                Err(_elapsed) => Outcome::TimedOut,
+            },
+            status = guard.child().wait() => Outcome::Exited(status),
+            () = cancelled => Outcome::Cancelled,
+        }
+    };
+    drop(sockets);
+    let error = match outcome {
+        Outcome::Ready(count) => {
+            let report = UpgradeReport { successor_pid: pid, generation: generation + 1, sockets: count, elapsed: started.elapsed() };
+            return Ok(ReadySuccessor { child: guard.disarm(), channel, report });
+        }
+        Outcome::Exited(status) => {
+            guard.disarm(); // wait() has reaped it
+            return Err(match status {
+                Ok(status) => UpgradeError::Exited { pid, status, phase },
+                Err(e) => UpgradeError::Io(e),
+            });
+        }
+        Outcome::Failed(WireError::Refused(reason)) if phase == Phase::Adoption => UpgradeError::Rejected { pid, reason },
+        Outcome::Failed(source @ WireError::Closed { .. }) => {
+            // EOF on the channel usually means the successor died: report how, if it did.
+            match tokio::time::timeout(EXIT_GRACE, guard.child().wait()).await {
+                Ok(Ok(status)) => {
+                    guard.disarm();
+                    return Err(UpgradeError::Exited { pid, status, phase });
+                }
+                _ => UpgradeError::Protocol { pid, phase, source },
+            }
+        }
+        Outcome::Failed(source) => UpgradeError::Protocol { pid, phase, source },
+        Outcome::TimedOut => UpgradeError::Timeout { pid, after: timeout, phase },
+        Outcome::Cancelled => UpgradeError::Cancelled { pid, phase },
+    };
+    guard.kill_and_reap().await;
+    Err(error)
+}
+
+/// How long to wait for a successor's exit status once its channel has closed.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// How the wait for a successor ended.
+enum Outcome {
+    Ready(usize),
+    Failed(WireError),
+    TimedOut,
+    Exited(std::io::Result<std::process::ExitStatus>),
+    Cancelled,
+}
+
+/// Hello both ways, the sockets, then the successor's verdict and its ready. Updates `phase`
+/// as it goes so that a timeout can say what was awaited.
+async fn handshake(
+    channel: &mut Channel,
+    pid: u32,
+    generation: u64,
+    sockets: &[(SocketEntry, OwnedFd)],
+    phase: &mut Phase,
+) -> Result<usize, WireError> {
+    *phase = Phase::Hello;
+    let hello = channel.recv("hello").await?;
+    wire::check_sender(&hello, pid)?;
+    wire::check_same_user(channel)?;
+    match hello.message {
+        Message::Hello { protocol, .. } => {
+            if let Err(e) = wire::check_version(protocol) {
+                let _ = channel.send(&Message::Abort { reason: e.to_string() }, &[]).await;
+                return Err(e);
+            }
+        }
+        other => return Err(WireError::Unexpected { expected: "hello", got: other.kind() }),
+    }
+    let reply = Message::Hello { protocol: PROTOCOL_VERSION, pid: std::process::id(), generation: Some(generation + 1) };
+    channel.send(&reply, &[]).await?;
+
+    *phase = Phase::Transfer;
+    let borrowed: Vec<(SocketEntry, BorrowedFd<'_>)> = sockets.iter().map(|(e, fd)| (e.clone(), fd.as_fd())).collect();
+    wire::send_sockets(channel, generation, &borrowed).await?;
+
+    *phase = Phase::Adoption;
+    let verdict = channel.recv("accepted").await?;
+    wire::check_sender(&verdict, pid)?;
+    match verdict.message {
+        Message::Accepted => {}
+        Message::Rejected { reason } => return Err(WireError::Refused(reason)),
+        other => return Err(WireError::Unexpected { expected: "accepted", got: other.kind() }),
+    }
+
+    *phase = Phase::Startup;
+    let ready = channel.recv("ready").await?;
+    wire::check_sender(&ready, pid)?;
+    match ready.message {
+        Message::Ready { .. } => Ok(sockets.len()),
+        other => Err(WireError::Unexpected { expected: "ready", got: other.kind() }),
+    }
+}
+
+/// Starts the executable with our arguments, working directory and environment, plus the
+/// channel's descriptor number. That descriptor is the only one it inherits: every other
+/// one of ours is close-on-exec.
+fn spawn(program: &Program, channel: BorrowedFd<'_>) -> std::io::Result<Child> {
+    let fd = channel.as_raw_fd();
+    let mut command = Command::new(&program.executable);
+    command
+        .arg0(program.args.first().cloned().unwrap_or_else(|| program.executable.clone().into()))
+        .args(program.args.iter().skip(1))
+        .current_dir(&program.cwd)
+        .env(CHANNEL_FD_VAR, fd.to_string())
+        .kill_on_drop(false);
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: fcntl is one, and it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            // SAFETY: `fd` is open in the child: fork copied our descriptor table.
+            let channel = std::os::fd::BorrowedFd::borrow_raw(fd);
+            fcntl(channel, FcntlArg::F_SETFD(FdFlag::empty()))?;
+            Ok(())
+        });
+    }
+    command.spawn()
+}
+
+/// Kills and reaps the successor unless disarmed: whatever path leaves `launch` early
+/// (an error, a timeout, a cancelled future), no half-started successor survives.
+struct KillOnFailure(Option<Child>);
+
+impl KillOnFailure {
+    fn pid(&self) -> u32 {
+        self.0.as_ref().and_then(Child::id).unwrap_or(0)
+    }
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child present until disarmed")
+    }
+    fn disarm(&mut self) -> Child {
+        self.0.take().expect("disarmed once")
+    }
+    async fn kill_and_reap(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let pid = child.id();
+            // kill() sends SIGKILL and waits: the child is reaped when this returns.
+            if let Err(e) = child.kill().await {
+                tracing::error!(successor_pid = pid, error = %e, "could not kill the failed successor");
+            }
+        }
+    }
+}
+
+impl Drop for KillOnFailure {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // Dropped without a verdict (the upgrade future was cancelled): SIGKILL now;
+            // tokio reaps a dropped child in the background.
+            let _ = child.start_kill();
+        }
+    }
+}
