@@ -17,9 +17,6 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 
 /// HTTP server answering with its process's UUID, upgradable without downtime.
 #[derive(Debug, Parser)]
@@ -41,16 +38,26 @@ async fn main() -> anyhow::Result<()> {
     common::init_logging();
     let args = Args::parse();
     let handoff = args.server.builder().start().await?;
-    let listener = handoff.registry().tcp("http", args.server.listen_or("127.0.0.1:8081"))?;
-    let app = Arc::new(App { uuid: uuid::Uuid::new_v4().to_string(), delay: Duration::from_millis(args.delay_ms) });
+    let listener = handoff
+        .registry()
+        .tcp("http", args.server.listen_or("127.0.0.1:8081"))?;
+    let app = Arc::new(App {
+        uuid: uuid::Uuid::new_v4().to_string(),
+        delay: Duration::from_millis(args.delay_ms),
+    });
     handoff.ready().await?;
     tracing::info!(address = %listener.local_addr()?, uuid = %app.uuid, generation = handoff.generation(), "serving http_uuid");
 
-    let graceful = GracefulShutdown::new();
+    let drain = handoff::drain::Drain::builder()
+        .deadline(args.server.drain_timeout())
+        .build();
     let shutdown = handoff.shutdown_signal();
     tokio::pin!(shutdown);
     let reason = loop {
         tokio::select! {
+            // Shutdown first: once a successor is ready, not one more connection is accepted here.
+            biased;
+            reason = &mut shutdown => break reason,
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
                     Ok(accepted) => accepted,
@@ -58,24 +65,22 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let app = app.clone();
                 let service = hyper::service::service_fn(move |request| handle(app.clone(), request));
-                let connection = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(handoff::drain::http::serve_connection(stream, service, drain.track()));
             }
-            reason = &mut shutdown => break reason,
         }
     };
     // Stop accepting: the successor (if any) accepts from the same socket from now on.
     drop(listener);
-    tracing::info!(?reason, connections = graceful.count(), "draining");
-    if tokio::time::timeout(args.server.drain_timeout(), graceful.shutdown()).await.is_err() {
-        tracing::warn!("drain deadline reached; closing the connections left");
-    }
-    tracing::info!(pid = std::process::id(), generation = handoff.generation(), "exiting");
+    tracing::info!(?reason, connections = drain.open(), "draining");
+    let report = drain.drain().await;
+    tracing::info!(
+        pid = std::process::id(),
+        generation = handoff.generation(),
+        connections = report.connections,
+        forced = report.forced,
+        drain_ms = report.elapsed.as_millis() as u64,
+        "exiting"
+    );
     Ok(())
 }
 
@@ -85,6 +90,7 @@ async fn handle(app: Arc<App>, request: Request<hyper::body::Incoming>) -> Resul
         "/delayed" => {
             // The UUID of the process that accepted the request, captured before the wait.
             let uuid = app.uuid.clone();
+            tracing::debug!(%uuid, "delayed request started");
             tokio::time::sleep(app.delay).await;
             Response::new(Full::from(uuid))
         }

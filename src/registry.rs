@@ -30,7 +30,7 @@ const BACKLOG: i32 = 1024;
 /// let registry = handoff::ListenerRegistry::new();
 /// let http = registry.tcp("http", "127.0.0.1:8081".parse().unwrap())?;
 /// let metrics = registry.tcp_with("metrics", "127.0.0.1:0".parse().unwrap(), |socket| {
-///     socket.set_nodelay(true)
+///     socket.set_tcp_nodelay(true)
 /// })?;
 /// # Ok(()) }
 /// ```
@@ -56,7 +56,12 @@ impl ListenerRegistry {
     /// A registry offering the sockets a predecessor handed over (already verified).
     pub(crate) fn with_inherited(sockets: Vec<(SocketEntry, OwnedFd)>) -> Self {
         let inherited = sockets.into_iter().map(|(e, fd)| (e.name.clone(), (e, fd))).collect();
-        Self { state: Mutex::new(State { inherited, held: Vec::new() }) }
+        Self {
+            state: Mutex::new(State {
+                inherited,
+                held: Vec::new(),
+            }),
+        }
     }
 
     /// The TCP listener named `name`: the inherited one if it is bound to `address`, else a
@@ -94,10 +99,13 @@ impl ListenerRegistry {
             configure(&socket)?;
             socket.bind(&address.into())?;
             socket.listen(BACKLOG)?;
-            entry.kind = SocketKind::TcpListener { address: bound_address(&socket)? };
+            entry.kind = SocketKind::TcpListener {
+                address: bound_address(&socket)?,
+            };
             Ok(socket)
         })?;
-        tokio::net::TcpListener::from_std(socket.into()).map_err(|e| Error::io("registering a TCP listener with tokio", e))
+        tokio::net::TcpListener::from_std(socket.into())
+            .map_err(|e| Error::io("registering a TCP listener with tokio", e))
     }
 
     /// The Unix stream listener named `name`: the inherited one bound to `path`, or a new one.
@@ -127,7 +135,8 @@ impl ListenerRegistry {
             socket.listen(BACKLOG)?;
             Ok(socket)
         })?;
-        tokio::net::UnixListener::from_std(socket.into()).map_err(|e| Error::io("registering a Unix listener with tokio", e))
+        tokio::net::UnixListener::from_std(socket.into())
+            .map_err(|e| Error::io("registering a Unix listener with tokio", e))
     }
 
     /// The UDP socket named `name`: the inherited one bound to `address`, or a new one.
@@ -146,12 +155,15 @@ impl ListenerRegistry {
         address: SocketAddr,
         configure: impl FnOnce(&Socket) -> io::Result<()>,
     ) -> Result<tokio::net::UdpSocket, Error> {
-        let matches = |kind: &SocketKind| matches!(kind, SocketKind::Udp { address: held } if same_address(*held, address));
+        let matches =
+            |kind: &SocketKind| matches!(kind, SocketKind::Udp { address: held } if same_address(*held, address));
         let socket = self.claim_or_bind(name, SocketKind::Udp { address }, matches, |entry| {
             let socket = Socket::new(Domain::for_address(address), Type::DGRAM, Some(Protocol::UDP))?;
             configure(&socket)?;
             socket.bind(&address.into())?;
-            entry.kind = SocketKind::Udp { address: bound_address(&socket)? };
+            entry.kind = SocketKind::Udp {
+                address: bound_address(&socket)?,
+            };
             Ok(socket)
         })?;
         tokio::net::UdpSocket::from_std(socket.into()).map_err(|e| Error::io("registering a UDP socket with tokio", e))
@@ -165,9 +177,18 @@ impl ListenerRegistry {
     /// [`Error::Unsupported`] if it is not a bound TCP or Unix stream listener or a bound UDP
     /// socket; [`Error::DuplicateName`] if `name` is taken.
     pub fn register(&self, name: &str, socket: impl AsFd) -> Result<(), Error> {
-        let kind = describe(socket.as_fd()).map_err(|problem| Error::Unsupported { name: name.into(), problem })?;
-        let entry = SocketEntry { name: name.into(), kind };
-        let dup = socket.as_fd().try_clone_to_owned().map_err(|e| Error::io(format!("duplicating socket `{name}`"), e))?;
+        let kind = describe(socket.as_fd()).map_err(|problem| Error::Unsupported {
+            name: name.into(),
+            problem,
+        })?;
+        let entry = SocketEntry {
+            name: name.into(),
+            kind,
+        };
+        let dup = socket
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io(format!("duplicating socket `{name}`"), e))?;
         let mut state = self.lock();
         if state.is_held(name) {
             return Err(Error::DuplicateName(name.into()));
@@ -243,7 +264,10 @@ impl ListenerRegistry {
         if state.is_held(name) {
             return Err(Error::DuplicateName(name.into()));
         }
-        let mut entry = SocketEntry { name: name.into(), kind: requested };
+        let mut entry = SocketEntry {
+            name: name.into(),
+            kind: requested,
+        };
         let socket = match state.inherited.remove(name) {
             Some((inherited, fd)) if matches(&inherited.kind) => {
                 tracing::debug!(socket = %inherited, "adopted inherited socket");
@@ -255,11 +279,20 @@ impl ListenerRegistry {
                     tracing::warn!(socket = %inherited, requested = %entry.kind, "inherited socket does not match the request; binding a new one and closing the inherited one at ready");
                     state.inherited.insert(name.into(), (inherited, fd));
                 }
-                bind(&mut entry).map_err(|source| Error::Bind { socket: entry.to_string(), source })?
+                bind(&mut entry).map_err(|source| Error::Bind {
+                    socket: entry.to_string(),
+                    source,
+                })?
             }
         };
-        socket.set_nonblocking(true).map_err(|source| Error::Bind { socket: entry.to_string(), source })?;
-        let dup = socket.try_clone().map_err(|source| Error::Bind { socket: entry.to_string(), source })?;
+        socket.set_nonblocking(true).map_err(|source| Error::Bind {
+            socket: entry.to_string(),
+            source,
+        })?;
+        let dup = socket.try_clone().map_err(|source| Error::Bind {
+            socket: entry.to_string(),
+            source,
+        })?;
         state.held.push((entry, dup.into()));
         Ok(socket)
     }
@@ -305,7 +338,9 @@ fn is_stale(path: &Path) -> bool {
 fn describe(fd: std::os::fd::BorrowedFd<'_>) -> Result<SocketKind, String> {
     let socket = SockRef::from(&fd);
     let ty = socket.r#type().map_err(|e| format!("not a socket ({e})"))?;
-    let local = socket.local_addr().map_err(|e| format!("cannot read its address: {e}"))?;
+    let local = socket
+        .local_addr()
+        .map_err(|e| format!("cannot read its address: {e}"))?;
     let listening = socket.is_listener().unwrap_or(false);
     match (ty, local.as_socket(), local.as_pathname()) {
         (Type::STREAM, Some(address), _) if listening => Ok(SocketKind::TcpListener { address }),
@@ -329,7 +364,12 @@ mod tests {
         let registry = ListenerRegistry::new();
         let listener = registry.tcp("http", localhost()).unwrap();
         let sockets = registry.sockets();
-        assert_eq!(sockets[0].kind, SocketKind::TcpListener { address: listener.local_addr().unwrap() });
+        assert_eq!(
+            sockets[0].kind,
+            SocketKind::TcpListener {
+                address: listener.local_addr().unwrap()
+            }
+        );
     }
 
     #[tokio::test]
@@ -346,7 +386,10 @@ mod tests {
         let taken = registry.tcp("one", localhost()).unwrap().local_addr().unwrap();
         // No SO_REUSEPORT, so a second listener on the same port is refused.
         let err = registry.tcp("two", taken).unwrap_err();
-        assert!(err.to_string().starts_with(&format!("TCP listener `two` ({taken}): ")), "{err}");
+        assert!(
+            err.to_string().starts_with(&format!("TCP listener `two` ({taken}): ")),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -40,7 +40,8 @@ impl ServerFlags {
 
     /// The address to listen on.
     pub fn listen_or(&self, default: &str) -> SocketAddr {
-        self.listen.unwrap_or_else(|| default.parse().expect("valid default address"))
+        self.listen
+            .unwrap_or_else(|| default.parse().expect("valid default address"))
     }
 
     /// The drain deadline.

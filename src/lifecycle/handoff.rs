@@ -62,7 +62,12 @@ impl Handoff {
         let program = Program::current().map_err(|e| Error::io("finding our executable", e))?;
         let inheritance = inherit(config.upgrade_timeout).await?;
         let (registry, generation, predecessor, predecessor_pid) = match inheritance {
-            Some(i) => (ListenerRegistry::with_inherited(i.sockets), i.generation, Some(i.channel), Some(i.predecessor_pid)),
+            Some(i) => (
+                ListenerRegistry::with_inherited(i.sockets),
+                i.generation,
+                Some(i.channel),
+                Some(i.predecessor_pid),
+            ),
             None => (ListenerRegistry::new(), 1, None, None),
         };
         let handoff = Self {
@@ -123,26 +128,41 @@ impl Handoff {
         if *inner.state.borrow() != State::Starting {
             return Ok(());
         }
+        if let Some(path) = &inner.config.control_socket {
+            crate::control::serve(self, path)?;
+        }
         for entry in inner.registry.close_unclaimed() {
             tracing::info!(socket = %entry, "closed an inherited socket that nothing claimed");
         }
         let channel = inner.predecessor.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut channel) = channel {
             let startup_ms = inner.started.elapsed().as_millis() as u64;
-            channel.send(&Message::Ready { startup_ms }, &[]).await.map_err(Error::Ready)?;
+            channel
+                .send(&Message::Ready { startup_ms }, &[])
+                .await
+                .map_err(Error::Ready)?;
             let gone = inner.predecessor_gone.clone();
             let predecessor = inner.predecessor_pid;
             tokio::spawn(async move {
                 channel.closed().await;
+                drop(channel);
                 tracing::info!(predecessor_pid = ?predecessor, "predecessor exited");
                 gone.send_replace(true);
             });
         }
         if let Some(path) = &inner.config.pid_file {
-            pid_file::write(path, std::process::id()).map_err(|e| Error::io(format!("writing the PID file {}", path.display()), e))?;
+            pid_file::write(path, std::process::id())
+                .map_err(|e| Error::io(format!("writing the PID file {}", path.display()), e))?;
         }
-        inner.state.send_if_modified(|state| std::mem::replace(state, State::Ready) == State::Starting);
-        tracing::info!(pid = std::process::id(), generation = inner.generation, sockets = inner.registry.sockets().len(), "ready");
+        inner
+            .state
+            .send_if_modified(|state| std::mem::replace(state, State::Ready) == State::Starting);
+        tracing::info!(
+            pid = std::process::id(),
+            generation = inner.generation,
+            sockets = inner.registry.sockets().len(),
+            "ready"
+        );
         Ok(())
     }
 
@@ -171,13 +191,28 @@ impl Handoff {
             return Err(UpgradeError::PredecessorDraining(inner.predecessor_pid.unwrap_or(0)));
         }
         inner.state.send_replace(State::Upgrading);
-        tracing::info!(pid = std::process::id(), generation = inner.generation, "upgrade triggered");
+        tracing::info!(
+            pid = std::process::id(),
+            generation = inner.generation,
+            "upgrade triggered"
+        );
         let result = self.launch().await;
         match result {
-            Ok(ReadySuccessor { mut child, channel, report }) => {
+            Ok(ReadySuccessor {
+                mut child,
+                channel,
+                report,
+            }) => {
                 inner.state.send_replace(State::Draining);
-                inner.shutdown.send_replace(Some(Shutdown::Upgraded { successor_pid: report.successor_pid }));
-                tracing::info!(successor_pid = report.successor_pid, generation = report.generation, elapsed_ms = report.elapsed.as_secs_f64() * 1e3, "upgrade complete; draining");
+                inner.shutdown.send_replace(Some(Shutdown::Upgraded {
+                    successor_pid: report.successor_pid,
+                }));
+                tracing::info!(
+                    successor_pid = report.successor_pid,
+                    generation = report.generation,
+                    elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
+                    "upgrade complete; draining"
+                );
                 let pid = report.successor_pid;
                 tokio::spawn(async move {
                     // Our end of the channel stays open until we exit: the successor reads
@@ -210,7 +245,14 @@ impl Handoff {
         let cancelled = async move {
             let _ = stopping.wait_for(Option::is_some).await;
         };
-        successor::launch(&inner.program, inner.generation, sockets, inner.config.upgrade_timeout, cancelled).await
+        successor::launch(
+            &inner.program,
+            inner.generation,
+            sockets,
+            inner.config.upgrade_timeout,
+            cancelled,
+        )
+        .await
     }
 
     /// Requests a final, graceful stop: [`shutdown_signal`](Self::shutdown_signal) resolves

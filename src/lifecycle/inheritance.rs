@@ -31,10 +31,15 @@ fn take_channel() -> Result<Option<OwnedFd>, Error> {
     };
     std::env::remove_var(CHANNEL_FD_VAR);
     let invalid = |why: &str| Error::Inherit(WireError::Peer(format!("{CHANNEL_FD_VAR}={value:?}: {why}")));
-    let fd: RawFd = value.to_str().and_then(|v| v.parse().ok()).filter(|fd| *fd > 2).ok_or_else(|| invalid("not a descriptor number above 2"))?;
+    let fd: RawFd = value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| invalid("not a descriptor number above 2"))?;
     // SAFETY: borrowing only to check the number names an open descriptor; nothing is closed.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|e| invalid(&format!("not an open descriptor ({e})")))?;
+    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map_err(|e| invalid(&format!("not an open descriptor ({e})")))?;
     // SAFETY: the predecessor left this descriptor open for us alone and named it in the
     // variable we have just removed; it is open (checked above) and nothing else in this
     // process knows of it, so this is its one owner.
@@ -51,16 +56,30 @@ pub(crate) async fn inherit(timeout: Duration) -> Result<Option<Inheritance>, Er
     let handshake = tokio::time::timeout(timeout, handshake(&mut channel));
     let result = match handshake.await {
         Ok(result) => result,
-        Err(_) => Err(WireError::Peer(format!("predecessor sent no sockets within {timeout:?}"))),
+        Err(_) => Err(WireError::Peer(format!(
+            "predecessor sent no sockets within {timeout:?}"
+        ))),
     };
     match result {
         Ok((predecessor_pid, generation, sockets)) => {
             channel.send(&Message::Accepted, &[]).await.map_err(Error::Inherit)?;
-            Ok(Some(Inheritance { channel, predecessor_pid, generation, sockets }))
+            Ok(Some(Inheritance {
+                channel,
+                predecessor_pid,
+                generation,
+                sockets,
+            }))
         }
         Err(error) => {
             // Every descriptor received is closed by now; tell the predecessor why.
-            let _ = channel.send(&Message::Rejected { reason: error.to_string() }, &[]).await;
+            let _ = channel
+                .send(
+                    &Message::Rejected {
+                        reason: error.to_string(),
+                    },
+                    &[],
+                )
+                .await;
             Err(Error::Inherit(error))
         }
     }
@@ -71,20 +90,40 @@ async fn handshake(channel: &mut Channel) -> Result<(u32, u64, Vec<(SocketEntry,
     let predecessor = wire::check_same_user(channel)?;
     let parent = nix::unistd::getppid().as_raw();
     if predecessor.pid() != parent {
-        return Err(WireError::Peer(format!("channel was created by pid {}, our parent is pid {parent}", predecessor.pid())));
+        return Err(WireError::Peer(format!(
+            "channel was created by pid {}, our parent is pid {parent}",
+            predecessor.pid()
+        )));
     }
-    let hello = Message::Hello { protocol: PROTOCOL_VERSION, pid: std::process::id(), generation: None };
+    let hello = Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        generation: None,
+    };
     channel.send(&hello, &[]).await?;
     let generation = match channel.recv("hello").await?.message {
-        Message::Hello { protocol, generation: Some(generation), .. } => {
+        Message::Hello {
+            protocol,
+            generation: Some(generation),
+            ..
+        } => {
             wire::check_version(protocol)?;
             generation
         }
-        Message::Hello { protocol, generation: None, .. } => {
+        Message::Hello {
+            protocol,
+            generation: None,
+            ..
+        } => {
             wire::check_version(protocol)?;
             return Err(WireError::Peer("predecessor's hello carries no generation".into()));
         }
-        other => return Err(WireError::Unexpected { expected: "hello", got: other.kind() }),
+        other => {
+            return Err(WireError::Unexpected {
+                expected: "hello",
+                got: other.kind(),
+            })
+        }
     };
     let (_, sockets) = wire::recv_sockets(channel).await?;
     Ok((predecessor.pid() as u32, generation, sockets))

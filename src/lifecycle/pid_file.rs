@@ -6,7 +6,9 @@ use std::path::Path;
 /// Writes `pid` to `path` atomically: a temporary file beside it, then `rename`, so that a
 /// reader sees the old content or the new, never an empty or partial file.
 pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
-    let file_name = path.file_name().ok_or_else(|| io::Error::other("PID file path has no file name"))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other("PID file path has no file name"))?;
     let mut temporary_name = file_name.to_os_string();
     temporary_name.push(format!(".{pid}.tmp"));
     let temporary = path.with_file_name(temporary_name);
@@ -45,6 +47,10 @@ mod tests {
         assert!(path.exists());
         remove_if_ours(&path, 11);
         assert!(!path.exists());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no temporary file left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no temporary file left"
+        );
     }
 }

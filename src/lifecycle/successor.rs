@@ -33,7 +33,11 @@ impl Program {
         if let Some(path) = executable.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
             executable = PathBuf::from(path);
         }
-        Ok(Self { executable, args: std::env::args_os().collect(), cwd: std::env::current_dir()? })
+        Ok(Self {
+            executable,
+            args: std::env::args_os().collect(),
+            cwd: std::env::current_dir()?,
+        })
     }
 }
 
@@ -58,7 +62,10 @@ pub(crate) async fn launch(
     let (ours, theirs) = wire::pair().map_err(UpgradeError::Io)?;
     let mut channel = Channel::new(ours).map_err(UpgradeError::Io)?;
     channel.receive_credentials().map_err(UpgradeError::Io)?;
-    let child = spawn(program, theirs.as_fd()).map_err(|source| UpgradeError::Spawn { executable: program.executable.clone(), source })?;
+    let child = spawn(program, theirs.as_fd()).map_err(|source| UpgradeError::Spawn {
+        executable: program.executable.clone(),
+        source,
+    })?;
     // Only the child holds its end now: its exit shows up as EOF on ours.
     drop(theirs);
     let mut guard = KillOnFailure(Some(child));
@@ -81,8 +88,17 @@ pub(crate) async fn launch(
     drop(sockets);
     let error = match outcome {
         Outcome::Ready(count) => {
-            let report = UpgradeReport { successor_pid: pid, generation: generation + 1, sockets: count, elapsed: started.elapsed() };
-            return Ok(ReadySuccessor { child: guard.disarm(), channel, report });
+            let report = UpgradeReport {
+                successor_pid: pid,
+                generation: generation + 1,
+                sockets: count,
+                elapsed: started.elapsed(),
+            };
+            return Ok(ReadySuccessor {
+                child: guard.disarm(),
+                channel,
+                report,
+            });
         }
         Outcome::Exited(status) => {
             guard.disarm(); // wait() has reaped it
@@ -91,7 +107,9 @@ pub(crate) async fn launch(
                 Err(e) => UpgradeError::Io(e),
             });
         }
-        Outcome::Failed(WireError::Refused(reason)) if phase == Phase::Adoption => UpgradeError::Rejected { pid, reason },
+        Outcome::Failed(WireError::Refused(reason)) if phase == Phase::Adoption => {
+            UpgradeError::Rejected { pid, reason }
+        }
         Outcome::Failed(source @ WireError::Closed { .. }) => {
             // EOF on the channel usually means the successor died: report how, if it did.
             match tokio::time::timeout(EXIT_GRACE, guard.child().wait()).await {
@@ -103,7 +121,11 @@ pub(crate) async fn launch(
             }
         }
         Outcome::Failed(source) => UpgradeError::Protocol { pid, phase, source },
-        Outcome::TimedOut => UpgradeError::Timeout { pid, after: timeout, phase },
+        Outcome::TimedOut => UpgradeError::Timeout {
+            pid,
+            after: timeout,
+            phase,
+        },
         Outcome::Cancelled => UpgradeError::Cancelled { pid, phase },
     };
     guard.kill_and_reap().await;
@@ -142,9 +164,18 @@ async fn handshake(
                 return Err(e);
             }
         }
-        other => return Err(WireError::Unexpected { expected: "hello", got: other.kind() }),
+        other => {
+            return Err(WireError::Unexpected {
+                expected: "hello",
+                got: other.kind(),
+            })
+        }
     }
-    let reply = Message::Hello { protocol: PROTOCOL_VERSION, pid: std::process::id(), generation: Some(generation + 1) };
+    let reply = Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        generation: Some(generation + 1),
+    };
     channel.send(&reply, &[]).await?;
 
     *phase = Phase::Transfer;
@@ -157,7 +188,12 @@ async fn handshake(
     match verdict.message {
         Message::Accepted => {}
         Message::Rejected { reason } => return Err(WireError::Refused(reason)),
-        other => return Err(WireError::Unexpected { expected: "accepted", got: other.kind() }),
+        other => {
+            return Err(WireError::Unexpected {
+                expected: "accepted",
+                got: other.kind(),
+            })
+        }
     }
 
     *phase = Phase::Startup;
@@ -165,7 +201,10 @@ async fn handshake(
     wire::check_sender(&ready, pid)?;
     match ready.message {
         Message::Ready { .. } => Ok(sockets.len()),
-        other => Err(WireError::Unexpected { expected: "ready", got: other.kind() }),
+        other => Err(WireError::Unexpected {
+            expected: "ready",
+            got: other.kind(),
+        }),
     }
 }
 
@@ -176,7 +215,13 @@ fn spawn(program: &Program, channel: BorrowedFd<'_>) -> std::io::Result<Child> {
     let fd = channel.as_raw_fd();
     let mut command = Command::new(&program.executable);
     command
-        .arg0(program.args.first().cloned().unwrap_or_else(|| program.executable.clone().into()))
+        .arg0(
+            program
+                .args
+                .first()
+                .cloned()
+                .unwrap_or_else(|| program.executable.clone().into()),
+        )
         .args(program.args.iter().skip(1))
         .current_dir(&program.cwd)
         .env(CHANNEL_FD_VAR, fd.to_string())

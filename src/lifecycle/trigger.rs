@@ -10,8 +10,14 @@ use super::{Builder, Handoff};
 /// refused rather than killing the process, its default action) and serves them in a task.
 pub(crate) fn install(handoff: &Handoff, config: &Builder) -> io::Result<()> {
     let mut upgrade = config.upgrade_signal.map(signal).transpose()?;
-    let mut terminate = config.stop_on_signals.then(|| signal(SignalKind::terminate())).transpose()?;
-    let mut interrupt = config.stop_on_signals.then(|| signal(SignalKind::interrupt())).transpose()?;
+    let mut terminate = config
+        .stop_on_signals
+        .then(|| signal(SignalKind::terminate()))
+        .transpose()?;
+    let mut interrupt = config
+        .stop_on_signals
+        .then(|| signal(SignalKind::interrupt()))
+        .transpose()?;
     if upgrade.is_none() && terminate.is_none() {
         return Ok(());
     }

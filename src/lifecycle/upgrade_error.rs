@@ -51,7 +51,7 @@ pub struct UpgradeReport {
     /// How many sockets were handed over.
     pub sockets: usize,
     /// From the trigger to the successor's ready.
-    #[serde(serialize_with = "millis")]
+    #[serde(rename = "elapsed_ms", serialize_with = "millis")]
     pub elapsed: Duration,
 }
 
@@ -137,7 +137,10 @@ impl UpgradeError {
     /// The phase the upgrade reached, when a successor was started.
     pub fn phase(&self) -> Option<Phase> {
         match self {
-            Self::Exited { phase, .. } | Self::Timeout { phase, .. } | Self::Protocol { phase, .. } | Self::Cancelled { phase, .. } => Some(*phase),
+            Self::Exited { phase, .. }
+            | Self::Timeout { phase, .. }
+            | Self::Protocol { phase, .. }
+            | Self::Cancelled { phase, .. } => Some(*phase),
             Self::Rejected { .. } => Some(Phase::Adoption),
             Self::Spawn { .. } => Some(Phase::Spawn),
             _ => None,
@@ -147,7 +150,10 @@ impl UpgradeError {
     /// Whether the upgrade was refused before any successor was started (not ready, busy,
     /// shutting down): triggering again later may succeed.
     pub fn is_refused(&self) -> bool {
-        matches!(self, Self::NotReady | Self::InProgress | Self::PredecessorDraining(_) | Self::ShuttingDown)
+        matches!(
+            self,
+            Self::NotReady | Self::InProgress | Self::PredecessorDraining(_) | Self::ShuttingDown
+        )
     }
 }
 

@@ -39,7 +39,10 @@ impl Channel {
         // SAFETY: an `OwnedFd` is open until dropped, which happens only with the `AsyncFd`,
         // and always returns the same descriptor; we never swap it through `get_mut`.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
-        Ok(Self { fd, buf: receive_buffer() })
+        Ok(Self {
+            fd,
+            buf: receive_buffer(),
+        })
     }
 
     /// Sends one message with `fds` attached.
@@ -74,7 +77,10 @@ impl Channel {
     pub async fn recv(&mut self, expected: &'static str) -> Result<Received, WireError> {
         match self.recv_or_eof().await? {
             None => Err(WireError::Closed { expected }),
-            Some(Received { message: Message::Abort { reason }, .. }) => Err(WireError::Refused(reason)),
+            Some(Received {
+                message: Message::Abort { reason },
+                ..
+            }) => Err(WireError::Refused(reason)),
             Some(received) => Ok(received),
         }
     }

@@ -20,7 +20,10 @@ pub enum WireError {
     #[error("malformed handoff message: {0}")]
     Malformed(#[source] serde_json::Error),
     /// A message is larger than [`MAX_MESSAGE_BYTES`](super::MAX_MESSAGE_BYTES).
-    #[error("handoff message of {bytes} bytes exceeds the limit of {} bytes", super::MAX_MESSAGE_BYTES)]
+    #[error(
+        "handoff message of {bytes} bytes exceeds the limit of {} bytes",
+        super::MAX_MESSAGE_BYTES
+    )]
     MessageTooLarge {
         /// Its size.
         bytes: usize,

@@ -4,9 +4,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{
-    recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, UnixCredentials,
-};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, UnixCredentials};
 
 use super::{Message, WireError, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES};
 
@@ -72,7 +70,9 @@ pub(crate) fn recv_datagram(channel: BorrowedFd<'_>, buf: &mut [u8]) -> io::Resu
             ControlMessageOwned::ScmRights(fds) => {
                 // SAFETY: the kernel has just installed these descriptors in our table for this
                 // message; nothing else refers to them, so each gets exactly one owner here.
-                datagram.fds.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                datagram
+                    .fds
+                    .extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
             }
             ControlMessageOwned::ScmCredentials(credentials) => datagram.sender = Some(credentials),
             _ => {}
@@ -94,7 +94,11 @@ impl Datagram {
             return Ok(None);
         }
         let message = Message::decode(&buf[..self.len])?;
-        Ok(Some(Received { message, fds: self.fds, sender: self.sender }))
+        Ok(Some(Received {
+            message,
+            fds: self.fds,
+            sender: self.sender,
+        }))
     }
 }
 

@@ -126,14 +126,28 @@ mod tests {
     #[test]
     fn every_message_round_trips() {
         let messages = [
-            Message::Hello { protocol: 1, pid: 42, generation: Some(3) },
-            Message::Hello { protocol: 1, pid: 43, generation: None },
-            Message::Manifest { generation: 2, sockets: 1, batches: 1 },
+            Message::Hello {
+                protocol: 1,
+                pid: 42,
+                generation: Some(3),
+            },
+            Message::Hello {
+                protocol: 1,
+                pid: 43,
+                generation: None,
+            },
+            Message::Manifest {
+                generation: 2,
+                sockets: 1,
+                batches: 1,
+            },
             Message::Batch {
                 index: 0,
                 sockets: vec![SocketEntry {
                     name: "dns".into(),
-                    kind: SocketKind::Udp { address: "[::1]:5353".parse().unwrap() },
+                    kind: SocketKind::Udp {
+                        address: "[::1]:5353".parse().unwrap(),
+                    },
                 }],
             },
             Message::Accepted,
@@ -149,7 +163,13 @@ mod tests {
 
     #[test]
     fn the_wire_format_is_readable_json() {
-        let bytes = Message::Manifest { generation: 2, sockets: 5, batches: 1 }.encode().unwrap();
+        let bytes = Message::Manifest {
+            generation: 2,
+            sockets: 5,
+            batches: 1,
+        }
+        .encode()
+        .unwrap();
         assert_eq!(
             std::str::from_utf8(&bytes).unwrap(),
             r#"{"type":"manifest","generation":2,"sockets":5,"batches":1}"#
@@ -166,13 +186,18 @@ mod tests {
 
     #[test]
     fn garbage_and_unknown_types_are_malformed() {
-        assert!(matches!(Message::decode(b"{\"type\":\"launch\"}"), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            Message::decode(b"{\"type\":\"launch\"}"),
+            Err(WireError::Malformed(_))
+        ));
         assert!(matches!(Message::decode(b"\x00\x01"), Err(WireError::Malformed(_))));
     }
 
     #[test]
     fn an_oversized_message_is_refused_before_sending() {
-        let message = Message::Abort { reason: "x".repeat(MAX_MESSAGE_BYTES) };
+        let message = Message::Abort {
+            reason: "x".repeat(MAX_MESSAGE_BYTES),
+        };
         assert!(matches!(message.encode(), Err(WireError::MessageTooLarge { .. })));
     }
 }

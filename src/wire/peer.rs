@@ -11,7 +11,11 @@ pub fn check_same_user(channel: &Channel) -> Result<UnixCredentials, WireError> 
     let peer = channel.peer_credentials()?;
     let ours = Uid::effective().as_raw();
     if peer.uid() != ours {
-        return Err(WireError::Peer(format!("peer pid {} runs as uid {}, we run as uid {ours}", peer.pid(), peer.uid())));
+        return Err(WireError::Peer(format!(
+            "peer pid {} runs as uid {}, we run as uid {ours}",
+            peer.pid(),
+            peer.uid()
+        )));
     }
     Ok(peer)
 }

@@ -12,12 +12,24 @@ pub async fn send_sockets(
     sockets: &[(SocketEntry, BorrowedFd<'_>)],
 ) -> Result<(), WireError> {
     let batches = sockets.chunks(MAX_FDS_PER_MESSAGE);
-    let manifest = Message::Manifest { generation, sockets: sockets.len(), batches: batches.len() };
+    let manifest = Message::Manifest {
+        generation,
+        sockets: sockets.len(),
+        batches: batches.len(),
+    };
     channel.send(&manifest, &[]).await?;
     for (index, batch) in batches.enumerate() {
         let entries = batch.iter().map(|(entry, _)| entry.clone()).collect();
         let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|(_, fd)| *fd).collect();
-        channel.send(&Message::Batch { index, sockets: entries }, &fds).await?;
+        channel
+            .send(
+                &Message::Batch {
+                    index,
+                    sockets: entries,
+                },
+                &fds,
+            )
+            .await?;
     }
     Ok(())
 }
@@ -28,8 +40,17 @@ pub async fn send_sockets(
 /// refused handoff leaves nothing open in this process.
 pub async fn recv_sockets(channel: &mut Channel) -> Result<(u64, Vec<(SocketEntry, OwnedFd)>), WireError> {
     let (generation, announced, batches) = match channel.recv("manifest").await?.message {
-        Message::Manifest { generation, sockets, batches } => (generation, sockets, batches),
-        other => return Err(WireError::Unexpected { expected: "manifest", got: other.kind() }),
+        Message::Manifest {
+            generation,
+            sockets,
+            batches,
+        } => (generation, sockets, batches),
+        other => {
+            return Err(WireError::Unexpected {
+                expected: "manifest",
+                got: other.kind(),
+            })
+        }
     };
     let mut received: Vec<(SocketEntry, OwnedFd)> = Vec::with_capacity(announced.min(65_536));
     let mut names = HashSet::new();
@@ -37,10 +58,19 @@ pub async fn recv_sockets(channel: &mut Channel) -> Result<(u64, Vec<(SocketEntr
         let batch = channel.recv("batch").await?;
         let entries = match batch.message {
             Message::Batch { index: got, sockets } if got == index => sockets,
-            other => return Err(WireError::Unexpected { expected: "batch", got: other.kind() }),
+            other => {
+                return Err(WireError::Unexpected {
+                    expected: "batch",
+                    got: other.kind(),
+                })
+            }
         };
         if entries.len() != batch.fds.len() {
-            return Err(WireError::FdCountMismatch { batch: index, entries: entries.len(), fds: batch.fds.len() });
+            return Err(WireError::FdCountMismatch {
+                batch: index,
+                entries: entries.len(),
+                fds: batch.fds.len(),
+            });
         }
         for (entry, fd) in entries.into_iter().zip(batch.fds) {
             if !names.insert(entry.name.clone()) {
@@ -51,7 +81,11 @@ pub async fn recv_sockets(channel: &mut Channel) -> Result<(u64, Vec<(SocketEntr
         }
     }
     if received.len() != announced {
-        return Err(WireError::IncompleteManifest { announced, batches, received: received.len() });
+        return Err(WireError::IncompleteManifest {
+            announced,
+            batches,
+            received: received.len(),
+        });
     }
     Ok((generation, received))
 }
@@ -72,7 +106,13 @@ mod tests {
             .map(|i| {
                 let listener = TcpListener::bind("127.0.0.1:0").unwrap();
                 let address = listener.local_addr().unwrap();
-                (SocketEntry { name: format!("l{i}"), kind: SocketKind::TcpListener { address } }, listener)
+                (
+                    SocketEntry {
+                        name: format!("l{i}"),
+                        kind: SocketKind::TcpListener { address },
+                    },
+                    listener,
+                )
             })
             .collect()
     }
@@ -101,12 +141,20 @@ mod tests {
     async fn a_pipe_declared_as_a_listener_is_rejected_and_closed() {
         let (sender, mut receiver) = channels();
         let (read, write) = nix::unistd::pipe().unwrap();
-        let entry = SocketEntry { name: "http".into(), kind: SocketKind::TcpListener { address: "127.0.0.1:1".parse().unwrap() } };
+        let entry = SocketEntry {
+            name: "http".into(),
+            kind: SocketKind::TcpListener {
+                address: "127.0.0.1:1".parse().unwrap(),
+            },
+        };
         let batch = [(entry, read.as_fd())];
         let (sent, got) = tokio::join!(send_sockets(&sender, 2, &batch), recv_sockets(&mut receiver));
         sent.unwrap();
         let err = got.unwrap_err();
-        assert!(err.to_string().contains("`http`") && err.to_string().ends_with("got a pipe"), "{err}");
+        assert!(
+            err.to_string().contains("`http`") && err.to_string().ends_with("got a pipe"),
+            "{err}"
+        );
         // The receiver closed its copy: once ours is closed too, no reader is left.
         drop(batch);
         drop(read);
@@ -118,16 +166,55 @@ mod tests {
         let (sender, mut receiver) = channels();
         let sockets = listeners(2);
         let entries: Vec<_> = sockets.iter().map(|(e, _)| e.clone()).collect();
-        sender.send(&Message::Manifest { generation: 2, sockets: 2, batches: 1 }, &[]).await.unwrap();
-        sender.send(&Message::Batch { index: 0, sockets: entries }, &[sockets[0].1.as_fd()]).await.unwrap();
+        sender
+            .send(
+                &Message::Manifest {
+                    generation: 2,
+                    sockets: 2,
+                    batches: 1,
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+        sender
+            .send(
+                &Message::Batch {
+                    index: 0,
+                    sockets: entries,
+                },
+                &[sockets[0].1.as_fd()],
+            )
+            .await
+            .unwrap();
         let err = recv_sockets(&mut receiver).await.unwrap_err();
-        assert!(matches!(err, WireError::FdCountMismatch { batch: 0, entries: 2, fds: 1 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                WireError::FdCountMismatch {
+                    batch: 0,
+                    entries: 2,
+                    fds: 1
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn a_manifest_cut_short_by_the_peer_is_an_error() {
         let (sender, mut receiver) = channels();
-        sender.send(&Message::Manifest { generation: 2, sockets: 400, batches: 2 }, &[]).await.unwrap();
+        sender
+            .send(
+                &Message::Manifest {
+                    generation: 2,
+                    sockets: 400,
+                    batches: 2,
+                },
+                &[],
+            )
+            .await
+            .unwrap();
         drop(sender);
         let err = recv_sockets(&mut receiver).await.unwrap_err();
         assert!(matches!(err, WireError::Closed { expected: "batch" }), "{err}");
@@ -137,11 +224,40 @@ mod tests {
     async fn a_manifest_that_miscounts_is_an_error() {
         let (sender, mut receiver) = channels();
         let sockets = listeners(1);
-        sender.send(&Message::Manifest { generation: 2, sockets: 2, batches: 1 }, &[]).await.unwrap();
+        sender
+            .send(
+                &Message::Manifest {
+                    generation: 2,
+                    sockets: 2,
+                    batches: 1,
+                },
+                &[],
+            )
+            .await
+            .unwrap();
         let entries = vec![sockets[0].0.clone()];
-        sender.send(&Message::Batch { index: 0, sockets: entries }, &[sockets[0].1.as_fd()]).await.unwrap();
+        sender
+            .send(
+                &Message::Batch {
+                    index: 0,
+                    sockets: entries,
+                },
+                &[sockets[0].1.as_fd()],
+            )
+            .await
+            .unwrap();
         let err = recv_sockets(&mut receiver).await.unwrap_err();
-        assert!(matches!(err, WireError::IncompleteManifest { announced: 2, received: 1, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                WireError::IncompleteManifest {
+                    announced: 2,
+                    received: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -24,7 +24,9 @@ pub fn verify(entry: &SocketEntry, fd: impl AsFd) -> Result<(), WireError> {
 fn check(kind: &SocketKind, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), String> {
     let socket = SockRef::from(&fd);
     let expected = kind.noun();
-    let ty = socket.r#type().map_err(|_| format!("expected a {expected}, got {}", describe_non_socket(fd)))?;
+    let ty = socket
+        .r#type()
+        .map_err(|_| format!("expected a {expected}, got {}", describe_non_socket(fd)))?;
     let want_type = match kind {
         SocketKind::Udp { .. } => Type::DGRAM,
         _ => Type::STREAM,
@@ -33,15 +35,23 @@ fn check(kind: &SocketKind, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), Strin
         return Err(format!("expected a {expected}, got a socket of type {ty:?}"));
     }
     let domain = socket.domain().map_err(|e| format!("cannot read its domain: {e}"))?;
-    let protocol = socket.protocol().map_err(|e| format!("cannot read its protocol: {e}"))?;
-    let local = socket.local_addr().map_err(|e| format!("cannot read its address: {e}"))?;
+    let protocol = socket
+        .protocol()
+        .map_err(|e| format!("cannot read its protocol: {e}"))?;
+    let local = socket
+        .local_addr()
+        .map_err(|e| format!("cannot read its address: {e}"))?;
     match kind {
         SocketKind::TcpListener { address } | SocketKind::Udp { address } => {
             let want_domain = Domain::for_address(*address);
             if domain != want_domain {
                 return Err(format!("expected domain {want_domain:?}, got {domain:?}"));
             }
-            let want_protocol = if ty == Type::DGRAM { Protocol::UDP } else { Protocol::TCP };
+            let want_protocol = if ty == Type::DGRAM {
+                Protocol::UDP
+            } else {
+                Protocol::TCP
+            };
             if protocol.is_some_and(|p| p != want_protocol) {
                 return Err(format!("expected protocol {want_protocol:?}, got {protocol:?}"));
             }
@@ -90,7 +100,10 @@ mod tests {
     use std::net::{TcpListener, UdpSocket};
 
     fn tcp_entry(address: std::net::SocketAddr) -> SocketEntry {
-        SocketEntry { name: "http".into(), kind: SocketKind::TcpListener { address } }
+        SocketEntry {
+            name: "http".into(),
+            kind: SocketKind::TcpListener { address },
+        }
     }
 
     #[test]
@@ -103,7 +116,10 @@ mod tests {
     fn a_pipe_is_named_as_such() {
         let (read, _write) = nix::unistd::pipe().unwrap();
         let err = verify(&tcp_entry("127.0.0.1:80".parse().unwrap()), &read).unwrap_err();
-        assert_eq!(err.to_string(), "TCP listener `http` (127.0.0.1:80): expected a TCP listener, got a pipe");
+        assert_eq!(
+            err.to_string(),
+            "TCP listener `http` (127.0.0.1:80): expected a TCP listener, got a pipe"
+        );
     }
 
     #[test]
@@ -125,7 +141,9 @@ mod tests {
     #[test]
     fn a_bound_but_not_listening_socket_is_refused() {
         let socket = socket2::Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        socket.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        socket
+            .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+            .unwrap();
         let address = socket.local_addr().unwrap().as_socket().unwrap();
         let err = verify(&tcp_entry(address), &socket).unwrap_err();
         assert!(err.to_string().ends_with("bound but not listening"), "{err}");

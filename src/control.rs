@@ -1,0 +1,107 @@
+//! The control socket: a Unix socket (mode 0600, peers of our own user only) taking one
+//! command per connection, a line each way:
+//!
+//! ```text
+//! → upgrade
+//! ← {"ok":true,"successor_pid":4242,"generation":3,"sockets":2,"elapsed":4.1}
+//! → status
+//! ← {"ok":true,"pid":4100,"generation":2,"state":"ready","predecessor_pid":4001,"sockets":[...]}
+//! ```
+//!
+//! The socket is itself a named socket of the registry (`handoff.control`): successors
+//! inherit it, so the path always reaches the serving generation.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::{Error, Handoff};
+
+/// The registry name of the control socket.
+pub const CONTROL_SOCKET_NAME: &str = "handoff.control";
+
+/// Binds (or adopts) the control socket and answers commands until this process stops serving.
+pub(crate) fn serve(handoff: &Handoff, path: &Path) -> Result<(), Error> {
+    let listener = handoff.registry().unix(CONTROL_SOCKET_NAME, path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("restricting the control socket {}", path.display()), e))?;
+    let handoff = handoff.clone();
+    tokio::spawn(async move {
+        let shutdown = handoff.shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break, // the successor answers from now on
+                Ok((stream, _)) = listener.accept() => {
+                    let handoff = handoff.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = answer(&handoff, stream).await {
+                            tracing::debug!(%error, "control connection failed");
+                        }
+                    });
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn answer(handoff: &Handoff, mut stream: UnixStream) -> io::Result<()> {
+    let peer = stream.peer_cred()?;
+    let reply = if peer.uid() != nix::unistd::Uid::effective().as_raw() {
+        json!({"ok": false, "error": format!("uid {} may not control this process", peer.uid())})
+    } else {
+        let mut line = String::new();
+        BufReader::new((&mut stream).take(1024)).read_line(&mut line).await?;
+        execute(handoff, line.trim()).await
+    };
+    let mut bytes = serde_json::to_vec(&reply)?;
+    bytes.push(b'\n');
+    stream.write_all(&bytes).await?;
+    // Closed (not shut down) here: the client reads to EOF, so when it has the reply this
+    // connection is gone from our descriptor table.
+    drop(stream);
+    Ok(())
+}
+
+async fn execute(handoff: &Handoff, command: &str) -> Value {
+    match command {
+        "upgrade" => match handoff.upgrade().await {
+            Ok(report) => {
+                let mut reply = serde_json::to_value(&report).unwrap_or_default();
+                reply["ok"] = json!(true);
+                reply
+            }
+            Err(error) => json!({"ok": false, "error": error.to_string(), "phase": error.phase()}),
+        },
+        "status" => json!({
+            "ok": true,
+            "pid": std::process::id(),
+            "generation": handoff.generation(),
+            "state": handoff.state(),
+            "predecessor_pid": handoff.predecessor_pid(),
+            "sockets": handoff.sockets(),
+        }),
+        other => json!({"ok": false, "error": format!("unknown command {other:?}; try `upgrade` or `status`")}),
+    }
+}
+
+/// Sends `command` to the control socket at `path` and returns the reply. Blocking: for
+/// command-line tools and tests.
+///
+/// # Errors
+///
+/// If the socket cannot be reached or the reply is not JSON.
+pub fn request(path: impl AsRef<Path>, command: &str) -> io::Result<Value> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    stream.write_all(format!("{command}\n").as_bytes())?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    serde_json::from_str(&reply).map_err(io::Error::other)
+}

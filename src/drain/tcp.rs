@@ -1,0 +1,39 @@
+//! The raw TCP drain: half-close, then read to the client's EOF.
+//!
+//! `shutdown(SHUT_WR)` sends a FIN after every byte already written, so the client reads all
+//! of it, then EOF. We keep reading (and discard) until the client closes its side too:
+//! closing a socket with unread bytes in its receive buffer would send an RST, which the
+//! client sees as "connection reset" and may lose data it has not read yet.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::TrackedConnection;
+
+/// How a half-closed connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// The client closed its side: a clean close, no RST.
+    ClientClosed,
+    /// The drain deadline came first; the connection was closed anyway.
+    Deadline,
+}
+
+/// Half-closes `stream` and reads (discarding) until the client's EOF or the deadline. The
+/// stream is closed when this returns.
+///
+/// # Errors
+///
+/// An I/O error of the stream (a client that reset the connection, say).
+pub async fn finish<S>(mut stream: S, connection: &TrackedConnection) -> std::io::Result<Finished>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    stream.shutdown().await?;
+    let mut discard = [0u8; 4096];
+    loop {
+        tokio::select! {
+            read = stream.read(&mut discard) => if read? == 0 { return Ok(Finished::ClientClosed) },
+            () = connection.deadline() => return Ok(Finished::Deadline),
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Shared by the integration tests: start an example server in a process group of its own,
+//! wait on its log lines and control socket (never on the clock), and kill the whole group
+//! (every generation) when the test ends, whether it passed or not.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The longest any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The path of a built example (cargo builds examples before running integration tests).
+pub fn example(name: &str) -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    deps.parent().unwrap().parent().unwrap().join("examples").join(name)
+}
+
+/// A running server and all the generations it spawns.
+pub struct Server {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    log: Arc<Log>,
+}
+
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+impl Server {
+    /// Starts `binary` with `args`, plus `--control` and `--pid-file` in a fresh directory,
+    /// and waits until it serves.
+    pub fn start(binary: &Path, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(binary)
+            .args(args)
+            .arg("--control")
+            .arg(dir.path().join("control.sock"))
+            .arg("--pid-file")
+            .arg(dir.path().join("server.pid"))
+            .env("RUST_LOG", "info,http_uuid=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lines.lock().unwrap().push(line);
+                sink.grew.notify_all();
+            }
+        });
+        let server = Self { child, dir, log };
+        server.wait_for_log(|line| line.contains(" ready ") && line.contains("generation=1"));
+        server
+    }
+
+    /// Waits for a log line matching `matches` (already written or to come) and returns it.
+    pub fn wait_for_log(&self, matches: impl Fn(&str) -> bool) -> String {
+        self.wait_for_nth_log(1, matches)
+    }
+
+    /// Waits until `n` log lines match `matches`, and returns the n-th.
+    pub fn wait_for_nth_log(&self, n: usize, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().filter(|l| matches(l)).nth(n - 1) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no matching log line within {WAIT:?}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = self.log.grew.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Every log line so far.
+    pub fn log(&self) -> String {
+        self.log.lines.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+    }
+
+    pub fn control_path(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// Sends a command to the control socket (which always reaches the serving generation).
+    pub fn control(&self, command: &str) -> Value {
+        handoff::control::request(self.control_path(), command)
+            .unwrap_or_else(|e| panic!("control {command}: {e}\nlog:\n{}", self.log()))
+    }
+
+    /// Triggers an upgrade through the control socket; returns the reply.
+    pub fn upgrade(&self) -> Value {
+        self.control("upgrade")
+    }
+
+    /// Triggers an upgrade that must succeed, then waits until the predecessor has exited
+    /// and its successor has seen it go. Returns the successor's pid.
+    pub fn upgrade_and_settle(&self) -> u32 {
+        let old = self.pid();
+        let reply = self.upgrade();
+        assert_eq!(reply["ok"], true, "upgrade failed: {reply}\nlog:\n{}", self.log());
+        let new = reply["successor_pid"].as_u64().unwrap() as u32;
+        self.wait_for_log(|l| l.contains("exiting") && l.contains(&format!("pid={old} ")));
+        self.wait_for_log(|l| l.contains("predecessor exited") && l.contains(&format!("predecessor_pid=Some({old})")));
+        // ready() returns after the PID file is written: only then is the successor settled.
+        self.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("pid={new} ")));
+        new
+    }
+
+    /// The pid of the serving generation.
+    pub fn pid(&self) -> u32 {
+        self.control("status")["pid"].as_u64().unwrap() as u32
+    }
+
+    /// The address of the TCP listener named `name`.
+    pub fn address(&self, name: &str) -> SocketAddr {
+        let status = self.control("status");
+        let socket = status["sockets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no socket {name} in {status}"));
+        socket["address"].as_str().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // The group holds every generation: successors are spawned into their parent's group.
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Number of open descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// The pids of the live (not zombie) children of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, rest)| rest) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1) == Some(&pid.to_string().as_str()) && fields[0] != "Z" {
+            children.push(entry.file_name().to_string_lossy().parse().unwrap());
+        }
+    }
+    children
+}
+
+/// An HTTP/1.1 response as a client sees it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub connection_close: bool,
+    pub body: String,
+}
+
+/// One GET on a new connection, through hyper's client.
+pub async fn get(address: SocketAddr, path: &str) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header("host", address.to_string())
+        .body(Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let connection_close = response
+        .headers()
+        .get("connection")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let body = String::from_utf8(response.into_body().collect().await?.to_bytes().to_vec())?;
+    Ok(Reply {
+        status,
+        connection_close,
+        body,
+    })
+}
+
+/// Copies `binary` into `dir` so that a test may replace the copy on disk.
+pub fn copy_binary(binary: &Path, dir: &Path) -> PathBuf {
+    let copy = dir.join(binary.file_name().unwrap());
+    std::fs::copy(binary, &copy).unwrap();
+    copy
+}
+
+/// Replaces `path` with an executable shell script, atomically (write, then rename), as a
+/// deploy would.
+pub fn replace_with_script(path: &Path, script: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let temporary = path.with_extension("new");
+    std::fs::write(&temporary, format!("#!/bin/sh\n{script}\n")).unwrap();
+    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
+
+/// What each open descriptor of `pid` points to, for failure messages.
+pub fn fd_targets(pid: u32) -> Vec<String> {
+    let mut targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            format!(
+                "{}->{}",
+                e.file_name().to_string_lossy(),
+                std::fs::read_link(e.path())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    targets.sort();
+    targets
+}

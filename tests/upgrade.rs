@@ -1,0 +1,161 @@
+//! Upgrades of real processes: the seed's demo, many upgrades in a row, successors that fail,
+//! a binary replaced on disk, and a handoff of more sockets than one message carries.
+
+mod common;
+
+use common::{children, copy_binary, example, fd_count, get, replace_with_script, Server};
+
+/// The seed scenario: a slow request started before an upgrade completes with the old UUID,
+/// while new requests already get the new one; the old process exits once it has answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_demo_delayed_request_finishes_on_the_old_process() {
+    let server = Server::start(
+        &example("http_uuid"),
+        &["--listen", "127.0.0.1:0", "--delay-ms", "1500"],
+    );
+    let address = server.address("http");
+    let old_pid = server.pid();
+    let old_uuid = get(address, "/uuid").await.unwrap().body;
+
+    let delayed = tokio::spawn(get(address, "/delayed"));
+    server.wait_for_log(|l| l.contains("delayed request started"));
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["generation"], 2);
+
+    let new_uuid = get(address, "/uuid").await.unwrap().body;
+    assert_ne!(new_uuid, old_uuid, "the successor serves new requests");
+    let delayed = delayed.await.unwrap().unwrap();
+    assert_eq!(delayed.status, 200);
+    assert_eq!(
+        delayed.body, old_uuid,
+        "the slow request finishes on the process that accepted it"
+    );
+    assert!(
+        delayed.connection_close,
+        "a response during the drain closes its connection"
+    );
+    server.wait_for_log(|l| l.contains("exiting") && l.contains(&format!("pid={old_pid} ")));
+    assert_eq!(
+        std::fs::read_to_string(server.dir.path().join("server.pid"))
+            .unwrap()
+            .trim(),
+        server.pid().to_string()
+    );
+}
+
+/// Twenty upgrades in a row: each serves, and no descriptor leaks from one generation to the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_upgrades_serve_and_leak_no_descriptor() {
+    let server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0"]);
+    let address = server.address("http");
+    // Counted before any request, so that no client connection is open at that moment.
+    let mut counts = vec![fd_count(server.pid())];
+    let mut uuids = vec![get(address, "/uuid").await.unwrap().body];
+    for _ in 0..20 {
+        let pid = server.upgrade_and_settle();
+        counts.push(fd_count(pid));
+        let reply = get(address, "/uuid").await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert!(!uuids.contains(&reply.body), "each generation is a new process");
+        uuids.push(reply.body);
+    }
+    let last = server.pid();
+    assert!(
+        counts.iter().all(|c| *c == counts[0]),
+        "open descriptors per generation: {counts:?}; now {:?}",
+        common::fd_targets(last)
+    );
+    assert_eq!(server.control("status")["generation"], 21);
+}
+
+/// Successors that crash or hang are killed and reaped; the old process serves throughout
+/// and a later upgrade, to a binary replaced on disk, succeeds and runs the new file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_successors_leave_the_old_process_serving() {
+    let bin = tempfile::tempdir().unwrap();
+    let binary = copy_binary(&example("http_uuid"), bin.path());
+    let original = bin.path().join("original");
+    std::fs::hard_link(&binary, &original).unwrap();
+    let server = Server::start(&binary, &["--listen", "127.0.0.1:0", "--upgrade-timeout", "1"]);
+    let address = server.address("http");
+    let pid = server.pid();
+    let uuid = get(address, "/uuid").await.unwrap().body;
+
+    // Clients keep coming while the upgrades fail: not one may see an error.
+    let load = tokio::spawn(async move {
+        for _ in 0..200 {
+            let reply = get(address, "/uuid").await.expect("a request during a failed upgrade");
+            assert_eq!(reply.status, 200);
+        }
+    });
+
+    replace_with_script(&binary, "exit 3");
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], false);
+    let error = reply["error"].as_str().unwrap();
+    assert!(error.contains("exited (exit status: 3)"), "{error}");
+    assert!(children(pid).is_empty(), "the crashed successor was reaped");
+
+    replace_with_script(&binary, "exec sleep 60");
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], false);
+    assert_eq!(reply["phase"], "hello");
+    let error = reply["error"].as_str().unwrap();
+    assert!(error.contains("timed out after 1s"), "{error}");
+    assert!(children(pid).is_empty(), "the hung successor was killed and reaped");
+
+    load.await.unwrap();
+    assert_eq!(server.pid(), pid);
+    assert_eq!(
+        get(address, "/uuid").await.unwrap().body,
+        uuid,
+        "the same process still serves"
+    );
+
+    // A deploy replaces the file on disk: the upgrade runs the new file, not our old inode.
+    let marker = bin.path().join("new-binary-ran");
+    replace_with_script(
+        &binary,
+        &format!("touch '{}'\nexec '{}' \"$@\"", marker.display(), original.display()),
+    );
+    let new_pid = server.upgrade_and_settle();
+    assert!(marker.exists(), "the successor was started from the replaced file");
+    assert_ne!(new_pid, pid);
+    assert_ne!(get(address, "/uuid").await.unwrap().body, uuid);
+}
+
+/// 300 TCP listeners, a Unix listener and a UDP socket cross in more than one batch, and the
+/// successor adopts each by name: same addresses, same kernel sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_listeners_are_adopted_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap();
+    let server = Server::start(&example("many_sockets"), &["--tcp", "300", "--dir", dir_arg]);
+    let before = server.control("status")["sockets"].clone();
+    assert_eq!(before.as_array().unwrap().len(), 303); // 300 TCP, Unix, UDP, control
+
+    // A connection queued on the old process's socket before the upgrade...
+    let queued = std::net::TcpStream::connect(server.address("tcp-299")).unwrap();
+    server.upgrade_and_settle();
+    let after = server.control("status");
+    assert_eq!(after["generation"], 2);
+    let mut before: Vec<_> = before.as_array().unwrap().clone();
+    let mut after: Vec<_> = after["sockets"].as_array().unwrap().clone();
+    let key = |s: &serde_json::Value| s["name"].as_str().unwrap().to_owned();
+    before.sort_by_key(key);
+    after.sort_by_key(key);
+    assert_eq!(before, after, "every socket kept its name and address");
+    // ...is answered, by one generation or the other: the accept queue was shared, not rebound.
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut &queued, &mut answer).unwrap();
+    assert!(answer == "1\n" || answer == "2\n", "{answer:?}");
+    let fresh = std::net::TcpStream::connect(server.address("tcp-0")).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut &fresh, &mut answer).unwrap();
+    assert_eq!(answer, "2\n");
+    let mut unix = std::os::unix::net::UnixStream::connect(dir.path().join("many.sock")).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut unix, &mut answer).unwrap();
+    assert_eq!(answer, "2\n");
+}
