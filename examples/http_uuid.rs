@@ -48,40 +48,21 @@ async fn main() -> anyhow::Result<()> {
     handoff.ready().await?;
     tracing::info!(address = %listener.local_addr()?, uuid = %app.uuid, generation = handoff.generation(), "serving http_uuid");
 
-    let drain = handoff::drain::Drain::builder()
-        .deadline(args.server.drain_timeout())
-        .build();
-    let shutdown = handoff.shutdown_signal();
-    tokio::pin!(shutdown);
-    let reason = loop {
-        tokio::select! {
-            // Shutdown first: once a successor is ready, not one more connection is accepted here.
-            biased;
-            reason = &mut shutdown => break reason,
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => { tracing::warn!(%error, "accept failed"); continue; }
-                };
-                let app = app.clone();
-                let service = hyper::service::service_fn(move |request| handle(app.clone(), request));
-                tokio::spawn(handoff::drain::http::serve_connection(stream, service, drain.track()));
-            }
-        }
-    };
-    // Stop accepting: the successor (if any) accepts from the same socket from now on.
-    drop(listener);
-    tracing::info!(?reason, connections = drain.open(), "draining");
-    let report = drain.drain().await;
-    tracing::info!(
-        pid = std::process::id(),
-        generation = handoff.generation(),
-        connections = report.connections,
-        forced = report.forced,
-        drain_ms = report.elapsed.as_millis() as u64,
-        "exiting"
-    );
+    common::serve(&handoff, listener, args.server.drain(), Http(app)).await;
     Ok(())
+}
+
+/// Serves HTTP/1.1 and HTTP/2 with hyper, drained by handoff's HTTP strategy.
+struct Http(Arc<App>);
+
+impl handoff::drain::DrainStrategy<tokio::net::TcpStream> for Http {
+    async fn serve(&self, stream: tokio::net::TcpStream, connection: handoff::drain::TrackedConnection) {
+        let app = self.0.clone();
+        let service = hyper::service::service_fn(move |request| handle(app.clone(), request));
+        if let Err(error) = handoff::drain::http::serve_connection(stream, service, connection).await {
+            tracing::debug!(%error, "connection ended with an error");
+        }
+    }
 }
 
 async fn handle(app: Arc<App>, request: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {

@@ -23,6 +23,9 @@ pub struct ServerFlags {
     /// Seconds a successor has to become ready before it is killed and we carry on.
     #[arg(long, default_value_t = 30.0)]
     pub upgrade_timeout: f64,
+    /// Close long-lived connections at most this many per second during a drain (0: all at once).
+    #[arg(long, default_value_t = 0.0)]
+    pub spread_closes: f64,
 }
 
 impl ServerFlags {
@@ -44,9 +47,12 @@ impl ServerFlags {
             .unwrap_or_else(|| default.parse().expect("valid default address"))
     }
 
-    /// The drain deadline.
-    pub fn drain_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.drain_timeout)
+    /// The drain these flags describe.
+    pub fn drain(&self) -> handoff::drain::Drain {
+        handoff::drain::Drain::builder()
+            .deadline(Duration::from_secs_f64(self.drain_timeout))
+            .spread_closes(self.spread_closes)
+            .build()
     }
 }
 
@@ -57,4 +63,42 @@ pub fn init_logging() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
+}
+
+/// Accepts on `listener` until `handoff` says stop, serving each connection with `strategy`;
+/// then stops accepting, drains, and logs the outcome.
+pub async fn serve<S>(
+    handoff: &handoff::Handoff,
+    listener: tokio::net::TcpListener,
+    drain: handoff::drain::Drain,
+    strategy: S,
+) where
+    S: handoff::drain::DrainStrategy<tokio::net::TcpStream>,
+{
+    let strategy = std::sync::Arc::new(strategy);
+    let shutdown = handoff.shutdown_signal();
+    tokio::pin!(shutdown);
+    let reason = loop {
+        tokio::select! {
+            // Shutdown first: once a successor is ready, not one more connection is accepted here.
+            biased;
+            reason = &mut shutdown => break reason,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => drain.spawn(strategy.clone(), stream),
+                Err(error) => tracing::warn!(%error, "accept failed"),
+            },
+        }
+    };
+    // Stop accepting: the successor (if any) accepts from the same socket from now on.
+    drop(listener);
+    tracing::info!(?reason, connections = drain.open(), "draining");
+    let report = drain.drain().await;
+    tracing::info!(
+        pid = std::process::id(),
+        generation = handoff.generation(),
+        connections = report.connections,
+        forced = report.forced,
+        drain_ms = report.elapsed.as_millis() as u64,
+        "exiting"
+    );
 }

@@ -146,8 +146,9 @@ impl Handoff {
             tokio::spawn(async move {
                 channel.closed().await;
                 drop(channel);
-                tracing::info!(predecessor_pid = ?predecessor, "predecessor exited");
+                // The next upgrade is allowed before anyone can read that it is.
                 gone.send_replace(true);
+                tracing::info!(predecessor_pid = ?predecessor, "predecessor exited");
             });
         }
         if let Some(path) = &inner.config.pid_file {

@@ -1,0 +1,86 @@
+//! WebSocket chat room: every text message is broadcast to every member, the sender included.
+//! A member who joins is told the pid and generation of the process serving it. Drained with
+//! Close 1001 "going away": members reconnect, and reach the successor.
+//!
+//! ```text
+//! cargo run --example ws_chat -- --pid-file /tmp/ws_chat.pid &
+//! websocat ws://127.0.0.1:8083/       # type lines; every member sees them
+//! kill -USR2 $(cat /tmp/ws_chat.pid)  # members get Close 1001 and may rejoin
+//! ```
+
+mod common;
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use handoff::drain::{websocket, DrainStrategy, TrackedConnection};
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
+use tokio_tungstenite::tungstenite::Message;
+
+/// WebSocket chat server, upgradable without downtime.
+#[derive(Debug, Parser)]
+struct Args {
+    #[command(flatten)]
+    server: common::ServerFlags,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    common::init_logging();
+    let args = Args::parse();
+    let handoff = args.server.builder().start().await?;
+    let listener = handoff.registry().tcp("ws", args.server.listen_or("127.0.0.1:8083"))?;
+    handoff.ready().await?;
+    tracing::info!(address = %listener.local_addr()?, generation = handoff.generation(), "serving ws_chat");
+    let room = Room {
+        messages: broadcast::channel(1024).0,
+        welcome: format!(
+            "welcome: pid={} generation={}",
+            std::process::id(),
+            handoff.generation()
+        ),
+    };
+    common::serve(&handoff, listener, args.server.drain(), room).await;
+    Ok(())
+}
+
+/// The chat room: one broadcast channel, every member subscribed.
+struct Room {
+    messages: broadcast::Sender<String>,
+    welcome: String,
+}
+
+impl DrainStrategy<TcpStream> for Room {
+    async fn serve(&self, stream: TcpStream, connection: TrackedConnection) {
+        let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+            return;
+        };
+        let mut room = self.messages.subscribe();
+        if ws.send(Message::text(self.welcome.clone())).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                incoming = ws.next() => match incoming {
+                    Some(Ok(Message::Text(text))) => { let _ = self.messages.send(text.to_string()); }
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                    Some(Ok(_)) => {}
+                },
+                outgoing = room.recv() => match outgoing {
+                    Ok(text) => if ws.send(Message::text(text)).await.is_err() { return },
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                () = connection.close_turn() => break,
+            }
+        }
+        // What members sent before they saw our Close still reaches the room.
+        let finished = websocket::finish(ws, &connection, |message| {
+            if let Message::Text(text) = message {
+                let _ = self.messages.send(text.to_string());
+            }
+        })
+        .await;
+        tracing::debug!(?finished, "member drained");
+    }
+}
