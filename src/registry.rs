@@ -407,6 +407,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ipv6_listeners_and_udp_sockets_are_handed_over_too() {
+        let first = ListenerRegistry::new();
+        let tcp6 = first
+            .tcp("v6", "[::1]:0".parse().unwrap())
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let udp6 = first
+            .udp("dns6", "[::1]:0".parse().unwrap())
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let set = first.handoff_set().unwrap();
+        for (entry, fd) in &set {
+            verify(entry, fd).unwrap();
+        }
+        let successor = ListenerRegistry::with_inherited(set);
+        assert_eq!(
+            successor
+                .tcp("v6", "[::1]:0".parse().unwrap())
+                .unwrap()
+                .local_addr()
+                .unwrap(),
+            tcp6
+        );
+        assert_eq!(
+            successor
+                .udp("dns6", "[::1]:0".parse().unwrap())
+                .unwrap()
+                .local_addr()
+                .unwrap(),
+            udp6
+        );
+        assert!(successor.close_unclaimed().is_empty());
+    }
+
+    #[tokio::test]
     async fn an_inherited_socket_at_another_address_is_replaced_and_closed_at_ready() {
         let first = ListenerRegistry::new();
         let _old = first.udp("dns", localhost()).unwrap();

@@ -189,3 +189,48 @@ async fn a_tcp_client_writing_through_the_drain_reads_a_prefix_then_eof() {
     let exit = server.wait_for_log(|l| l.contains("exiting") && l.contains("generation=1"));
     assert!(exit.contains("forced=0"), "{exit}");
 }
+
+/// An HTTP/2 client gets GOAWAY: its open stream finishes on the old process, and its next
+/// request, on a new connection, reaches the successor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_finish_and_the_connection_gets_goaway() {
+    let server = Server::start(
+        &example("http_uuid"),
+        &["--listen", "127.0.0.1:0", "--delay-ms", "1000"],
+    );
+    let address = server.address("http");
+    let h2 = |address| async move {
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (sender, connection) = hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        (sender, tokio::spawn(connection))
+    };
+    let get = |mut sender: hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>, path: &'static str| async move {
+        let request = hyper::Request::get(format!("http://{address}{path}"))
+            .body(Empty::new())
+            .unwrap();
+        let response = sender.send_request(request).await?;
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>(String::from_utf8(body.to_vec()).unwrap())
+    };
+    let (sender, connection) = h2(address).await;
+    let old_uuid = get(sender.clone(), "/uuid").await.unwrap();
+    let slow = tokio::spawn(get(sender.clone(), "/delayed"));
+    server.wait_for_log(|l| l.contains("delayed request started"));
+    assert_eq!(server.upgrade()["ok"], true);
+    assert_eq!(slow.await.unwrap().unwrap(), old_uuid, "the open stream finishes");
+    // GOAWAY, then the close once the last stream is done: the client's connection task ends
+    // without an error.
+    tokio::time::timeout(common::WAIT, connection)
+        .await
+        .expect("the connection closes")
+        .unwrap()
+        .unwrap();
+    let (sender, _) = h2(address).await;
+    assert_ne!(get(sender, "/uuid").await.unwrap(), old_uuid);
+}
