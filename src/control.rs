@@ -85,6 +85,7 @@ async fn execute(handoff: &Handoff, command: &str) -> Value {
             "generation": handoff.generation(),
             "state": handoff.state(),
             "predecessor_pid": handoff.predecessor_pid(),
+            "predecessor_running": handoff.predecessor_running(),
             "sockets": handoff.sockets(),
         }),
         other => json!({"ok": false, "error": format!("unknown command {other:?}; try `upgrade` or `status`")}),

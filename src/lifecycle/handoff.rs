@@ -105,6 +105,12 @@ impl Handoff {
         self.inner.predecessor_pid
     }
 
+    /// Whether the previous generation is still alive (draining). No upgrade starts until it
+    /// has exited.
+    pub fn predecessor_running(&self) -> bool {
+        !*self.inner.predecessor_gone.borrow()
+    }
+
     /// Where this process is in its life.
     pub fn state(&self) -> State {
         *self.inner.state.borrow()
