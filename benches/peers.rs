@@ -1,0 +1,218 @@
+//! Peers side by side: the same HTTP load and the same SIGUSR2 schedule against
+//! - handoff (`http_uuid`),
+//! - Cloudflare's `ecdysis` crate (`peer_ecdysis`),
+//! - the naive approach: a new process binding its own socket with `SO_REUSEPORT` while the old
+//!   one closes its copy (`peer_reuseport`).
+//!
+//! Every server is measured from outside in the same way: trigger → the PID file names the new
+//! process (each writes it when it serves), and every client-visible error is counted.
+//!
+//! `cargo bench --bench peers` (`-- --upgrades N --interval-ms M`)
+
+#[path = "../examples/demo/load.rs"]
+#[allow(dead_code)] // the WebSocket and TCP clients are the demo's
+mod load;
+#[path = "../examples/demo/stats.rs"]
+#[allow(dead_code)]
+mod stats;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stats::{percentile, Counters};
+
+struct Outcome {
+    name: &'static str,
+    upgrades: usize,
+    failed: usize,
+    ready_ms: Vec<f64>,
+    counters: [Arc<Counters>; 2],
+}
+
+/// A server's process group, killed when dropped.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
+}
+
+/// Polls `condition` every millisecond for at most `limit`.
+fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+async fn run(name: &'static str, binary: PathBuf, upgrades: usize, interval: Duration) -> Outcome {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let pid_file = dir.path().join("pid");
+    // A free port, picked now: the naive peer must bind the same port again in its successor.
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let child = Command::new(&binary)
+        .args(["--listen", &address.to_string(), "--pid-file"])
+        .arg(&pid_file)
+        .args(if name == "handoff" {
+            &["--drain-timeout", "10"][..]
+        } else {
+            &[]
+        })
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("log")).expect("log file"))
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+    let _group = Group(child);
+    assert!(
+        wait_until(Duration::from_secs(30), || read_pid(&pid_file).is_some()),
+        "{name} did not start"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = [Arc::new(Counters::default()), Arc::new(Counters::default())];
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        clients.spawn(load::http_new_connections(address, counters[0].clone(), stop.clone()));
+        clients.spawn(load::http_keep_alive(address, counters[1].clone(), stop.clone()));
+    }
+    let (mut ready_ms, mut failed) = (Vec::new(), 0);
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    for _ in 0..upgrades {
+        tick.tick().await;
+        let pid_file = pid_file.clone();
+        let sample = tokio::task::spawn_blocking(move || {
+            let old = read_pid(&pid_file)?;
+            let triggered = Instant::now();
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGUSR2).ok()?;
+            if !wait_until(Duration::from_secs(10), || {
+                read_pid(&pid_file).is_some_and(|pid| pid != old)
+            }) {
+                return None;
+            }
+            let ready = triggered.elapsed().as_secs_f64() * 1e3;
+            wait_until(Duration::from_secs(15), || !running(old)).then_some(ready)
+        })
+        .await
+        .expect("measuring task");
+        match sample {
+            Some(ms) => ready_ms.push(ms),
+            None => failed += 1,
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while clients.join_next().await.is_some() {}
+    Outcome {
+        name,
+        upgrades,
+        failed,
+        ready_ms,
+        counters,
+    }
+}
+
+fn build(examples: &[&str]) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .args(["build", "--quiet", "--release"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    for example in examples {
+        command.args(["--example", example]);
+    }
+    assert!(
+        command.status().expect("running cargo build").success(),
+        "building the servers failed"
+    );
+    let exe = std::env::current_exe().expect("our path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples")
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // nothing to list or smoke-test under `cargo test --benches`
+    }
+    let upgrades = arg("--upgrades", 100) as usize;
+    let interval = Duration::from_millis(arg("--interval-ms", 200));
+    let examples = build(&["http_uuid", "peer_ecdysis", "peer_reuseport"]);
+    let mut outcomes = Vec::new();
+    for (name, binary) in [
+        ("handoff", "http_uuid"),
+        ("ecdysis 1.x", "peer_ecdysis"),
+        ("SO_REUSEPORT, naive", "peer_reuseport"),
+    ] {
+        eprintln!(
+            "{name}: {upgrades} upgrades, one every {} ms, under HTTP load…",
+            interval.as_millis()
+        );
+        outcomes.push(run(name, examples.join(binary), upgrades, interval).await);
+    }
+    println!(
+        "\n{upgrades} upgrades each, one every {} ms; 4 new-connection + 4 keep-alive HTTP/1.1 clients\n",
+        interval.as_millis()
+    );
+    println!(
+        "{:<22} {:>9} {:>7} {:>11} {:>8} {:>7} {:>7} {:>7} {:>26}",
+        "server", "upgrades", "failed", "requests", "refused", "reset", "other", "errors", "trigger→ready p50/p99/max"
+    );
+    for o in &outcomes {
+        let sum = |f: fn(&Counters) -> u64| o.counters.iter().map(|c| f(c)).sum::<u64>();
+        println!(
+            "{:<22} {:>9} {:>7} {:>11} {:>8} {:>7} {:>7} {:>7} {:>26}",
+            o.name,
+            o.upgrades - o.failed,
+            o.failed,
+            sum(|c| Counters::get(&c.ok)),
+            sum(|c| Counters::get(&c.refused)),
+            sum(|c| Counters::get(&c.reset)),
+            sum(|c| Counters::get(&c.other) + Counters::get(&c.server_error) + Counters::get(&c.corrupted)),
+            sum(Counters::errors),
+            format!(
+                "{:.1}/{:.1}/{:.1} ms",
+                percentile(&o.ready_ms, 50.0),
+                percentile(&o.ready_ms, 99.0),
+                percentile(&o.ready_ms, 100.0)
+            ),
+        );
+    }
+}
