@@ -7,7 +7,8 @@
 //! Every server is measured from outside in the same way: trigger → the PID file names the new
 //! process (each writes it when it serves), and every client-visible error is counted.
 //!
-//! `cargo bench --bench peers` (`-- --upgrades N --interval-ms M`)
+//! `cargo bench --bench peers` (`-- --upgrades N --interval-ms M --clients C`; `--clients 0`
+//! measures the mechanism alone, on an idle machine)
 
 #[path = "../examples/demo/load.rs"]
 #[allow(dead_code)] // the WebSocket and TCP clients are the demo's
@@ -30,6 +31,9 @@ struct Outcome {
     upgrades: usize,
     failed: usize,
     ready_ms: Vec<f64>,
+    /// Ready → the old process has exited.
+    exit_ms: Vec<f64>,
+    seconds: f64,
     counters: [Arc<Counters>; 2],
 }
 
@@ -67,7 +71,13 @@ fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     false
 }
 
-async fn run(name: &'static str, binary: PathBuf, upgrades: usize, interval: Duration) -> Outcome {
+async fn run(
+    name: &'static str,
+    binary: PathBuf,
+    upgrades: usize,
+    interval: Duration,
+    clients_per_kind: usize,
+) -> Outcome {
     let dir = tempfile::tempdir().expect("temporary directory");
     let pid_file = dir.path().join("pid");
     // A free port, picked now: the naive peer must bind the same port again in its successor.
@@ -98,11 +108,12 @@ async fn run(name: &'static str, binary: PathBuf, upgrades: usize, interval: Dur
     let stop = Arc::new(AtomicBool::new(false));
     let counters = [Arc::new(Counters::default()), Arc::new(Counters::default())];
     let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..4 {
+    for _ in 0..clients_per_kind {
         clients.spawn(load::http_new_connections(address, counters[0].clone(), stop.clone()));
         clients.spawn(load::http_keep_alive(address, counters[1].clone(), stop.clone()));
     }
-    let (mut ready_ms, mut failed) = (Vec::new(), 0);
+    let (mut ready_ms, mut exit_ms, mut failed) = (Vec::new(), Vec::new(), 0);
+    let started = Instant::now();
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
     for _ in 0..upgrades {
@@ -117,13 +128,21 @@ async fn run(name: &'static str, binary: PathBuf, upgrades: usize, interval: Dur
             }) {
                 return None;
             }
-            let ready = triggered.elapsed().as_secs_f64() * 1e3;
-            wait_until(Duration::from_secs(15), || !running(old)).then_some(ready)
+            let ready = triggered.elapsed();
+            wait_until(Duration::from_secs(15), || !running(old)).then(|| {
+                (
+                    ready.as_secs_f64() * 1e3,
+                    (triggered.elapsed() - ready).as_secs_f64() * 1e3,
+                )
+            })
         })
         .await
         .expect("measuring task");
         match sample {
-            Some(ms) => ready_ms.push(ms),
+            Some((ready, exit)) => {
+                ready_ms.push(ready);
+                exit_ms.push(exit);
+            }
             None => failed += 1,
         }
     }
@@ -134,6 +153,8 @@ async fn run(name: &'static str, binary: PathBuf, upgrades: usize, interval: Dur
         upgrades,
         failed,
         ready_ms,
+        exit_ms,
+        seconds: started.elapsed().as_secs_f64(),
         counters,
     }
 }
@@ -174,6 +195,7 @@ async fn main() {
     }
     let upgrades = arg("--upgrades", 100) as usize;
     let interval = Duration::from_millis(arg("--interval-ms", 200));
+    let clients = arg("--clients", 4) as usize;
     let examples = build(&["http_uuid", "peer_ecdysis", "peer_reuseport"]);
     let mut outcomes = Vec::new();
     for (name, binary) in [
@@ -185,24 +207,35 @@ async fn main() {
             "{name}: {upgrades} upgrades, one every {} ms, under HTTP load…",
             interval.as_millis()
         );
-        outcomes.push(run(name, examples.join(binary), upgrades, interval).await);
+        outcomes.push(run(name, examples.join(binary), upgrades, interval, clients).await);
     }
     println!(
-        "\n{upgrades} upgrades each, one every {} ms; 4 new-connection + 4 keep-alive HTTP/1.1 clients\n",
+        "\n{upgrades} upgrades each, one every {} ms; {clients} new-connection + {clients} keep-alive HTTP/1.1 clients\n",
         interval.as_millis()
     );
     println!(
-        "{:<22} {:>9} {:>7} {:>11} {:>8} {:>7} {:>7} {:>7} {:>26}",
-        "server", "upgrades", "failed", "requests", "refused", "reset", "other", "errors", "trigger→ready p50/p99/max"
+        "{:<22} {:>9} {:>7} {:>11} {:>8} {:>8} {:>7} {:>7} {:>7} {:>26} {:>15}",
+        "server",
+        "upgrades",
+        "failed",
+        "requests",
+        "req/s",
+        "refused",
+        "reset",
+        "other",
+        "errors",
+        "trigger→ready p50/p99/max",
+        "old exit p50"
     );
     for o in &outcomes {
         let sum = |f: fn(&Counters) -> u64| o.counters.iter().map(|c| f(c)).sum::<u64>();
         println!(
-            "{:<22} {:>9} {:>7} {:>11} {:>8} {:>7} {:>7} {:>7} {:>26}",
+            "{:<22} {:>9} {:>7} {:>11} {:>8.0} {:>8} {:>7} {:>7} {:>7} {:>26} {:>15}",
             o.name,
             o.upgrades - o.failed,
             o.failed,
             sum(|c| Counters::get(&c.ok)),
+            sum(|c| Counters::get(&c.ok)) as f64 / o.seconds,
             sum(|c| Counters::get(&c.refused)),
             sum(|c| Counters::get(&c.reset)),
             sum(|c| Counters::get(&c.other) + Counters::get(&c.server_error) + Counters::get(&c.corrupted)),
@@ -213,6 +246,7 @@ async fn main() {
                 percentile(&o.ready_ms, 99.0),
                 percentile(&o.ready_ms, 100.0)
             ),
+            format!("{:.0} ms", percentile(&o.exit_ms, 50.0)),
         );
     }
 }

@@ -121,14 +121,15 @@ impl Handoff {
         self.inner.registry.sockets()
     }
 
-    /// Reports that this process serves: closes inherited sockets nobody claimed, tells the
-    /// predecessor (which then stops accepting and drains), writes the PID file, and from
-    /// then on accepts upgrade triggers. Calling it again does nothing.
+    /// Reports that this process serves: closes inherited sockets nobody claimed, writes the
+    /// PID file, tells the predecessor (which then stops accepting and drains), and from then
+    /// on accepts upgrade triggers. Calling it again does nothing.
     ///
     /// # Errors
     ///
-    /// [`Error::Ready`] if the predecessor cannot be told (it has given up on us and goes on
-    /// serving: this process should exit); [`Error::Io`] if the PID file cannot be written.
+    /// [`Error::Io`] if the PID file cannot be written, and [`Error::Ready`] if the
+    /// predecessor cannot be told (it has given up on us; the PID file names it again). In
+    /// both cases the predecessor goes on serving and this process should exit.
     pub async fn ready(&self) -> Result<(), Error> {
         let inner = &self.inner;
         if *inner.state.borrow() != State::Starting {
@@ -140,13 +141,22 @@ impl Handoff {
         for entry in inner.registry.close_unclaimed() {
             tracing::info!(socket = %entry, "closed an inherited socket that nothing claimed");
         }
+        // The PID file first: once the predecessor reads our ready it may exit at any moment,
+        // and operators must find a live, serving process in the file at every instant.
+        if let Some(path) = &inner.config.pid_file {
+            pid_file::write(path, std::process::id())
+                .map_err(|e| Error::io(format!("writing the PID file {}", path.display()), e))?;
+        }
         let channel = inner.predecessor.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut channel) = channel {
             let startup_ms = inner.started.elapsed().as_millis() as u64;
-            channel
-                .send(&Message::Ready { startup_ms }, &[])
-                .await
-                .map_err(Error::Ready)?;
+            if let Err(error) = channel.send(&Message::Ready { startup_ms }, &[]).await {
+                // The predecessor goes on serving: the PID file must name it again.
+                if let (Some(path), Some(pid)) = (&inner.config.pid_file, inner.predecessor_pid) {
+                    let _ = pid_file::write(path, pid);
+                }
+                return Err(Error::Ready(error));
+            }
             let gone = inner.predecessor_gone.clone();
             let predecessor = inner.predecessor_pid;
             tokio::spawn(async move {
@@ -156,10 +166,6 @@ impl Handoff {
                 gone.send_replace(true);
                 tracing::info!(predecessor_pid = ?predecessor, "predecessor exited");
             });
-        }
-        if let Some(path) = &inner.config.pid_file {
-            pid_file::write(path, std::process::id())
-                .map_err(|e| Error::io(format!("writing the PID file {}", path.display()), e))?;
         }
         inner
             .state

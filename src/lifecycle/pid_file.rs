@@ -5,6 +5,10 @@ use std::path::Path;
 
 /// Writes `pid` to `path` atomically: a temporary file beside it, then `rename`, so that a
 /// reader sees the old content or the new, never an empty or partial file.
+///
+/// No `fsync`: a PID file names a live process, and after a machine crash it names nothing
+/// alive whatever its content. What matters is what a reader sees while the system runs,
+/// which `rename` alone guarantees; the sync cost ~0.6 ms on the upgrade's critical path.
 pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
     let file_name = path
         .file_name()
@@ -15,7 +19,6 @@ pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
     let result = (|| {
         let mut file = std::fs::File::create(&temporary)?;
         writeln!(file, "{pid}")?;
-        file.sync_all()?;
         std::fs::rename(&temporary, path)
     })();
     if result.is_err() {

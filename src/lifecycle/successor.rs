@@ -107,7 +107,7 @@ pub(crate) async fn launch(
                 Err(e) => UpgradeError::Io(e),
             });
         }
-        Outcome::Failed(WireError::Refused(reason)) if phase == Phase::Adoption => {
+        Outcome::Failed(WireError::Refused(reason)) if matches!(phase, Phase::Hello | Phase::Adoption) => {
             UpgradeError::Rejected { pid, reason }
         }
         Outcome::Failed(source @ WireError::Closed { .. }) => {
@@ -144,8 +144,13 @@ enum Outcome {
     Cancelled,
 }
 
-/// Hello both ways, the sockets, then the successor's verdict and its ready. Updates `phase`
-/// as it goes so that a timeout can say what was awaited.
+/// Our hello and the sockets at once, then the successor's hello, its verdict and its ready.
+/// Updates `phase` as it goes so that a timeout can say what was awaited.
+///
+/// We send before hearing from the successor: only the child we spawned holds the other end
+/// of the channel, and not waiting for it takes a round trip through this (busy, serving)
+/// process off the successor's path to ready. Its hello is still checked (its pid, its user,
+/// its version) before its ready counts.
 async fn handshake(
     channel: &mut Channel,
     pid: u32,
@@ -153,6 +158,16 @@ async fn handshake(
     sockets: &[(SocketEntry, OwnedFd)],
     phase: &mut Phase,
 ) -> Result<usize, WireError> {
+    *phase = Phase::Transfer;
+    let hello = Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        generation: Some(generation + 1),
+    };
+    channel.send(&hello, &[]).await?;
+    let borrowed: Vec<(SocketEntry, BorrowedFd<'_>)> = sockets.iter().map(|(e, fd)| (e.clone(), fd.as_fd())).collect();
+    wire::send_sockets(channel, generation, &borrowed).await?;
+
     *phase = Phase::Hello;
     let hello = channel.recv("hello").await?;
     wire::check_sender(&hello, pid)?;
@@ -164,6 +179,7 @@ async fn handshake(
                 return Err(e);
             }
         }
+        Message::Rejected { reason } => return Err(WireError::Refused(reason)),
         other => {
             return Err(WireError::Unexpected {
                 expected: "hello",
@@ -171,16 +187,6 @@ async fn handshake(
             })
         }
     }
-    let reply = Message::Hello {
-        protocol: PROTOCOL_VERSION,
-        pid: std::process::id(),
-        generation: Some(generation + 1),
-    };
-    channel.send(&reply, &[]).await?;
-
-    *phase = Phase::Transfer;
-    let borrowed: Vec<(SocketEntry, BorrowedFd<'_>)> = sockets.iter().map(|(e, fd)| (e.clone(), fd.as_fd())).collect();
-    wire::send_sockets(channel, generation, &borrowed).await?;
 
     *phase = Phase::Adoption;
     let verdict = channel.recv("accepted").await?;

@@ -16,7 +16,7 @@ use crate::wire::WireError;
 pub enum Phase {
     /// Starting the successor's executable.
     Spawn,
-    /// Waiting for the successor's hello.
+    /// Waiting for the successor's hello (the sockets are already sent).
     Hello,
     /// Sending the manifest and the descriptors.
     Transfer,

@@ -1,14 +1,20 @@
 //! The messages of the handoff protocol, one JSON object per `SOCK_SEQPACKET` datagram.
 //!
 //! ```text
-//! successor ── Hello ───────────────────▶ predecessor   (with SCM_CREDENTIALS)
 //! successor ◀── Hello ─────────────────── predecessor   (carries the new generation)
 //! successor ◀── Manifest ──────────────── predecessor
 //! successor ◀── Batch × n (+ SCM_RIGHTS)─ predecessor
+//! successor ── Hello ───────────────────▶ predecessor   (with SCM_CREDENTIALS)
 //! successor ── Accepted | Rejected ─────▶ predecessor
 //! successor ── Ready ───────────────────▶ predecessor
 //!          (EOF when the predecessor has exited)
 //! ```
+//!
+//! The predecessor sends its part as soon as it has spawned the successor, without waiting
+//! for the successor's hello: the datagrams wait in the socket's buffer, so the successor
+//! never waits on a round trip through a busy predecessor. Each side checks the other's
+//! `Hello` (version; and on the predecessor's side the sender's pid and user) before acting
+//! on anything else it received; `Hello` keeps its shape in every protocol version.
 //!
 //! Either side may send `Abort` instead of its next message and close the channel.
 
