@@ -10,6 +10,7 @@
 //! `cargo bench --bench peers` (`-- --upgrades N --interval-ms M --clients C`; `--clients 0`
 //! measures the mechanism alone, on an idle machine)
 
+mod common;
 #[path = "../examples/demo/load.rs"]
 #[allow(dead_code)] // the WebSocket and TCP clients are the demo's
 mod load;
@@ -159,44 +160,15 @@ async fn run(
     }
 }
 
-fn build(examples: &[&str]) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .args(["build", "--quiet", "--release"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    for example in examples {
-        command.args(["--example", example]);
-    }
-    assert!(
-        command.status().expect("running cargo build").success(),
-        "building the servers failed"
-    );
-    let exe = std::env::current_exe().expect("our path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join("examples")
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
-        return; // nothing to list or smoke-test under `cargo test --benches`
+    if common::listing_only() {
+        return;
     }
-    let upgrades = arg("--upgrades", 100) as usize;
-    let interval = Duration::from_millis(arg("--interval-ms", 200));
-    let clients = arg("--clients", 4) as usize;
-    let examples = build(&["http_uuid", "peer_ecdysis", "peer_reuseport"]);
+    let upgrades = common::arg("--upgrades", 100) as usize;
+    let interval = Duration::from_millis(common::arg("--interval-ms", 200));
+    let clients = common::arg("--clients", 4) as usize;
+    let examples = common::build_examples(&["http_uuid", "peer_ecdysis", "peer_reuseport"]);
     let mut outcomes = Vec::new();
     for (name, binary) in [
         ("handoff", "http_uuid"),

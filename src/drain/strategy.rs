@@ -36,6 +36,15 @@ use super::{Drain, TrackedConnection};
 ///     }
 /// }
 /// ```
+///
+/// # Memory
+///
+/// Tracking costs an idle connection about 32 bytes of its task (`benches/idle_connections.rs`).
+/// Two habits keep it there: the built-in wind-downs allocate their state when they start,
+/// so do not inline your own into the idle loop; and after a handshake (WebSocket, TLS), run
+/// the session in an async fn of its own: a value that lives across both the handshake's
+/// await and the session's gets its own slot in the task, beside the handshake's state,
+/// instead of sharing memory with it.
 pub trait DrainStrategy<C>: Send + Sync + 'static {
     /// Serves `io` until it closes: wind down when `connection.draining()` (or
     /// `close_turn()`, to honour close spreading) resolves; close at once at

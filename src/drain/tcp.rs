@@ -5,6 +5,8 @@
 //! closing a socket with unread bytes in its receive buffer would send an RST, which the
 //! client sees as "connection reset" and may lose data it has not read yet.
 
+use std::future::Future;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::TrackedConnection;
@@ -19,12 +21,25 @@ pub enum Finished {
 }
 
 /// Half-closes `stream` and reads (discarding) until the client's EOF or the deadline. The
-/// stream is closed when this returns.
+/// stream is closed when the returned future completes.
+///
+/// The wind-down's state (and its read buffer) is allocated when this is called, not carried
+/// in the task of every idle connection that may one day drain.
 ///
 /// # Errors
 ///
 /// An I/O error of the stream (a client that reset the connection, say).
-pub async fn finish<S>(mut stream: S, connection: &TrackedConnection) -> std::io::Result<Finished>
+pub fn finish<'a, S>(
+    stream: S,
+    connection: &'a TrackedConnection,
+) -> impl Future<Output = std::io::Result<Finished>> + 'a
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'a,
+{
+    Box::pin(half_close(stream, connection))
+}
+
+async fn half_close<S>(mut stream: S, connection: &TrackedConnection) -> std::io::Result<Finished>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -233,8 +233,15 @@ impl TrackedConnection {
     /// Not cancel safe: a cancelled call has used up a slot.
     pub async fn close_turn(&self) {
         self.draining().await;
+        if let Some(per_second) = self.shared.config.spread {
+            // Boxed: the timer is paid for by draining connections only; an idle one's task
+            // holds no more than the wait above.
+            Box::pin(self.wait_for_slot(per_second)).await;
+        }
+    }
+
+    async fn wait_for_slot(&self, per_second: f64) {
         let shared = &self.shared;
-        let Some(per_second) = shared.config.spread else { return };
         let started = *shared.started.get_or_init(Instant::now);
         let step = (1e9 / per_second) as u64;
         let slot = shared.next_slot.fetch_add(step, Ordering::Relaxed);

@@ -5,6 +5,8 @@
 //! Close (bounded by the drain deadline). Then the TCP connection closes: the client knows
 //! to reconnect, and reaches the successor.
 
+use std::future::Future;
+
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -29,8 +31,24 @@ pub enum Finished {
 pub const GOING_AWAY: &str = "server restarting";
 
 /// Sends Close 1001, hands each message that still arrives to `deliver`, and waits for the
-/// client's Close or the deadline. The connection is closed when this returns.
-pub async fn finish<S>(
+/// client's Close or the deadline. The connection is closed when the returned future
+/// completes.
+///
+/// The wind-down's state is allocated when this is called, not carried in the task of every
+/// idle connection that may one day drain.
+pub fn finish<'a, S, F>(
+    ws: WebSocketStream<S>,
+    connection: &'a TrackedConnection,
+    deliver: F,
+) -> impl Future<Output = Finished> + 'a
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'a,
+    F: FnMut(Message) + 'a,
+{
+    Box::pin(go_away(ws, connection, deliver))
+}
+
+async fn go_away<S>(
     mut ws: WebSocketStream<S>,
     connection: &TrackedConnection,
     mut deliver: impl FnMut(Message),

@@ -110,8 +110,10 @@ pub(crate) async fn launch(
         Outcome::Failed(WireError::Refused(reason)) if matches!(phase, Phase::Hello | Phase::Adoption) => {
             UpgradeError::Rejected { pid, reason }
         }
-        Outcome::Failed(source @ WireError::Closed { .. }) => {
-            // EOF on the channel usually means the successor died: report how, if it did.
+        Outcome::Failed(source) if peer_gone(&source) => {
+            // EOF or a broken pipe on the channel usually means the successor died (we send
+            // before it says hello: a successor that exits at once breaks our pipe): report
+            // how, if it did.
             match tokio::time::timeout(EXIT_GRACE, guard.child().wait()).await {
                 Ok(Ok(status)) => {
                     guard.disarm();
@@ -130,6 +132,18 @@ pub(crate) async fn launch(
     };
     guard.kill_and_reap().await;
     Err(error)
+}
+
+/// Whether `error` says the other end of the channel is closed.
+fn peer_gone(error: &WireError) -> bool {
+    match error {
+        WireError::Closed { .. } => true,
+        WireError::Io(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        _ => false,
+    }
 }
 
 /// How long to wait for a successor's exit status once its channel has closed.
