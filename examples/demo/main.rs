@@ -159,24 +159,26 @@ async fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let peak: Vec<String> = servers
+    let memory: Vec<String> = servers
         .iter()
         .zip(&samples)
         .map(|(s, samples)| {
             let ok: Vec<&UpgradeSample> = samples.iter().filter_map(|r| r.as_ref().ok()).collect();
-            let ratio = ok
-                .iter()
-                .map(|u| u.peak_rss_kib as f64 / u.serving_rss_kib.max(1) as f64)
-                .fold(0.0, f64::max);
-            let peak = ok.iter().map(|u| u.peak_rss_kib).max().unwrap_or(0);
-            format!(
-                "{} {:.1} MiB ({ratio:.2}× the process serving alone)",
-                s.name,
-                peak as f64 / 1024.0
-            )
+            let worst = |peak: fn(&UpgradeSample) -> u64, alone: fn(&UpgradeSample) -> u64| {
+                ok.iter()
+                    .map(|u| peak(u) as f64 / alone(u).max(1) as f64)
+                    .fold(0.0, f64::max)
+            };
+            let pss = worst(|u| u.peak_pss_kib, |u| u.serving_pss_kib);
+            let rss = worst(|u| u.peak_rss_kib, |u| u.serving_rss_kib);
+            let peak = ok.iter().map(|u| u.peak_pss_kib).max().unwrap_or(0);
+            format!("{} {:.1} MiB, {pss:.2}× (RSS {rss:.2}×)", s.name, peak as f64 / 1024.0)
         })
         .collect();
-    println!("peak RSS of old + new during an upgrade: {}", peak.join(", "));
+    println!(
+        "peak memory of old + new during an upgrade (PSS: shared pages counted once), against the process serving alone: {}",
+        memory.join(", ")
+    );
     if args.json {
         println!(
             "{}",
@@ -364,6 +366,7 @@ fn json(
                 "ready_ms": {"p50": percentile(&ready, 50.0), "p99": percentile(&ready, 99.0), "max": percentile(&ready, 100.0)},
                 "old_exit_ms": {"p50": percentile(&exit, 50.0), "max": percentile(&exit, 100.0)},
                 "peak_rss_kib": ok.iter().map(|s| s.peak_rss_kib).max(),
+                "peak_pss_kib": ok.iter().map(|s| s.peak_pss_kib).max(),
                 "fds": {"start": fds_start.get(i), "end": fds_end.get(i)},
             })
         })

@@ -30,6 +30,11 @@ pub struct UpgradeSample {
     pub peak_rss_kib: u64,
     /// The RSS of the new process, serving alone, right after the old one exited.
     pub serving_rss_kib: u64,
+    /// As `peak_rss_kib`, in proportional set size: pages the two share (the executable's
+    /// code, say) counted once, as memory is really used, where RSS counts them in each.
+    pub peak_pss_kib: u64,
+    /// As `serving_rss_kib`, in proportional set size.
+    pub serving_pss_kib: u64,
 }
 
 impl ServerProcess {
@@ -107,9 +112,10 @@ impl ServerProcess {
         }
         let ready = Instant::now();
         let new = reply["successor_pid"].as_u64().unwrap_or(0) as u32;
-        let mut peak_rss_kib = 0;
+        let (mut peak_rss_kib, mut peak_pss_kib) = (0, 0);
         while is_running(old) {
             peak_rss_kib = peak_rss_kib.max(rss_kib(old) + rss_kib(new));
+            peak_pss_kib = peak_pss_kib.max(pss_kib(old) + pss_kib(new));
             if ready.elapsed() > Duration::from_secs(120) {
                 return Err(format!("old process {old} still running 120 s after ready"));
             }
@@ -122,6 +128,8 @@ impl ServerProcess {
             old_exit_ms,
             peak_rss_kib,
             serving_rss_kib: rss_kib(new),
+            peak_pss_kib,
+            serving_pss_kib: pss_kib(new),
         })
     }
 
@@ -154,6 +162,19 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Proportional set size of `pid` in KiB (0 if gone): each shared page divided among the
+/// processes that map it.
+pub fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
