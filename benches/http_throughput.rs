@@ -5,6 +5,8 @@
 //!
 //! `cargo bench --bench http_throughput` (`-- --rounds N --seconds S --connections C`)
 
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -99,15 +101,6 @@ fn load(runtime: &tokio::runtime::Runtime, address: SocketAddr, connections: usi
     })
 }
 
-fn arg(name: &str, default: f64) -> f64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -119,12 +112,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
+    if common::listing_only() {
         return; // nothing to list or smoke-test under `cargo test --benches`
     }
-    let rounds = arg("--rounds", 7.0) as usize;
-    let seconds = arg("--seconds", 2.0);
-    let connections = arg("--connections", 32.0) as usize;
+    let rounds = common::arg("--rounds", 7.0) as usize;
+    let seconds = common::arg("--seconds", 2.0);
+    let connections = common::arg("--connections", 32.0) as usize;
     // One core for the server, one for the clients: the machine has two.
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -1,4 +1,5 @@
-//! What the process-level benches share: building the example servers they run.
+//! What the benches share: arguments, and building the example servers they run.
+#![allow(dead_code)] // each bench uses its own subset
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -26,7 +27,7 @@ pub fn build_examples(examples: &[&str]) -> PathBuf {
 }
 
 /// The value of `--name N` on our command line, or `default`.
-pub fn arg(name: &str, default: u64) -> u64 {
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)

@@ -157,24 +157,22 @@ pub fn is_running(pid: u32) -> bool {
 
 /// Resident memory of `pid` in KiB (0 if gone).
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    memory_kib(&format!("/proc/{pid}/status"), "VmRSS:")
 }
 
 /// Proportional set size of `pid` in KiB (0 if gone): each shared page divided among the
 /// processes that map it.
 pub fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+    memory_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss:")
+}
+
+/// The `key:   N kB` line of a /proc file, in KiB.
+fn memory_kib(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("Pss:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
