@@ -50,6 +50,8 @@ struct Inner {
     predecessor_pid: Option<u32>,
     /// True once no predecessor is alive (none, or its channel reached EOF).
     predecessor_gone: watch::Sender<bool>,
+    /// Cancelled by a stop requested while this process already drains or stops.
+    deadline_now: tokio_util::sync::CancellationToken,
 }
 
 impl Handoff {
@@ -82,6 +84,7 @@ impl Handoff {
                 predecessor_gone: watch::Sender::new(predecessor.is_none()),
                 predecessor: Mutex::new(predecessor),
                 predecessor_pid,
+                deadline_now: tokio_util::sync::CancellationToken::new(),
                 config,
             }),
         };
@@ -282,6 +285,8 @@ impl Handoff {
             }
         });
         if !stopped {
+            // A second stop: finish the drain now.
+            inner.deadline_now.cancel();
             return;
         }
         tracing::info!(pid = std::process::id(), generation = inner.generation, "stopping");
@@ -307,6 +312,18 @@ impl Handoff {
                 Err(_) => Shutdown::Stopped,
             }
         }
+    }
+
+    /// Resolves when a stop is requested while this process already drains or stops (a
+    /// second SIGTERM, say): the drain's deadline is now. `Drain::serve`
+    /// follows it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe; every call returns a new, independent future.
+    pub fn deadline_now(&self) -> impl Future<Output = ()> + Send + 'static {
+        let token = self.inner.deadline_now.clone();
+        async move { token.cancelled().await }
     }
 
     /// Resolves once no predecessor is alive: at once for a first generation, else when the
