@@ -7,6 +7,7 @@
 //! successor ── Hello ───────────────────▶ predecessor   (with SCM_CREDENTIALS)
 //! successor ── Accepted | Rejected ─────▶ predecessor
 //! successor ── Ready ───────────────────▶ predecessor
+//! successor ◀── Commit | Abort ────────── predecessor   (the point of no return)
 //!          (EOF when the predecessor has exited)
 //! ```
 //!
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::{SocketEntry, WireError};
 
 /// The version of this protocol. Both sides refuse a peer that speaks another one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest message either side sends or accepts. A batch of 200 entries with long names
 /// and Unix paths stays well under it, and it fits the default `SO_SNDBUF` of a Unix socket.
@@ -76,6 +77,10 @@ pub enum Message {
         #[serde(default)]
         startup_ms: u64,
     },
+    /// The predecessor has stopped accepting and hands the successor every path and the PID
+    /// file: from here on the upgrade cannot be undone. Sent only in answer to `Ready`, and
+    /// only if the predecessor has not given up (timeout, cancel, stop) first.
+    Commit,
     /// The sender gives up; the channel closes after this.
     Abort {
         /// Why.
@@ -93,6 +98,7 @@ impl Message {
             Self::Accepted => "accepted",
             Self::Rejected { .. } => "rejected",
             Self::Ready { .. } => "ready",
+            Self::Commit => "commit",
             Self::Abort { .. } => "abort",
         }
     }
