@@ -6,7 +6,12 @@
 //! ← {"ok":true,"successor_pid":4242,"generation":3,"sockets":2,"elapsed":4.1}
 //! → status
 //! ← {"ok":true,"pid":4100,"generation":2,"state":"ready","predecessor_pid":4001,"sockets":[...]}
+//! → stop
+//! ← {"ok":true,"state":"stopping"}
 //! ```
+//!
+//! A client has [`REQUEST_TIMEOUT`] to send its line and read the reply (an upgrade's own
+//! time aside): one that never does holds nothing.
 //!
 //! The socket is itself a named socket of the registry (`handoff.control`): successors
 //! inherit it, so the path always reaches the serving generation.
@@ -14,6 +19,7 @@
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -23,6 +29,12 @@ use crate::{Error, Handoff};
 
 /// The registry name of the control socket.
 pub const CONTROL_SOCKET_NAME: &str = "handoff.control";
+
+/// How long a client has to send its command, and to read the reply.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest command line read; the rest is ignored.
+const MAX_REQUEST_BYTES: u64 = 1024;
 
 /// Binds (or adopts) the control socket and answers commands until this process stops serving.
 pub(crate) fn serve(handoff: &Handoff, path: &Path) -> Result<(), Error> {
@@ -57,12 +69,17 @@ async fn answer(handoff: &Handoff, mut stream: UnixStream) -> io::Result<()> {
         json!({"ok": false, "error": format!("uid {} may not control this process", peer.uid())})
     } else {
         let mut line = String::new();
-        BufReader::new((&mut stream).take(1024)).read_line(&mut line).await?;
+        let mut reader = BufReader::new((&mut stream).take(MAX_REQUEST_BYTES));
+        tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no command received"))??;
         execute(handoff, line.trim()).await
     };
     let mut bytes = serde_json::to_vec(&reply)?;
     bytes.push(b'\n');
-    stream.write_all(&bytes).await?;
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client did not read the reply"))??;
     // Closed (not shut down) here: the client reads to EOF, so when it has the reply this
     // connection is gone from our descriptor table.
     drop(stream);
@@ -88,7 +105,11 @@ async fn execute(handoff: &Handoff, command: &str) -> Value {
             "predecessor_running": handoff.predecessor_running(),
             "sockets": handoff.sockets(),
         }),
-        other => json!({"ok": false, "error": format!("unknown command {other:?}; try `upgrade` or `status`")}),
+        "stop" => {
+            handoff.stop();
+            json!({"ok": true, "state": handoff.state()})
+        }
+        other => json!({"ok": false, "error": format!("unknown command {other:?}; try `upgrade`, `status` or `stop`")}),
     }
 }
 

@@ -35,6 +35,9 @@ pub enum Error {
     /// Telling the predecessor we are ready failed.
     #[error("reporting ready to the predecessor: {0}")]
     Ready(#[source] WireError),
+    /// A stop was requested before this process was ready: it should exit.
+    #[error("a stop was requested before this process was ready")]
+    Stopped,
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {

@@ -61,8 +61,10 @@ async fn twenty_upgrades_serve_and_leak_no_descriptor() {
         uuids.push(reply.body);
     }
     let last = server.pid();
+    // The first generation may hold descriptors its own parent leaked to it (cargo's
+    // jobserver pipes, say): those stay behind, so generation 2 may hold fewer.
     assert!(
-        counts.iter().all(|c| *c == counts[0]),
+        counts[1..].iter().all(|c| *c == counts[1]) && counts[1] <= counts[0],
         "open descriptors per generation: {counts:?}; now {:?}",
         common::fd_targets(last)
     );

@@ -4,13 +4,15 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::watch;
+use futures_util::FutureExt;
 
 use super::inheritance::inherit;
 use super::successor::{self, Program, ReadySuccessor};
-use super::upgrade_error::{UpgradeError, UpgradeReport};
-use super::{pid_file, trigger, Builder, Shutdown, State};
-use crate::wire::{Channel, Message, SocketEntry};
+use super::transitions::{Effect, Event, Lifecycle, Refusal};
+use super::trigger::Signals;
+use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
+use super::{pid_file, Builder, Shutdown, State};
+use crate::wire::{Channel, Message, SocketEntry, WireError};
 use crate::{Error, ListenerRegistry};
 
 /// A process's handle on zero-downtime upgrades: its sockets, its state, its successor.
@@ -41,17 +43,11 @@ struct Inner {
     registry: ListenerRegistry,
     generation: u64,
     started: Instant,
-    state: watch::Sender<State>,
-    shutdown: watch::Sender<Option<Shutdown>>,
-    /// Held for the whole of an upgrade: one at a time.
-    upgrade_lock: tokio::sync::Mutex<()>,
+    /// The one place where the state changes (see `transitions`).
+    lifecycle: Lifecycle,
     /// The channel to the predecessor, until this process reports ready.
     predecessor: Mutex<Option<Channel>>,
     predecessor_pid: Option<u32>,
-    /// True once no predecessor is alive (none, or its channel reached EOF).
-    predecessor_gone: watch::Sender<bool>,
-    /// Cancelled by a stop requested while this process already drains or stops.
-    deadline_now: tokio_util::sync::CancellationToken,
 }
 
 impl Handoff {
@@ -62,6 +58,7 @@ impl Handoff {
 
     pub(crate) async fn start(config: Builder) -> Result<Self, Error> {
         let program = Program::current().map_err(|e| Error::io("finding our executable", e))?;
+        let signals = Signals::install(&config).map_err(|e| Error::io("installing signal handlers", e))?;
         let inheritance = inherit(config.upgrade_timeout).await?;
         let (registry, generation, predecessor, predecessor_pid) = match inheritance {
             Some(i) => (
@@ -78,18 +75,14 @@ impl Handoff {
                 registry,
                 generation,
                 started: Instant::now(),
-                state: watch::Sender::new(State::Starting),
-                shutdown: watch::Sender::new(None),
-                upgrade_lock: tokio::sync::Mutex::new(()),
-                predecessor_gone: watch::Sender::new(predecessor.is_none()),
+                lifecycle: Lifecycle::new(predecessor.is_some()),
                 predecessor: Mutex::new(predecessor),
                 predecessor_pid,
-                deadline_now: tokio_util::sync::CancellationToken::new(),
                 config,
             }),
         };
         tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");
-        trigger::install(&handoff, &handoff.inner.config).map_err(|e| Error::io("installing signal handlers", e))?;
+        signals.serve(&handoff);
         Ok(handoff)
     }
 
@@ -111,12 +104,12 @@ impl Handoff {
     /// Whether the previous generation is still alive (draining). No upgrade starts until it
     /// has exited.
     pub fn predecessor_running(&self) -> bool {
-        !*self.inner.predecessor_gone.borrow()
+        self.inner.lifecycle.status().predecessor_running
     }
 
     /// Where this process is in its life.
     pub fn state(&self) -> State {
-        *self.inner.state.borrow()
+        self.inner.lifecycle.status().state
     }
 
     /// The sockets this process holds and would hand over.
@@ -124,55 +117,65 @@ impl Handoff {
         self.inner.registry.sockets()
     }
 
-    /// Reports that this process serves: closes inherited sockets nobody claimed, writes the
-    /// PID file, tells the predecessor (which then stops accepting and drains), and from then
-    /// on accepts upgrade triggers. Calling it again does nothing.
+    /// Reports that this process serves, and from then on accepts upgrade triggers.
+    ///
+    /// A successor first tells its predecessor it is ready and waits for its commit (bounded
+    /// by the upgrade timeout): only then does it close the inherited sockets nobody claimed,
+    /// unlink their paths and put its PID file in place. Until the commit the predecessor
+    /// serves and may still give up (its timeout, a stop), and then this process has done
+    /// nothing that cannot be undone. A predecessor that vanishes after handing its sockets
+    /// over counts as a commit: this process holds every socket and serves alone.
+    ///
+    /// Calling it again does nothing.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the PID file cannot be written, and [`Error::Ready`] if the
-    /// predecessor cannot be told (it has given up on us; the PID file names it again). In
-    /// both cases the predecessor goes on serving and this process should exit.
+    /// - [`Error::Io`] if the PID file cannot be written (before anything is reported);
+    /// - [`Error::Ready`] if the predecessor cannot be told or gives up on us: it goes on
+    ///   serving, and this process should exit;
+    /// - [`Error::Stopped`] if a stop was requested first: exit.
     pub async fn ready(&self) -> Result<(), Error> {
         let inner = &self.inner;
-        if *inner.state.borrow() != State::Starting {
-            return Ok(());
+        let channel = inner.predecessor.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match inner.lifecycle.status().state {
+            State::Starting => {}
+            State::Stopping => return Err(refuse(channel, Error::Stopped).await),
+            _ => return Ok(()),
         }
         if let Some(path) = &inner.config.control_socket {
-            crate::control::serve(self, path)?;
+            if let Err(error) = crate::control::serve(self, path) {
+                return Err(refuse(channel, error).await);
+            }
         }
+        let pid_file = match &inner.config.pid_file {
+            Some(path) => match pid_file::prepare(path, std::process::id()) {
+                Ok(prepared) => Some(prepared),
+                Err(e) => {
+                    let error = Error::io(format!("writing the PID file {}", path.display()), e);
+                    return Err(refuse(channel, error).await);
+                }
+            },
+            None => None,
+        };
+        if let Some(channel) = channel {
+            self.await_commit(channel).await?;
+        }
+        // Past the commit: this process owns the paths.
         for entry in inner.registry.close_unclaimed() {
             tracing::info!(socket = %entry, "closed an inherited socket that nothing claimed");
         }
-        // The PID file first: once the predecessor reads our ready it may exit at any moment,
-        // and operators must find a live, serving process in the file at every instant.
-        if let Some(path) = &inner.config.pid_file {
-            pid_file::write(path, std::process::id())
-                .map_err(|e| Error::io(format!("writing the PID file {}", path.display()), e))?;
-        }
-        let channel = inner.predecessor.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(mut channel) = channel {
-            let startup_ms = inner.started.elapsed().as_millis() as u64;
-            if let Err(error) = channel.send(&Message::Ready { startup_ms }, &[]).await {
-                // The predecessor goes on serving: the PID file must name it again.
-                if let (Some(path), Some(pid)) = (&inner.config.pid_file, inner.predecessor_pid) {
-                    let _ = pid_file::write(path, pid);
-                }
-                return Err(Error::Ready(error));
+        if let Some(prepared) = pid_file {
+            if let Err(error) = prepared.place() {
+                // Too late to give up (the predecessor drains): serve, and say so loudly.
+                tracing::error!(%error, "could not put the PID file in place; serving without it");
             }
-            let gone = inner.predecessor_gone.clone();
-            let predecessor = inner.predecessor_pid;
-            tokio::spawn(async move {
-                channel.closed().await;
-                drop(channel);
-                // The next upgrade is allowed before anyone can read that it is.
-                gone.send_replace(true);
-                tracing::info!(predecessor_pid = ?predecessor, "predecessor exited");
-            });
         }
-        inner
-            .state
-            .send_if_modified(|state| std::mem::replace(state, State::Ready) == State::Starting);
+        if let Err(refusal) = inner.lifecycle.apply(Event::Ready) {
+            // A stop arrived since the commit, and has cleaned up before our PID file landed.
+            debug_assert_eq!(refusal, Refusal::Stopped);
+            self.remove_pid_file();
+            return Err(Error::Stopped);
+        }
         tracing::info!(
             pid = std::process::id(),
             generation = inner.generation,
@@ -182,119 +185,221 @@ impl Handoff {
         Ok(())
     }
 
-    /// Starts the successor and hands it every socket; returns once it is ready, at which
-    /// point [`shutdown_signal`](Self::shutdown_signal) resolves with
-    /// [`Shutdown::Upgraded`]. This is what SIGUSR2 and the control socket's `upgrade` call.
+    /// Tells the predecessor we are ready and waits for its verdict. Once `Ready` is sent the
+    /// decision is the predecessor's alone: a stop arriving meanwhile waits for it too.
+    async fn await_commit(&self, mut channel: Channel) -> Result<(), Error> {
+        let inner = &self.inner;
+        let timeout = inner.config.upgrade_timeout;
+        let startup_ms = inner.started.elapsed().as_millis() as u64;
+        let verdict = tokio::time::timeout(timeout, async {
+            channel.send(&Message::Ready { startup_ms }, &[]).await?;
+            channel.recv_or_eof().await
+        })
+        .await;
+        let vanished = match verdict {
+            Ok(Ok(Some(received))) => match received.message {
+                Message::Commit => false,
+                Message::Abort { reason } => return Err(Error::Ready(WireError::Refused(reason))),
+                other => {
+                    return Err(Error::Ready(WireError::Unexpected {
+                        expected: "commit",
+                        got: other.kind(),
+                    }))
+                }
+            },
+            Ok(Ok(None)) => true,
+            Ok(Err(WireError::Io(e))) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
+            Ok(Err(error)) => return Err(Error::Ready(error)),
+            Err(_elapsed) => {
+                return Err(Error::Ready(WireError::Peer(format!(
+                    "the predecessor did not commit within {timeout:?}"
+                ))))
+            }
+        };
+        if vanished {
+            tracing::warn!(
+                predecessor_pid = ?inner.predecessor_pid,
+                "the predecessor vanished after handing over its sockets; serving alone"
+            );
+        }
+        let effect = inner.lifecycle.apply(Event::Committed).unwrap_or(Effect::None);
+        if effect == Effect::FinalStop {
+            self.carry_out(effect);
+            return Err(Error::Stopped);
+        }
+        self.watch_predecessor(channel, vanished);
+        Ok(())
+    }
+
+    /// Records the predecessor's exit, which its end of the channel reports as EOF.
+    fn watch_predecessor(&self, mut channel: Channel, vanished: bool) {
+        let handoff = self.clone();
+        tokio::spawn(async move {
+            if !vanished {
+                channel.closed().await;
+            }
+            drop(channel);
+            // The next upgrade is allowed before anyone can read that it is.
+            let _ = handoff.inner.lifecycle.apply(Event::PredecessorExited);
+            tracing::info!(predecessor_pid = ?handoff.inner.predecessor_pid, "predecessor exited");
+        });
+    }
+
+    /// Starts the successor and hands it every socket; returns once it is ready and this
+    /// process has committed to it, at which point
+    /// [`shutdown_signal`](Self::shutdown_signal) resolves with [`Shutdown::Upgraded`]. This
+    /// is what SIGUSR2 and the control socket's `upgrade` call.
     ///
     /// # Errors
     ///
     /// An [`UpgradeError`] saying why not, or how the successor failed. This process goes on
-    /// serving in every case.
+    /// serving in every case (unless a stop cancelled the upgrade), and a successor that was
+    /// started has been killed and reaped.
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future kills the successor if it is not ready yet.
+    /// Dropping the future before it returns abandons the upgrade: the successor is killed and
+    /// this process is ready for the next trigger.
     pub async fn upgrade(&self) -> Result<UpgradeReport, UpgradeError> {
         let inner = &self.inner;
-        let _one_at_a_time = inner.upgrade_lock.try_lock().map_err(|_| UpgradeError::InProgress)?;
-        match *inner.state.borrow() {
-            State::Starting => return Err(UpgradeError::NotReady),
-            State::Upgrading => return Err(UpgradeError::InProgress),
-            State::Draining | State::Stopping => return Err(UpgradeError::ShuttingDown),
-            State::Ready => {}
+        if let Err(refusal) = inner.lifecycle.apply(Event::Trigger) {
+            let error = self.refused(refusal);
+            tracing::warn!(%error, "upgrade refused");
+            return Err(error);
         }
-        if !*inner.predecessor_gone.borrow() {
-            return Err(UpgradeError::PredecessorDraining(inner.predecessor_pid.unwrap_or(0)));
-        }
-        inner.state.send_replace(State::Upgrading);
+        let abandoned = Abandoned(&inner.lifecycle);
         tracing::info!(
             pid = std::process::id(),
             generation = inner.generation,
             "upgrade triggered"
         );
-        let result = self.launch().await;
-        match result {
-            Ok(ReadySuccessor {
-                mut child,
-                channel,
-                report,
-            }) => {
-                inner.state.send_replace(State::Draining);
-                inner.shutdown.send_replace(Some(Shutdown::Upgraded {
-                    successor_pid: report.successor_pid,
-                }));
-                tracing::info!(
-                    successor_pid = report.successor_pid,
-                    generation = report.generation,
-                    elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
-                    "upgrade complete; draining"
-                );
-                let pid = report.successor_pid;
-                tokio::spawn(async move {
-                    // Our end of the channel stays open until we exit: the successor reads
-                    // our exit as its EOF. Meanwhile, reap the successor should it die first.
-                    let _channel = channel;
-                    if let Ok(status) = child.wait().await {
-                        tracing::error!(successor_pid = pid, %status, "successor exited while this process drains");
-                    }
-                });
+        let result = self.launch_and_commit().await;
+        drop(abandoned); // reverts Upgrading to Ready if the commit did not happen
+        match &result {
+            Ok(report) => tracing::info!(
+                successor_pid = report.successor_pid,
+                generation = report.generation,
+                elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
+                "upgrade committed; draining"
+            ),
+            Err(error) => tracing::warn!(%error, phase = ?error.phase(), "upgrade failed; still serving"),
+        }
+        result
+    }
+
+    async fn launch_and_commit(&self) -> Result<UpgradeReport, UpgradeError> {
+        let inner = &self.inner;
+        let next_generation = inner
+            .generation
+            .checked_add(1)
+            .ok_or(UpgradeError::GenerationExhausted)?;
+        let sockets = inner.registry.handoff_set().map_err(UpgradeError::Io)?;
+        let mut status = inner.lifecycle.watch();
+        let given_up = async move {
+            let _ = status.wait_for(|s| s.state != State::Upgrading).await;
+        };
+        let successor = successor::launch(
+            &inner.program,
+            next_generation,
+            sockets,
+            inner.config.upgrade_timeout,
+            given_up,
+        )
+        .await?;
+        self.commit(successor).await
+    }
+
+    /// The point of no return: the commit message leaves in the same critical section as
+    /// the change to `Draining`, and only if nothing (a stop) has changed the state first.
+    async fn commit(&self, successor: ReadySuccessor) -> Result<UpgradeReport, UpgradeError> {
+        let pid = successor.report.successor_pid;
+        let sent = self
+            .inner
+            .lifecycle
+            .apply_with(Event::Commit { successor_pid: pid }, || {
+                // A datagram of a few bytes into an empty socket buffer: done on the first poll.
+                match successor.channel.send(&Message::Commit, &[]).now_or_never() {
+                    Some(result) => result,
+                    None => Err(WireError::Io(std::io::ErrorKind::WouldBlock.into())),
+                }
+            });
+        match sent {
+            Ok(Ok(effect)) => {
+                self.carry_out(effect);
+                let report = successor.report.clone();
+                successor.keep_until_exit();
                 Ok(report)
             }
-            Err(error) => {
-                inner.state.send_if_modified(|state| {
-                    let upgrading = *state == State::Upgrading;
-                    if upgrading {
-                        *state = State::Ready;
-                    }
-                    upgrading
-                });
-                tracing::warn!(%error, phase = ?error.phase(), "upgrade failed; still serving");
-                Err(error)
+            Ok(Err(source)) => {
+                successor.abandon("the commit could not be sent").await;
+                Err(UpgradeError::Protocol {
+                    pid,
+                    phase: Phase::Commit,
+                    source,
+                })
+            }
+            Err(_stopped) => {
+                successor.abandon("a stop was requested").await;
+                Err(UpgradeError::Cancelled {
+                    pid,
+                    phase: Phase::Commit,
+                })
             }
         }
     }
 
-    async fn launch(&self) -> Result<ReadySuccessor, UpgradeError> {
-        let inner = &self.inner;
-        let sockets = inner.registry.handoff_set().map_err(UpgradeError::Io)?;
-        let mut stopping = inner.shutdown.subscribe();
-        let cancelled = async move {
-            let _ = stopping.wait_for(Option::is_some).await;
-        };
-        successor::launch(
-            &inner.program,
-            inner.generation,
-            sockets,
-            inner.config.upgrade_timeout,
-            cancelled,
-        )
-        .await
+    fn refused(&self, refusal: Refusal) -> UpgradeError {
+        match refusal {
+            Refusal::NotReady => UpgradeError::NotReady,
+            Refusal::InProgress => UpgradeError::InProgress,
+            Refusal::PredecessorDraining => UpgradeError::PredecessorDraining(self.inner.predecessor_pid.unwrap_or(0)),
+            Refusal::ShuttingDown | Refusal::Stopped => UpgradeError::ShuttingDown,
+        }
     }
 
     /// Requests a final, graceful stop: [`shutdown_signal`](Self::shutdown_signal) resolves
-    /// with [`Shutdown::Stopped`], an upgrade under way is abandoned, the paths of Unix
-    /// listeners and the PID file are removed. What SIGTERM and SIGINT do. Does nothing if
-    /// this process has already handed over or is stopping.
+    /// with [`Shutdown::Stopped`], an upgrade not yet committed is abandoned (its successor
+    /// killed), the listeners are closed (new clients are refused at once and can fail over),
+    /// and the paths of Unix listeners and the PID file are removed. What SIGTERM and SIGINT
+    /// do.
+    ///
+    /// While this process already drains or stops, a stop means "the deadline is now":
+    /// [`deadline_now`](Self::deadline_now) resolves.
     pub fn stop(&self) {
         let inner = &self.inner;
-        let stopped = inner.state.send_if_modified(|state| match state {
-            State::Draining | State::Stopping => false,
-            _ => {
-                *state = State::Stopping;
-                true
+        let before = inner.lifecycle.status();
+        let Ok(effect) = inner.lifecycle.apply(Event::Stop) else {
+            return;
+        };
+        if matches!(before.state, State::Draining | State::Stopping) {
+            if !before.hurry {
+                tracing::warn!(
+                    pid = std::process::id(),
+                    "stop requested again: closing every connection now"
+                );
             }
-        });
-        if !stopped {
-            // A second stop: finish the drain now.
-            inner.deadline_now.cancel();
             return;
         }
         tracing::info!(pid = std::process::id(), generation = inner.generation, "stopping");
-        inner.registry.unlink_unix_paths();
-        if let Some(path) = &inner.config.pid_file {
+        self.carry_out(effect);
+    }
+
+    fn carry_out(&self, effect: Effect) {
+        let registry = &self.inner.registry;
+        match effect {
+            Effect::None => {}
+            Effect::FinalStop => {
+                registry.unlink_unix_paths();
+                self.remove_pid_file();
+            }
+            Effect::Handover => {}
+        }
+    }
+
+    fn remove_pid_file(&self) {
+        if let Some(path) = &self.inner.config.pid_file {
             pid_file::remove_if_ours(path, std::process::id());
         }
-        inner.shutdown.send_replace(Some(Shutdown::Stopped));
     }
 
     /// Resolves when this process must stop accepting: a successor is ready
@@ -305,25 +410,26 @@ impl Handoff {
     ///
     /// Cancel safe; every call returns a new, independent future.
     pub fn shutdown_signal(&self) -> impl Future<Output = Shutdown> + Send + 'static {
-        let mut shutdown = self.inner.shutdown.subscribe();
+        let mut status = self.inner.lifecycle.watch();
         async move {
-            match shutdown.wait_for(Option::is_some).await {
-                Ok(reason) => reason.unwrap_or(Shutdown::Stopped),
+            match status.wait_for(|s| s.shutdown().is_some()).await {
+                Ok(status) => status.shutdown().unwrap_or(Shutdown::Stopped),
                 Err(_) => Shutdown::Stopped,
             }
         }
     }
 
     /// Resolves when a stop is requested while this process already drains or stops (a
-    /// second SIGTERM, say): the drain's deadline is now. `Drain::serve`
-    /// follows it.
+    /// second SIGTERM, say): the drain's deadline is now. `Drain::serve` follows it.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe; every call returns a new, independent future.
     pub fn deadline_now(&self) -> impl Future<Output = ()> + Send + 'static {
-        let token = self.inner.deadline_now.clone();
-        async move { token.cancelled().await }
+        let mut status = self.inner.lifecycle.watch();
+        async move {
+            let _ = status.wait_for(|s| s.hurry).await;
+        }
     }
 
     /// Resolves once no predecessor is alive: at once for a first generation, else when the
@@ -333,7 +439,31 @@ impl Handoff {
     ///
     /// Cancel safe.
     pub async fn predecessor_exited(&self) {
-        let mut gone = self.inner.predecessor_gone.subscribe();
-        let _ = gone.wait_for(|gone| *gone).await;
+        let mut status = self.inner.lifecycle.watch();
+        let _ = status.wait_for(|s| !s.predecessor_running).await;
+    }
+}
+
+/// Tells the predecessor (if any) that we give up, and returns `error`: it goes on serving.
+async fn refuse(channel: Option<Channel>, error: Error) -> Error {
+    if let Some(channel) = channel {
+        let abort = Message::Abort {
+            reason: error.to_string(),
+        };
+        let _ = tokio::time::timeout(ABORT_SEND_TIMEOUT, channel.send(&abort, &[])).await;
+    }
+    error
+}
+
+/// How long we try to tell a peer that we give up; it finds out from our exit otherwise.
+const ABORT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reverts `Upgrading` to `Ready` when dropped: on every path out of an upgrade, including a
+/// dropped `upgrade()` future. After a commit (or a stop) the revert is refused: a no-op.
+struct Abandoned<'a>(&'a Lifecycle);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.apply(Event::UpgradeFailed);
     }
 }

@@ -21,68 +21,125 @@ pub(crate) struct Inheritance {
     pub sockets: Vec<(SocketEntry, OwnedFd)>,
 }
 
-/// Takes the channel named by `HANDOFF_FD`, if any, and removes the variable so that no
-/// process we start mistakes it for its own.
+/// Takes the channel named by `HANDOFF_FD`, if the variable is set and names what a
+/// predecessor leaves: an open `AF_UNIX` `SOCK_SEQPACKET` socket created by our parent.
 ///
-/// The caller must run this before other threads read the environment (see `Builder::start`).
-fn take_channel() -> Result<Option<OwnedFd>, Error> {
-    let Some(value) = std::env::var_os(CHANNEL_FD_VAR) else {
-        return Ok(None);
-    };
-    std::env::remove_var(CHANNEL_FD_VAR);
-    let invalid = |why: &str| Error::Inherit(WireError::Peer(format!("{CHANNEL_FD_VAR}={value:?}: {why}")));
-    let fd: RawFd = value
+/// Anything else (a stale variable in an environment copied from an old generation, a pipe,
+/// one of the runtime's own descriptors) is ignored with a warning, and never closed: every
+/// check runs on the bare number, and the descriptor is owned only once they all pass.
+///
+/// The variable stays in the environment (changing it while other threads may read it is
+/// undefined behaviour); we start our own successors with an environment built for them, and
+/// a process that inherits the stale variable from us finds its number fails these checks.
+fn take_channel() -> Option<OwnedFd> {
+    let value = std::env::var_os(CHANNEL_FD_VAR)?;
+    let fd = value
         .to_str()
-        .and_then(|v| v.parse().ok())
-        .filter(|fd| *fd > 2)
-        .ok_or_else(|| invalid("not a descriptor number above 2"))?;
-    // SAFETY: borrowing only to check the number names an open descriptor; nothing is closed.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
-        .map_err(|e| invalid(&format!("not an open descriptor ({e})")))?;
-    // SAFETY: the predecessor left this descriptor open for us alone and named it in the
-    // variable we have just removed; it is open (checked above) and nothing else in this
-    // process knows of it, so this is its one owner.
-    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+        .and_then(|v| v.parse::<RawFd>().ok())
+        .filter(|fd| *fd > 2);
+    let checked = match fd {
+        Some(fd) => check_channel(fd).map(|()| fd),
+        None => Err("not a descriptor number above 2".into()),
+    };
+    match checked {
+        Ok(fd) => {
+            // SAFETY: `fd` is open and is a Unix SEQPACKET socket whose creator is our parent
+            // (checked above): the channel our predecessor left open for us alone and named
+            // in the variable. Nothing else in this process knows of it, so this is its one
+            // owner.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            if let Err(error) = fcntl(&owned, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+                tracing::warn!(%error, "could not mark the handoff channel close-on-exec");
+            }
+            Some(owned)
+        }
+        Err(why) => {
+            tracing::warn!("ignoring {CHANNEL_FD_VAR}={value:?}: {why}; starting as a first generation");
+            None
+        }
+    }
 }
 
-/// Runs the successor's side of the handshake, bounded by `timeout`. `Ok(None)` when this
-/// process was not started by an upgrade.
+/// Checks, without taking ownership, that `fd` is a channel our parent created for us.
+fn check_channel(fd: RawFd) -> Result<(), String> {
+    // SAFETY (every call below): fstat and getsockopt read a descriptor's metadata into
+    // buffers we own; on a number that is not open they fail with EBADF and change nothing.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        return Err(format!("not an open descriptor ({})", std::io::Error::last_os_error()));
+    }
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err("not a socket".into());
+    }
+    let domain = socket_option::<libc::c_int>(fd, libc::SO_DOMAIN)?;
+    let kind = socket_option::<libc::c_int>(fd, libc::SO_TYPE)?;
+    if (domain, kind) != (libc::AF_UNIX, libc::SOCK_SEQPACKET) {
+        return Err(format!("not a Unix SEQPACKET socket (domain {domain}, type {kind})"));
+    }
+    let creator = socket_option::<libc::ucred>(fd, libc::SO_PEERCRED)?;
+    let parent = nix::unistd::getppid().as_raw();
+    if creator.pid != parent {
+        return Err(format!(
+            "created by pid {}, not by our parent (pid {parent})",
+            creator.pid
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a `SOL_SOCKET` option of type `T` from the bare descriptor number `fd`.
+fn socket_option<T: Copy>(fd: RawFd, option: libc::c_int) -> Result<T, String> {
+    let mut value = std::mem::MaybeUninit::<T>::zeroed();
+    let mut length = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `length` bytes into `value`, which has room for them;
+    // a descriptor that is not a socket gives ENOTSOCK and writes nothing.
+    let result = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, option, value.as_mut_ptr().cast(), &mut length) };
+    if result != 0 {
+        return Err(format!("getsockopt: {}", std::io::Error::last_os_error()));
+    }
+    if length as usize != std::mem::size_of::<T>() {
+        return Err(format!("getsockopt returned {length} bytes"));
+    }
+    // SAFETY: zero-initialised, then filled by the kernel: every `T` used here (c_int,
+    // ucred) is plain integers, valid for any bytes.
+    Ok(unsafe { value.assume_init() })
+}
+
+/// Runs the successor's side of the handshake, all of it (the replies too) bounded by
+/// `timeout`. `Ok(None)` when this process was not started by an upgrade.
 pub(crate) async fn inherit(timeout: Duration) -> Result<Option<Inheritance>, Error> {
-    let Some(fd) = take_channel()? else {
+    let Some(fd) = take_channel() else {
         return Ok(None);
     };
     let mut channel = Channel::new(fd).map_err(|e| Error::Inherit(e.into()))?;
-    let handshake = tokio::time::timeout(timeout, handshake(&mut channel));
-    let result = match handshake.await {
-        Ok(result) => result,
-        Err(_) => Err(WireError::Peer(format!(
-            "predecessor sent no sockets within {timeout:?}"
-        ))),
+    let exchange = async {
+        match handshake(&mut channel).await {
+            Ok(inherited) => {
+                channel.send(&Message::Accepted, &[]).await?;
+                Ok(inherited)
+            }
+            Err(error) => {
+                // Every descriptor received is closed by now; tell the predecessor why.
+                let reason = error.to_string();
+                let _ = channel.send(&Message::Rejected { reason }, &[]).await;
+                Err(error)
+            }
+        }
     };
-    match result {
-        Ok((predecessor_pid, generation, sockets)) => {
-            channel.send(&Message::Accepted, &[]).await.map_err(Error::Inherit)?;
-            Ok(Some(Inheritance {
-                channel,
-                predecessor_pid,
-                generation,
-                sockets,
-            }))
+    let (predecessor_pid, generation, sockets) = match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result.map_err(Error::Inherit)?,
+        Err(_) => {
+            return Err(Error::Inherit(WireError::Peer(format!(
+                "the handoff from our predecessor did not complete within {timeout:?}"
+            ))))
         }
-        Err(error) => {
-            // Every descriptor received is closed by now; tell the predecessor why.
-            let _ = channel
-                .send(
-                    &Message::Rejected {
-                        reason: error.to_string(),
-                    },
-                    &[],
-                )
-                .await;
-            Err(Error::Inherit(error))
-        }
-    }
+    };
+    Ok(Some(Inheritance {
+        channel,
+        predecessor_pid,
+        generation,
+        sockets,
+    }))
 }
 
 async fn handshake(channel: &mut Channel) -> Result<(u32, u64, Vec<(SocketEntry, OwnedFd)>), WireError> {

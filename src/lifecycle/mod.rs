@@ -7,6 +7,7 @@ mod inheritance;
 mod pid_file;
 mod state;
 mod successor;
+mod transitions;
 mod trigger;
 mod upgrade_error;
 

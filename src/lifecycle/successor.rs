@@ -50,10 +50,38 @@ pub(crate) struct ReadySuccessor {
     pub report: UpgradeReport,
 }
 
-/// Starts the successor and hands it `sockets`; returns once it is ready.
+impl ReadySuccessor {
+    /// After the commit: keeps our end of the channel open until this process exits (the
+    /// successor reads our exit as EOF) and reaps the successor should it die first.
+    pub fn keep_until_exit(self) {
+        let Self {
+            mut child,
+            channel,
+            report,
+        } = self;
+        tokio::spawn(async move {
+            let _channel = channel;
+            if let Ok(status) = child.wait().await {
+                tracing::error!(successor_pid = report.successor_pid, %status, "successor exited while this process drains");
+            }
+        });
+    }
+
+    /// Instead of the commit: tells the successor why (it exits without having acted), then
+    /// kills and reaps it.
+    pub async fn abandon(self, reason: &str) {
+        let Self { child, channel, .. } = self;
+        let abort = Message::Abort { reason: reason.into() };
+        let _ = tokio::time::timeout(EXIT_GRACE, channel.send(&abort, &[])).await;
+        KillOnFailure(Some(child)).kill_and_reap().await;
+    }
+}
+
+/// Starts the successor (generation `next_generation`) and hands it `sockets`; returns once
+/// it is ready, and before anything is committed.
 pub(crate) async fn launch(
     program: &Program,
-    generation: u64,
+    next_generation: u64,
     sockets: Vec<(SocketEntry, OwnedFd)>,
     timeout: Duration,
     cancelled: impl std::future::Future<Output = ()>,
@@ -70,11 +98,11 @@ pub(crate) async fn launch(
     drop(theirs);
     let mut guard = KillOnFailure(Some(child));
     let pid = guard.pid();
-    tracing::info!(successor_pid = pid, generation = generation + 1, "successor started");
+    tracing::info!(successor_pid = pid, generation = next_generation, "successor started");
 
     let mut phase = Phase::Hello;
     let outcome = {
-        let handshake = handshake(&mut channel, pid, generation, &sockets, &mut phase);
+        let handshake = handshake(&mut channel, pid, next_generation, &sockets, &mut phase);
         tokio::select! {
             result = tokio::time::timeout(timeout, handshake) => match result {
                 Ok(Ok(count)) => Outcome::Ready(count),
@@ -90,7 +118,7 @@ pub(crate) async fn launch(
         Outcome::Ready(count) => {
             let report = UpgradeReport {
                 successor_pid: pid,
-                generation: generation + 1,
+                generation: next_generation,
                 sockets: count,
                 elapsed: started.elapsed(),
             };
@@ -168,7 +196,7 @@ enum Outcome {
 async fn handshake(
     channel: &mut Channel,
     pid: u32,
-    generation: u64,
+    next_generation: u64,
     sockets: &[(SocketEntry, OwnedFd)],
     phase: &mut Phase,
 ) -> Result<usize, WireError> {
@@ -176,11 +204,11 @@ async fn handshake(
     let hello = Message::Hello {
         protocol: PROTOCOL_VERSION,
         pid: std::process::id(),
-        generation: Some(generation + 1),
+        generation: Some(next_generation),
     };
     channel.send(&hello, &[]).await?;
     let borrowed: Vec<(SocketEntry, BorrowedFd<'_>)> = sockets.iter().map(|(e, fd)| (e.clone(), fd.as_fd())).collect();
-    wire::send_sockets(channel, generation, &borrowed).await?;
+    wire::send_sockets(channel, next_generation - 1, &borrowed).await?;
 
     *phase = Phase::Hello;
     let hello = channel.recv("hello").await?;
@@ -228,9 +256,15 @@ async fn handshake(
     }
 }
 
+/// Variables that describe descriptors of this process, which a successor must not
+/// mistake for its own: systemd's socket activation (read once, by the first generation).
+const FOREIGN_DESCRIPTOR_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+
 /// Starts the executable with our arguments, working directory and environment, plus the
-/// channel's descriptor number. That descriptor is the only one it inherits: every other
-/// one of ours is close-on-exec.
+/// channel's descriptor number. The channel is the only descriptor it inherits: in the child,
+/// between `fork` and `exec`, every descriptor above stderr is marked close-on-exec (one
+/// inherited without the flag, a wrapper's lock file say, would otherwise reach every
+/// generation), then the channel's flag is cleared.
 fn spawn(program: &Program, channel: BorrowedFd<'_>) -> std::io::Result<Child> {
     let fd = channel.as_raw_fd();
     let mut command = Command::new(&program.executable);
@@ -246,10 +280,15 @@ fn spawn(program: &Program, channel: BorrowedFd<'_>) -> std::io::Result<Child> {
         .current_dir(&program.cwd)
         .env(CHANNEL_FD_VAR, fd.to_string())
         .kill_on_drop(false);
+    for var in FOREIGN_DESCRIPTOR_VARS {
+        command.env_remove(var);
+    }
     // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: fcntl is one, and it allocates nothing.
+    // async-signal-safe calls are allowed: close_range and fcntl are system calls that
+    // allocate nothing and take no lock.
     unsafe {
         command.pre_exec(move || {
+            mark_close_on_exec_from(3)?;
             // SAFETY: `fd` is open in the child: fork copied our descriptor table.
             let channel = std::os::fd::BorrowedFd::borrow_raw(fd);
             fcntl(channel, FcntlArg::F_SETFD(FdFlag::empty()))?;
@@ -257,6 +296,38 @@ fn spawn(program: &Program, channel: BorrowedFd<'_>) -> std::io::Result<Child> {
         });
     }
     command.spawn()
+}
+
+/// Marks every descriptor from `first` on close-on-exec. Marking rather than closing keeps
+/// the descriptor the standard library uses to report a failed `exec` to the parent.
+///
+/// Runs between `fork` and `exec`: no allocation.
+fn mark_close_on_exec_from(first: u32) -> std::io::Result<()> {
+    // SAFETY: close_range only changes flags of this process's descriptors; with
+    // CLOSE_RANGE_CLOEXEC it closes nothing.
+    let marked = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    if marked == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if !matches!(error.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+        return Err(error);
+    }
+    // Linux before 5.11: one fcntl per possible descriptor, up to the soft limit.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let end = limit.rlim_cur.min(1 << 20) as i32;
+    for fd in first as i32..end {
+        // SAFETY: F_SETFD on a descriptor number that may not be open: EBADF, ignored.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(())
 }
 
 /// Kills and reaps the successor unless disarmed: whatever path leaves `launch` early

@@ -24,6 +24,8 @@ pub enum Phase {
     Adoption,
     /// Waiting for the successor's application to report ready.
     Startup,
+    /// The successor is ready; committing to it.
+    Commit,
     /// The successor is ready; this process drains.
     Done,
 }
@@ -36,6 +38,7 @@ impl fmt::Display for Phase {
             Self::Transfer => "sending the sockets",
             Self::Adoption => "waiting for the successor to adopt the sockets",
             Self::Startup => "waiting for the successor to be ready",
+            Self::Commit => "committing to the ready successor",
             Self::Done => "done",
         })
     }
@@ -120,7 +123,7 @@ pub enum UpgradeError {
         /// Its reason, naming the socket.
         reason: String,
     },
-    /// A stop was requested during the upgrade.
+    /// A stop was requested during the upgrade, before its commit.
     #[error("stop requested while {phase}; successor pid {pid} killed")]
     Cancelled {
         /// Its pid.
@@ -128,6 +131,9 @@ pub enum UpgradeError {
         /// What we were waiting for.
         phase: Phase,
     },
+    /// This process's generation is `u64::MAX`: there is no next one.
+    #[error("generation {} is the last one: no successor can be numbered", u64::MAX)]
+    GenerationExhausted,
     /// Duplicating our sockets for the successor failed.
     #[error("preparing the sockets: {0}")]
     Io(#[source] io::Error),
