@@ -30,6 +30,7 @@ pub struct Builder {
     pub(crate) upgrade_signal: Option<SignalKind>,
     pub(crate) stop_on_signals: bool,
     pub(crate) control_socket: Option<PathBuf>,
+    pub(crate) executable: Option<PathBuf>,
 }
 
 impl Default for Builder {
@@ -40,6 +41,7 @@ impl Default for Builder {
             upgrade_signal: Some(SignalKind::user_defined2()),
             stop_on_signals: true,
             control_socket: None,
+            executable: None,
         }
     }
 }
@@ -80,9 +82,17 @@ impl Builder {
         self
     }
 
+    /// The executable a successor runs, with this process's arguments. Default: the one this
+    /// process runs, at the path it was started from (so that replacing the file, then
+    /// upgrading, runs the new code).
+    pub fn executable(mut self, path: impl Into<PathBuf>) -> Self {
+        self.executable = Some(path.into());
+        self
+    }
+
     /// Starts: inherits the predecessor's sockets if this process was started by an upgrade,
-    /// and installs the signal handlers. Call it early, before other threads read the
-    /// environment: it removes its own marker variable from it.
+    /// and installs the signal handlers. Call it early: signals that arrive before are not
+    /// handled.
     ///
     /// Must be called within a tokio runtime.
     ///

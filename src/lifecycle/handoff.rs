@@ -57,7 +57,10 @@ impl Handoff {
     }
 
     pub(crate) async fn start(config: Builder) -> Result<Self, Error> {
-        let program = Program::current().map_err(|e| Error::io("finding our executable", e))?;
+        let mut program = Program::current().map_err(|e| Error::io("finding our executable", e))?;
+        if let Some(executable) = &config.executable {
+            program.executable = executable.clone();
+        }
         let signals = Signals::install(&config).map_err(|e| Error::io("installing signal handlers", e))?;
         let inheritance = inherit(config.upgrade_timeout).await?;
         let (registry, generation, predecessor, predecessor_pid) = match inheritance {
@@ -465,5 +468,117 @@ struct Abandoned<'a>(&'a Lifecycle);
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         let _ = self.0.apply(Event::UpgradeFailed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A successor that records its pid and never says hello.
+    fn silent_successor(dir: &Path) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("successor");
+        let pid_file = dir.join("successor.pid");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\necho $$ > {}\nexec sleep 30\n", pid_file.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        (script, pid_file)
+    }
+
+    async fn started(executable: &Path) -> Handoff {
+        let handoff = Handoff::builder()
+            .executable(executable)
+            .upgrade_signal(None)
+            .stop_on_signals(false)
+            .start()
+            .await
+            .unwrap();
+        handoff.ready().await.unwrap();
+        handoff
+    }
+
+    /// Waits (bounded) until the successor has written its pid.
+    async fn successor_pid(pid_file: &Path) -> i32 {
+        for _ in 0..1000 {
+            if let Some(pid) = std::fs::read_to_string(pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the successor never started");
+    }
+
+    /// Waits (bounded) until `pid` is gone: killed and reaped.
+    async fn assert_gone(pid: i32) {
+        for _ in 0..1000 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("successor pid {pid} is still there");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_upgrade_kills_its_successor_and_allows_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let (script, pid_file) = silent_successor(dir.path());
+        let handoff = started(&script).await;
+        for attempt in 0..2 {
+            let _ = std::fs::remove_file(&pid_file);
+            let mut upgrade = Box::pin(handoff.upgrade());
+            tokio::select! {
+                result = &mut upgrade => panic!("a silent successor cannot be ready: {result:?}"),
+                _ = successor_pid(&pid_file) => {}
+            }
+            assert_eq!(handoff.state(), State::Upgrading, "attempt {attempt}");
+            drop(upgrade);
+            assert_eq!(
+                handoff.state(),
+                State::Ready,
+                "a dropped upgrade leaves the process ready"
+            );
+            assert_gone(successor_pid(&pid_file).await).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_during_an_upgrade_cancels_it_and_reaps_the_successor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (script, pid_file) = silent_successor(dir.path());
+        let handoff = started(&script).await;
+        let upgrading = handoff.clone();
+        let upgrade = tokio::spawn(async move { upgrading.upgrade().await });
+        let pid = successor_pid(&pid_file).await;
+        handoff.stop();
+        let error = upgrade.await.unwrap().unwrap_err();
+        assert!(matches!(error, UpgradeError::Cancelled { .. }), "{error}");
+        assert_eq!(handoff.state(), State::Stopping);
+        assert_eq!(handoff.shutdown_signal().await, Shutdown::Stopped);
+        assert_gone(pid).await;
+    }
+
+    #[tokio::test]
+    async fn a_stop_while_stopping_means_the_deadline_is_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let (script, _) = silent_successor(dir.path());
+        let handoff = started(&script).await;
+        handoff.stop();
+        let hurry = handoff.deadline_now();
+        tokio::pin!(hurry);
+        assert!(futures_util::poll!(&mut hurry).is_pending());
+        handoff.stop();
+        tokio::time::timeout(Duration::from_secs(5), hurry).await.unwrap();
+        assert!(matches!(handoff.upgrade().await, Err(UpgradeError::ShuttingDown)));
     }
 }

@@ -7,9 +7,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::signal::{pthread_sigmask, SigmaskHow};
 use tokio::process::{Child, Command};
 
 use super::inheritance::CHANNEL_FD_VAR;
+use super::trigger;
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 use crate::wire::{self, Channel, Message, SocketEntry, WireError, PROTOCOL_VERSION};
 
@@ -283,11 +285,15 @@ fn spawn(program: &Program, channel: BorrowedFd<'_>) -> std::io::Result<Child> {
     for var in FOREIGN_DESCRIPTOR_VARS {
         command.env_remove(var);
     }
+    let held = trigger::held_until_installed();
     // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: close_range and fcntl are system calls that
-    // allocate nothing and take no lock.
+    // async-signal-safe calls are allowed: sigprocmask, close_range and fcntl are system
+    // calls that allocate nothing and take no lock.
     unsafe {
         command.pre_exec(move || {
+            // Held until the successor handles them (the standard library has just reset
+            // the mask; exec keeps ours, and keeps pending signals pending).
+            pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&held), None)?;
             mark_close_on_exec_from(3)?;
             // SAFETY: `fd` is open in the child: fork copied our descriptor table.
             let channel = std::os::fd::BorrowedFd::borrow_raw(fd);

@@ -2,6 +2,7 @@
 
 use std::io;
 
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal as Number};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::{Builder, Handoff};
@@ -18,13 +19,19 @@ impl Signals {
     /// Installs the configured handlers at once: before inheritance, so that a SIGUSR2 or a
     /// SIGTERM arriving while a successor starts is held for [`serve`](Self::serve) rather
     /// than killing the process (their default action).
+    ///
+    /// A successor starts with these signals blocked (see [`held_until_installed`]), so that
+    /// one sent between its `exec` and this call waits instead of killing it: they are
+    /// unblocked here, once handled.
     pub(crate) fn install(config: &Builder) -> io::Result<Self> {
         let stop = |kind: SignalKind| config.stop_on_signals.then(|| signal(kind)).transpose();
-        Ok(Self {
+        let signals = Self {
             upgrade: config.upgrade_signal.map(signal).transpose()?,
             terminate: stop(SignalKind::terminate())?,
             interrupt: stop(SignalKind::interrupt())?,
-        })
+        };
+        pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&held_until_installed()), None)?;
+        Ok(signals)
     }
 
     /// Answers the signals, those that arrived since [`install`](Self::install) first, in a
@@ -52,6 +59,18 @@ impl Signals {
             }
         });
     }
+}
+
+/// The signals a successor starts with blocked, its parent having blocked them between
+/// `fork` and `exec`: the default trigger and the stops. Unblocked by [`Signals::install`]
+/// whatever the configuration, so that a process that handles none of them gets their
+/// default actions back.
+pub(crate) fn held_until_installed() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [Number::SIGUSR2, Number::SIGTERM, Number::SIGINT] {
+        set.add(signal);
+    }
+    set
 }
 
 async fn next(signal: &mut Option<Signal>) -> Option<()> {
