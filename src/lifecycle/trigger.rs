@@ -13,6 +13,8 @@ pub(crate) struct Signals {
     upgrade: Option<Signal>,
     terminate: Option<Signal>,
     interrupt: Option<Signal>,
+    /// Signals that were waiting, blocked, when the handlers were installed.
+    early: Vec<Number>,
 }
 
 impl Signals {
@@ -25,18 +27,37 @@ impl Signals {
     /// unblocked here, once handled.
     pub(crate) fn install(config: &Builder) -> io::Result<Self> {
         let stop = |kind: SignalKind| config.stop_on_signals.then(|| signal(kind)).transpose();
-        let signals = Self {
+        let mut signals = Self {
             upgrade: config.upgrade_signal.map(signal).transpose()?,
             terminate: stop(SignalKind::terminate())?,
             interrupt: stop(SignalKind::interrupt())?,
+            early: Vec::new(),
         };
-        pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&held_until_installed()), None)?;
+        // Taken synchronously, so that they act before anything else does (a stop that came
+        // first must win over the ready that follows), then unblocked for the handlers.
+        let held = held_until_installed();
+        signals.early = take_pending(&held)?;
+        pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&held), None)?;
         Ok(signals)
     }
 
     /// Answers the signals, those that arrived since [`install`](Self::install) first, in a
     /// task of its own.
     pub(crate) fn serve(mut self, handoff: &Handoff) {
+        for signal in std::mem::take(&mut self.early) {
+            let handled = |kind: &Option<Signal>| kind.is_some();
+            match signal {
+                Number::SIGTERM if handled(&self.terminate) => handoff.stop(),
+                Number::SIGINT if handled(&self.interrupt) => handoff.stop(),
+                Number::SIGUSR2 if handled(&self.upgrade) => tracing::warn!(
+                    error = %super::UpgradeError::NotReady,
+                    ?signal,
+                    "upgrade refused: the trigger came before this process started"
+                ),
+                // Not handled by configuration: its default action, as if never blocked.
+                _ => nix::sys::signal::raise(signal).unwrap_or(()),
+            }
+        }
         if self.upgrade.is_none() && self.terminate.is_none() {
             return;
         }
@@ -71,6 +92,26 @@ pub(crate) fn held_until_installed() -> SigSet {
         set.add(signal);
     }
     set
+}
+
+/// Removes from the pending set, and returns, every signal of `set` waiting to be delivered.
+fn take_pending(set: &SigSet) -> io::Result<Vec<Number>> {
+    let mut taken = Vec::new();
+    let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    loop {
+        // SAFETY: sigtimedwait reads the set and the timeout we own; with a zero timeout it
+        // returns at once, a pending signal of the set (removed from the pending set) or EAGAIN.
+        let number = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &zero) };
+        if number < 0 {
+            let error = io::Error::last_os_error();
+            return match error.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(taken),
+                Some(libc::EINTR) => continue,
+                _ => Err(error),
+            };
+        }
+        taken.extend(Number::try_from(number).ok());
+    }
 }
 
 async fn next(signal: &mut Option<Signal>) -> Option<()> {

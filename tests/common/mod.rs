@@ -39,8 +39,24 @@ impl Server {
     /// Starts `binary` with `args`, plus `--control` and `--pid-file` in a fresh directory,
     /// and waits until it serves.
     pub fn start(binary: &Path, args: &[&str]) -> Self {
+        Self::start_with(binary, args, |_| {})
+    }
+
+    /// [`start`](Self::start), with `customize` applied to the command first (an
+    /// environment variable, a descriptor to inherit).
+    pub fn start_with(binary: &Path, args: &[&str], customize: impl FnOnce(&mut Command)) -> Self {
+        let server = Self::spawn_with(binary, args, customize);
+        server.wait_for_log(|line| line.contains(" ready ") && line.contains("generation=1"));
+        server
+    }
+
+    /// Starts the server like [`start_with`](Self::start_with) but does not wait for it to
+    /// serve.
+    pub fn spawn_with(binary: &Path, args: &[&str], customize: impl FnOnce(&mut Command)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        customize(&mut command);
+        let mut child = command
             .args(args)
             .arg("--control")
             .arg(dir.path().join("control.sock"))
@@ -62,9 +78,39 @@ impl Server {
                 sink.grew.notify_all();
             }
         });
-        let server = Self { child, dir, log };
-        server.wait_for_log(|line| line.contains(" ready ") && line.contains("generation=1"));
-        server
+        Self { child, dir, log }
+    }
+
+    /// The pid of the first generation (the process this test started).
+    pub fn first_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the first generation has exited; returns its status.
+    pub fn wait_for_first_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the first generation still runs after {WAIT:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("server.pid")
+    }
+
+    /// The pid the PID file names, if it exists.
+    pub fn pid_in_file(&self) -> Option<u32> {
+        std::fs::read_to_string(self.pid_file())
+            .ok()
+            .map(|s| s.trim().parse().unwrap())
     }
 
     /// Waits for a log line matching `matches` (already written or to come) and returns it.
@@ -151,6 +197,23 @@ impl Drop for Server {
         if std::thread::panicking() {
             eprintln!("--- server log ---\n{}", self.log());
         }
+    }
+}
+
+/// Whether `pid` is running (not gone, not a zombie).
+pub fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Waits until `pid` (not a child of the test) has exited.
+pub fn wait_for_exit(pid: u32) {
+    let deadline = Instant::now() + WAIT;
+    while is_alive(pid) {
+        assert!(Instant::now() < deadline, "pid {pid} still runs after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -1,0 +1,262 @@
+//! The lifecycle at its edges, process by process: a stop racing an upgrade, a timeout racing
+//! a successor's ready, signals that reach a successor before it handles them, a stray
+//! `HANDOFF_FD`, descriptors and variables that must not reach a successor.
+
+mod common;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use common::{example, is_alive, wait_for_exit, Server};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+fn signal(pid: u32, signal: Signal) {
+    kill(Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+/// What must hold once a server has settled, whatever raced: either a process serves, owns
+/// the control socket and is named by the PID file, or nothing serves and neither path is
+/// left behind. Never a mix.
+fn assert_settled_consistently(server: &Server) {
+    match handoff::control::request(server.control_path(), "status") {
+        Ok(status) => {
+            let pid = status["pid"].as_u64().unwrap() as u32;
+            assert!(is_alive(pid));
+            assert_eq!(
+                server.pid_in_file(),
+                Some(pid),
+                "the PID file names the serving process"
+            );
+        }
+        Err(_) => {
+            assert!(
+                !server.control_path().exists(),
+                "nothing serves, yet the control path is left"
+            );
+            assert_eq!(server.pid_in_file(), None, "nothing serves, yet the PID file is left");
+        }
+    }
+}
+
+/// SIGTERM at varying moments after an upgrade's trigger: either the upgrade is cancelled
+/// (the successor killed and reaped, then a normal stop that removes the paths) or it had
+/// committed (the old process drains and exits, the successor keeps every path).
+#[test]
+fn a_stop_racing_an_upgrade_either_cancels_it_or_follows_its_commit() {
+    for delay_ms in [0, 1, 2, 4, 8, 16] {
+        let mut server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0"]);
+        let old = server.first_pid();
+        let control = server.control_path();
+        let upgrade = std::thread::spawn(move || handoff::control::request(control, "upgrade"));
+        std::thread::sleep(Duration::from_millis(delay_ms)); // the race's spread, not a wait
+        signal(old, Signal::SIGTERM);
+        let reply = upgrade.join().unwrap();
+        server.wait_for_first_exit();
+        let committed = reply.as_ref().is_ok_and(|r| r["ok"] == true);
+        if committed {
+            let successor = reply.unwrap()["successor_pid"].as_u64().unwrap() as u32;
+            assert_eq!(server.pid(), successor, "after {delay_ms} ms: the successor serves");
+        } else {
+            // Whether or not the reply made it out before the old process exited, the
+            // successor it started must be gone.
+            for child in common::children(old) {
+                wait_for_exit(child);
+            }
+        }
+        assert_settled_consistently(&server);
+    }
+}
+
+/// An upgrade timeout that expires about when the successor gets ready: each attempt either
+/// commits or fails, and the PID file always names the process that serves.
+#[test]
+fn a_timeout_racing_a_successors_ready_never_leaves_the_pid_file_wrong() {
+    let server = Server::start(
+        &example("http_uuid"),
+        &["--listen", "127.0.0.1:0", "--upgrade-timeout", "0.008"],
+    );
+    let (mut committed, mut failed) = (0, 0);
+    for _ in 0..10 {
+        let before = server.pid();
+        let reply = server.upgrade();
+        if reply["ok"] == true {
+            committed += 1;
+            let successor = reply["successor_pid"].as_u64().unwrap() as u32;
+            wait_for_exit(before);
+            server.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("pid={successor} ")));
+        } else {
+            failed += 1;
+            assert_eq!(server.pid(), before, "a failed upgrade leaves the old process serving");
+        }
+        assert_settled_consistently(&server);
+    }
+    eprintln!("{committed} committed, {failed} failed");
+}
+
+/// A successor sends itself SIGUSR2, then SIGTERM, before it runs a line of Rust: the signals
+/// wait until it handles them. The trigger is refused (not ready); the stop makes it give up
+/// before its commit, and the old process goes on serving.
+#[test]
+fn signals_reaching_a_successor_before_it_handles_them_wait_for_it() {
+    let bin = tempfile::tempdir().unwrap();
+    let binary = common::copy_binary(&example("http_uuid"), bin.path());
+    let original = bin.path().join("original");
+    std::fs::hard_link(&binary, &original).unwrap();
+    let second = bin.path().join("second");
+    std::fs::hard_link(&binary, &second).unwrap();
+    let server = Server::start(&binary, &["--listen", "127.0.0.1:0"]);
+
+    // Perl, not sh: dash clears the signal mask it inherits; perl keeps it (and is in every
+    // Debian and Ubuntu image: perl-base is essential).
+    let Some(perl) = ["/usr/bin/perl", "/bin/perl"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        eprintln!("skipped: no perl to send a successor a signal before its exec");
+        return;
+    };
+    // A successor runs the file its predecessor runs: each round replaces that one with a
+    // script that signals itself, then runs the real server from another path.
+    let replace = |path: &std::path::Path, signal: &str, then: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        let script = format!(
+            "#!{perl}\nkill {signal} => $$;\nexec {{ '{0}' }} '{0}', @ARGV;\n",
+            then.display()
+        );
+        let temporary = path.with_extension("new");
+        std::fs::write(&temporary, script).unwrap();
+        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&temporary, path).unwrap();
+    };
+    replace(&binary, "USR2", &original);
+    let old = server.pid();
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let successor = reply["successor_pid"].as_u64().unwrap();
+    server.wait_for_log(|l| l.contains("upgrade refused") && l.contains("not ready"));
+    wait_for_exit(old);
+    assert_eq!(server.pid() as u64, successor);
+
+    replace(&original, "TERM", &second);
+    let old = server.pid();
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], false, "{reply}");
+    let error = reply["error"].as_str().unwrap();
+    assert!(
+        error.contains("a stop was requested before this process was ready"),
+        "{error}"
+    );
+    assert_eq!(server.pid(), old, "the old process serves on");
+    assert_eq!(server.pid_in_file(), Some(old));
+}
+
+/// Starts http_uuid with `HANDOFF_FD` set to `value` and `fd` (if any) placed at descriptor
+/// `at` without close-on-exec, as a stray inheritance would leave it.
+fn start_with_stray_channel(value: &str, fd: Option<(OwnedFd, i32)>, upgrade_timeout: &str) -> Server {
+    let value = value.to_owned();
+    Server::spawn_with(
+        &example("http_uuid"),
+        &["--listen", "127.0.0.1:0", "--upgrade-timeout", upgrade_timeout],
+        move |command| {
+            command.env(handoff::CHANNEL_FD_VAR, value);
+            if let Some((fd, at)) = fd {
+                let raw = fd.as_raw_fd();
+                // SAFETY: dup2 is async-signal-safe; `fd` stays open in the parent until the
+                // command is dropped, so it is open in the child.
+                unsafe {
+                    command.pre_exec(move || {
+                        let _keep = &fd;
+                        if libc::dup2(raw, at) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+        },
+    )
+}
+
+/// `HANDOFF_FD` naming what no predecessor leaves (a standard stream, a pipe, a TCP socket,
+/// one of the runtime's own descriptors) is ignored with a warning: the process starts as a
+/// first generation, and closes nothing it does not own.
+#[test]
+fn a_stray_handoff_fd_is_ignored_and_never_closed() {
+    let (pipe_read, _pipe_write) = nix::unistd::pipe().unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cases: Vec<(&str, Option<(OwnedFd, i32)>)> = vec![
+        ("1", None),
+        ("banana", None),
+        ("40", Some((pipe_read, 40))),
+        ("41", Some((OwnedFd::from(tcp), 41))),
+        ("3", None), // by now one of the runtime's own descriptors
+        ("999", None),
+    ];
+    for (value, fd) in cases {
+        let placed = fd.as_ref().map(|(_, at)| *at);
+        let server = start_with_stray_channel(value, fd, "30");
+        server.wait_for_log(|l| l.contains(" ready ") && l.contains("generation=1"));
+        server.wait_for_log(|l| l.contains("ignoring HANDOFF_FD"));
+        if let Some(at) = placed {
+            let pid = server.pid();
+            assert!(
+                std::fs::read_link(format!("/proc/{pid}/fd/{at}")).is_ok(),
+                "HANDOFF_FD={value}: descriptor {at} was closed"
+            );
+        }
+    }
+}
+
+/// A channel that passes every check but whose peer never speaks: the start fails with an
+/// error once the upgrade timeout has passed, instead of hanging.
+#[test]
+fn a_silent_channel_fails_the_start_within_the_timeout() {
+    let (ours, theirs) = handoff::wire::pair().unwrap();
+    let mut server = start_with_stray_channel("42", Some((theirs, 42)), "1");
+    let status = server.wait_for_first_exit();
+    assert!(!status.success());
+    server.wait_for_log(|l| l.contains("did not complete within"));
+    drop(ours);
+}
+
+/// A first generation started with a descriptor it did not mark close-on-exec and with
+/// systemd's variables: its successor inherits neither, only its channel.
+#[test]
+fn a_successor_inherits_only_its_channel() {
+    let file = tempfile::tempfile().unwrap();
+    let server = Server::start_with(&example("http_uuid"), &["--listen", "127.0.0.1:0"], |command| {
+        let raw = file.as_raw_fd();
+        command
+            .env("LISTEN_PID", "1")
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "stray");
+        // SAFETY: dup2 is async-signal-safe; `file` is open in the parent, hence in the child.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(raw, 50) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let first = server.pid();
+    assert!(std::fs::read_link(format!("/proc/{first}/fd/50")).is_ok());
+    let successor = server.upgrade_and_settle();
+    assert!(
+        std::fs::read_link(format!("/proc/{successor}/fd/50")).is_err(),
+        "descriptors now: {:?}",
+        common::fd_targets(successor)
+    );
+    let environment = std::fs::read(format!("/proc/{successor}/environ")).unwrap();
+    for variable in environment.split(|b| *b == 0) {
+        assert!(
+            !variable.starts_with(b"LISTEN_"),
+            "{}",
+            String::from_utf8_lossy(variable)
+        );
+    }
+    drop(file);
+}
