@@ -45,19 +45,19 @@ fn assert_settled_consistently(server: &Server) {
 /// committed (the old process drains and exits, the successor keeps every path).
 #[test]
 fn a_stop_racing_an_upgrade_either_cancels_it_or_follows_its_commit() {
-    for delay_ms in [0, 1, 2, 4, 8, 16] {
+    for delay_us in (0..10_000).step_by(250) {
         let mut server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0"]);
         let old = server.first_pid();
         let control = server.control_path();
         let upgrade = std::thread::spawn(move || handoff::control::request(control, "upgrade"));
-        std::thread::sleep(Duration::from_millis(delay_ms)); // the race's spread, not a wait
+        std::thread::sleep(Duration::from_micros(delay_us)); // the race's spread, not a wait
         signal(old, Signal::SIGTERM);
         let reply = upgrade.join().unwrap();
         server.wait_for_first_exit();
         let committed = reply.as_ref().is_ok_and(|r| r["ok"] == true);
         if committed {
             let successor = reply.unwrap()["successor_pid"].as_u64().unwrap() as u32;
-            assert_eq!(server.pid(), successor, "after {delay_ms} ms: the successor serves");
+            assert_eq!(server.pid(), successor, "after {delay_us} µs: the successor serves");
         } else {
             // Whether or not the reply made it out before the old process exited, the
             // successor it started must be gone.
@@ -69,28 +69,31 @@ fn a_stop_racing_an_upgrade_either_cancels_it_or_follows_its_commit() {
     }
 }
 
-/// An upgrade timeout that expires about when the successor gets ready: each attempt either
-/// commits or fails, and the PID file always names the process that serves.
+/// An upgrade timeout that expires about when the successor gets ready (a few milliseconds
+/// here, swept): each attempt either commits or fails, and the PID file always names the
+/// process that serves.
 #[test]
 fn a_timeout_racing_a_successors_ready_never_leaves_the_pid_file_wrong() {
-    let server = Server::start(
-        &example("http_uuid"),
-        &["--listen", "127.0.0.1:0", "--upgrade-timeout", "0.008"],
-    );
     let (mut committed, mut failed) = (0, 0);
-    for _ in 0..10 {
-        let before = server.pid();
-        let reply = server.upgrade();
-        if reply["ok"] == true {
-            committed += 1;
-            let successor = reply["successor_pid"].as_u64().unwrap() as u32;
-            wait_for_exit(before);
-            server.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("pid={successor} ")));
-        } else {
-            failed += 1;
-            assert_eq!(server.pid(), before, "a failed upgrade leaves the old process serving");
+    for timeout in ["0.002", "0.003", "0.004", "0.005", "0.006", "0.008"] {
+        let server = Server::start(
+            &example("http_uuid"),
+            &["--listen", "127.0.0.1:0", "--upgrade-timeout", timeout],
+        );
+        for _ in 0..4 {
+            let before = server.pid();
+            let reply = server.upgrade();
+            if reply["ok"] == true {
+                committed += 1;
+                let successor = reply["successor_pid"].as_u64().unwrap() as u32;
+                wait_for_exit(before);
+                server.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("pid={successor} ")));
+            } else {
+                failed += 1;
+                assert_eq!(server.pid(), before, "a failed upgrade leaves the old process serving");
+            }
+            assert_settled_consistently(&server);
         }
-        assert_settled_consistently(&server);
     }
     eprintln!("{committed} committed, {failed} failed");
 }
