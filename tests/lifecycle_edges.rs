@@ -263,3 +263,67 @@ fn a_successor_inherits_only_its_channel() {
     }
     drop(file);
 }
+
+/// How a fake predecessor (this test) ends the handshake once the successor says ready.
+enum Verdict {
+    Commit,
+    Abort,
+    Vanish,
+}
+
+/// Plays the predecessor for a real http_uuid successor: hands over no socket, waits for its
+/// ready, then gives `verdict`. Returns the server and whether its start went on.
+async fn successor_after(verdict: Verdict) -> Server {
+    use handoff::wire::{self, Channel, Message, PROTOCOL_VERSION};
+    let (ours, theirs) = wire::pair().unwrap();
+    let server = start_with_stray_channel("42", Some((theirs, 42)), "5");
+    let mut channel = Channel::new(ours).unwrap();
+    let hello = Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        generation: Some(2),
+    };
+    channel.send(&hello, &[]).await.unwrap();
+    wire::send_sockets(&channel, 1, &[]).await.unwrap();
+    for expected in ["hello", "accepted", "ready"] {
+        let received = channel.recv(expected).await.unwrap();
+        assert_eq!(received.message.kind(), expected);
+    }
+    assert_eq!(server.pid_in_file(), None, "nothing is written before the commit");
+    match verdict {
+        Verdict::Commit => channel.send(&Message::Commit, &[]).await.unwrap(),
+        Verdict::Abort => {
+            let abort = Message::Abort {
+                reason: "the test gives up".into(),
+            };
+            channel.send(&abort, &[]).await.unwrap();
+        }
+        Verdict::Vanish => {}
+    }
+    drop(channel);
+    server
+}
+
+/// The successor's side of the commit: it acts only once committed; an abort leaves nothing
+/// behind; a predecessor that vanishes after the handover counts as a commit (this process
+/// holds every socket) and the successor serves alone, named by the PID file.
+#[tokio::test]
+async fn a_successor_acts_only_after_the_commit_or_its_predecessors_vanishing() {
+    let server = successor_after(Verdict::Commit).await;
+    server.wait_for_log(|l| l.contains(" ready ") && l.contains("generation=2"));
+    assert_eq!(server.pid_in_file(), Some(server.first_pid()));
+
+    let mut server = successor_after(Verdict::Abort).await;
+    assert!(!server.wait_for_first_exit().success());
+    server.wait_for_log(|l| l.contains("the test gives up"));
+    assert_eq!(server.pid_in_file(), None);
+    assert!(!server.control_path().exists() || handoff::control::request(server.control_path(), "status").is_err());
+
+    let server = successor_after(Verdict::Vanish).await;
+    server.wait_for_log(|l| l.contains("vanished"));
+    server.wait_for_log(|l| l.contains(" ready ") && l.contains("generation=2"));
+    assert_eq!(server.pid_in_file(), Some(server.first_pid()));
+    assert_eq!(server.pid(), server.first_pid(), "it serves its control socket");
+    let address = server.address("http");
+    assert_eq!(common::get(address, "/uuid").await.unwrap().status, 200);
+}
