@@ -2,13 +2,26 @@
 
 use serde::Serialize;
 
-/// Where a process is in its life.
+/// Where a process is in its life. Every change goes through one transition table (in
+/// `src/lifecycle/transitions.rs`), which this diagram draws:
 ///
 /// ```text
-/// Starting ──ready()──▶ Ready ──trigger──▶ Upgrading ──successor ready──▶ Draining
-///                         ▲                    │
-///                         └──── failure ───────┘          Ready ──stop──▶ Stopping
+///           ready()           trigger             commit: the successor is ready
+/// Starting ─────────▶ Ready ───────────▶ Upgrading ── and we have not given up ──▶ Draining
+///    │                ▲   │               │    │
+///    │                └───┼───────────────┘    │
+///    │                    │  failure, timeout, │
+///    │                    │  cancel            │
+///    │ stop               │ stop               │ stop: the successor is killed and reaped
+///    ▼                    ▼                    ▼
+///    └────────────────────┴────▶ Stopping ◀────┘
 /// ```
+///
+/// A stop in `Draining` or `Stopping` keeps the state and makes the drain's deadline now.
+/// Triggers are refused, with their reason, everywhere but in `Ready`, and in `Ready` while
+/// the previous generation still drains. A successor owns no shared path (Unix listener
+/// paths, the control socket's, the PID file) until its predecessor commits; a stop before
+/// that removes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {

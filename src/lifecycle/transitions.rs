@@ -1,15 +1,6 @@
 //! The one place where a process's state changes: an explicit transition table ([`next`]),
 //! and [`Lifecycle`], which applies it atomically and lets everything else watch the result.
-//!
-//! ```text
-//!             ready()                trigger                 commit (successor ready,
-//! Starting ───────────▶ Ready ───────────────▶ Upgrading ──── and we had not given up) ──▶ Draining
-//!    │                   ▲  │                    │  │                                        │
-//!    │                   │  │   upgrade failed   │  │                                   stop: hurry
-//!    │                   └──┼────────────────────┘  │                                        ▼
-//!    │ stop                 │ stop                  │ stop (the successor is killed)     deadline now
-//!    └──────────────────────┴───────────────────────┴──────▶ Stopping ── stop: hurry ──▶ deadline now
-//! ```
+//! The diagram on [`State`] draws this table.
 //!
 //! A successor starts in `Starting` without the shared paths (Unix listener paths, the control
 //! socket's, the PID file): its predecessor owns them until it commits. The commit is the
