@@ -274,6 +274,11 @@ enum Verdict {
 /// Plays the predecessor for a real http_uuid successor: hands over no socket, waits for its
 /// ready, then gives `verdict`. Returns the server and whether its start went on.
 async fn successor_after(verdict: Verdict) -> Server {
+    successor_of_generation(2, verdict).await
+}
+
+/// [`successor_after`], with the generation the fake predecessor gives the successor.
+async fn successor_of_generation(generation: u64, verdict: Verdict) -> Server {
     use handoff::wire::{self, Channel, Message, PROTOCOL_VERSION};
     let (ours, theirs) = wire::pair().unwrap();
     let server = start_with_stray_channel("42", Some((theirs, 42)), "5");
@@ -281,10 +286,10 @@ async fn successor_after(verdict: Verdict) -> Server {
     let hello = Message::Hello {
         protocol: PROTOCOL_VERSION,
         pid: std::process::id(),
-        generation: Some(2),
+        generation: Some(generation),
     };
     channel.send(&hello, &[]).await.unwrap();
-    wire::send_sockets(&channel, 1, &[]).await.unwrap();
+    wire::send_sockets(&channel, generation - 1, &[]).await.unwrap();
     for expected in ["hello", "accepted", "ready"] {
         let received = channel.recv(expected).await.unwrap();
         assert_eq!(received.message.kind(), expected);
@@ -326,4 +331,16 @@ async fn a_successor_acts_only_after_the_commit_or_its_predecessors_vanishing() 
     assert_eq!(server.pid(), server.first_pid(), "it serves its control socket");
     let address = server.address("http");
     assert_eq!(common::get(address, "/uuid").await.unwrap().status, 200);
+}
+
+/// A predecessor that numbers its successor `u64::MAX`: the successor serves, and refuses to
+/// number a successor of its own with a typed error instead of wrapping to 0.
+#[tokio::test]
+async fn the_last_generation_serves_and_refuses_to_upgrade() {
+    let server = successor_of_generation(u64::MAX, Verdict::Commit).await;
+    server.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("generation={}", u64::MAX)));
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("is the last one"), "{reply}");
+    assert_eq!(server.pid(), server.first_pid(), "it serves on");
 }
