@@ -165,6 +165,7 @@ mod tests {
             Message::Accepted,
             Message::Rejected { reason: "no".into() },
             Message::Ready { startup_ms: 7 },
+            Message::Commit,
             Message::Abort { reason: "bye".into() },
         ];
         for message in messages {
@@ -190,9 +191,9 @@ mod tests {
 
     #[test]
     fn another_version_is_refused_with_both_numbers() {
-        let err = check_version(2).unwrap_err();
-        assert!(matches!(err, WireError::UnsupportedVersion { ours: 1, theirs: 2 }));
-        assert_eq!(err.to_string(), "peer speaks handoff protocol 2, this process speaks 1");
+        let err = check_version(1).unwrap_err();
+        assert!(matches!(err, WireError::UnsupportedVersion { ours: 2, theirs: 1 }));
+        assert_eq!(err.to_string(), "peer speaks handoff protocol 1, this process speaks 2");
         check_version(PROTOCOL_VERSION).unwrap();
     }
 
