@@ -34,6 +34,10 @@ pub enum WireError {
         /// What was cut: "data" or "descriptors".
         what: &'static str,
     },
+    /// The control data (descriptors, credentials) the kernel returned could not be read;
+    /// every descriptor read before the fault was closed.
+    #[error("malformed control data on the handoff channel: {0}")]
+    MalformedControl(&'static str),
     /// The peer speaks another protocol version.
     #[error("peer speaks handoff protocol {theirs}, this process speaks {ours}")]
     UnsupportedVersion {

@@ -4,6 +4,7 @@
 //! Nothing here knows about processes or HTTP: every part is tested over an in-process
 //! socket pair.
 
+mod ancillary;
 mod channel;
 mod error;
 mod fd_passing;
