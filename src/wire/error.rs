@@ -74,6 +74,15 @@ pub enum WireError {
         /// Sockets received.
         received: usize,
     },
+    /// The manifest announced counts no sender can produce: an empty batch, or more sockets
+    /// than its batches can carry.
+    #[error("manifest announces {sockets} sockets in {batches} batches, which cannot be")]
+    InconsistentManifest {
+        /// Sockets announced.
+        sockets: usize,
+        /// Batches announced.
+        batches: usize,
+    },
     /// Two entries of the manifest share a name.
     #[error("manifest names two sockets `{0}`")]
     DuplicateName(String),
