@@ -1,15 +1,16 @@
 //! [`ListenerRegistry`]: the named sockets of a process, inherited or bound.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
 use std::sync::Mutex;
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
-use crate::wire::{SocketEntry, SocketKind};
+use crate::wire::{Inode, SocketEntry, SocketKind};
 use crate::Error;
 
 /// The listen backlog of sockets the registry binds, as tokio's `TcpListener::bind` uses.
@@ -45,6 +46,8 @@ struct State {
     inherited: HashMap<String, (SocketEntry, OwnedFd)>,
     /// Sockets this process holds, in the order they were registered.
     held: Vec<(SocketEntry, OwnedFd)>,
+    /// Names being bound right now: the syscalls run outside the lock, the name stays taken.
+    binding: HashSet<String>,
 }
 
 impl ListenerRegistry {
@@ -59,7 +62,7 @@ impl ListenerRegistry {
         Self {
             state: Mutex::new(State {
                 inherited,
-                held: Vec::new(),
+                ..State::default()
             }),
         }
     }
@@ -109,11 +112,16 @@ impl ListenerRegistry {
     }
 
     /// The Unix stream listener named `name`: the inherited one bound to `path`, or a new one.
-    /// A stale socket file left by a crashed process (nothing accepts on it) is replaced.
+    /// A stale socket file left by a crashed process (a socket nothing accepts on) is replaced;
+    /// anything else at `path` (a live socket, a regular file, a directory) is left alone.
+    ///
+    /// The registry remembers which file it bound, and unlinks `path` on a final stop only
+    /// while it is still that file.
     ///
     /// # Errors
     ///
-    /// As [`tcp`](Self::tcp).
+    /// As [`tcp`](Self::tcp); [`Error::Bind`] with [`io::ErrorKind::AddrInUse`] when `path` is
+    /// taken by a live socket or by something that is not a socket.
     pub fn unix(&self, name: &str, path: impl AsRef<Path>) -> Result<tokio::net::UnixListener, Error> {
         self.unix_with(name, path, |_| Ok(()))
     }
@@ -126,13 +134,20 @@ impl ListenerRegistry {
         configure: impl FnOnce(&Socket) -> io::Result<()>,
     ) -> Result<tokio::net::UnixListener, Error> {
         let path = path.as_ref().to_path_buf();
-        let requested = SocketKind::UnixListener { path: path.clone() };
-        let matches = |kind: &SocketKind| matches!(kind, SocketKind::UnixListener { path: held } if *held == path);
-        let socket = self.claim_or_bind(name, requested, matches, |_| {
+        let requested = SocketKind::UnixListener {
+            path: path.clone(),
+            inode: None,
+        };
+        let matches = |kind: &SocketKind| matches!(kind, SocketKind::UnixListener { path: held, .. } if *held == path);
+        let socket = self.claim_or_bind(name, requested, matches, |entry| {
             let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
             configure(&socket)?;
             bind_unix(&socket, &path)?;
             socket.listen(BACKLOG)?;
+            entry.kind = SocketKind::UnixListener {
+                inode: socket_inode(&path),
+                path: path.clone(),
+            };
             Ok(socket)
         })?;
         tokio::net::UnixListener::from_std(socket.into())
@@ -177,10 +192,14 @@ impl ListenerRegistry {
     /// [`Error::Unsupported`] if it is not a bound TCP or Unix stream listener or a bound UDP
     /// socket; [`Error::DuplicateName`] if `name` is taken.
     pub fn register(&self, name: &str, socket: impl AsFd) -> Result<(), Error> {
-        let kind = describe(socket.as_fd()).map_err(|problem| Error::Unsupported {
+        let mut kind = describe(socket.as_fd()).map_err(|problem| Error::Unsupported {
             name: name.into(),
             problem,
         })?;
+        if let SocketKind::UnixListener { path, inode } = &mut kind {
+            // Registered, it is handled as one this process bound: its path goes at a final stop.
+            *inode = socket_inode(path);
+        }
         let entry = SocketEntry {
             name: name.into(),
             kind,
@@ -190,7 +209,7 @@ impl ListenerRegistry {
             .try_clone_to_owned()
             .map_err(|e| Error::io(format!("duplicating socket `{name}`"), e))?;
         let mut state = self.lock();
-        if state.is_held(name) {
+        if state.is_taken(name) {
             return Err(Error::DuplicateName(name.into()));
         }
         state.held.push((entry, dup));
@@ -225,25 +244,45 @@ impl ListenerRegistry {
     }
 
     /// Closes every inherited socket nobody claimed, unlinking the paths of Unix listeners
-    /// among them: no process will serve them any more. Returns what was closed.
+    /// among them (each only if it is still the socket file the predecessor bound): no process
+    /// will serve them any more. Returns what was closed.
     pub(crate) fn close_unclaimed(&self) -> Vec<SocketEntry> {
-        let unclaimed: Vec<_> = self.lock().inherited.drain().map(|(_, (entry, _fd))| entry).collect();
-        for entry in &unclaimed {
-            if let SocketKind::UnixListener { path } = &entry.kind {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-        unclaimed
+        let unclaimed: Vec<_> = self.lock().inherited.drain().map(|(_, socket)| socket).collect();
+        close(unclaimed, Unlink::IfStillOurs)
     }
 
-    /// Unlinks the paths of the Unix listeners this process holds. Only for a final stop:
-    /// a process that hands its sockets over must never do this.
+    /// A final stop: closes every descriptor the registry holds (its duplicates of the
+    /// listeners, so once the application drops its own the kernel refuses new clients, and
+    /// any unclaimed inherited socket), and unlinks the Unix paths this process bound or
+    /// inherited, each only if it is still the socket file that was bound there.
+    // The lifecycle calls it on a final stop, in place of `unlink_unix_paths`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn close_all(&self) {
+        close(self.take_all(), Unlink::IfStillOurs);
+    }
+
+    /// After a committed handover: closes every descriptor the registry holds and unlinks
+    /// nothing, since the successor now owns the sockets and their paths.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn release_all(&self) {
+        close(self.take_all(), Unlink::No);
+    }
+
+    /// Unlinks the paths of the Unix listeners this process holds, each only if it is still
+    /// the socket file that was bound there. Only for a final stop: a process that hands its
+    /// sockets over must never do this. Superseded by [`close_all`](Self::close_all).
     pub(crate) fn unlink_unix_paths(&self) {
         for (entry, _) in &self.lock().held {
-            if let SocketKind::UnixListener { path } = &entry.kind {
-                let _ = std::fs::remove_file(path);
-            }
+            unlink_if_still_ours(entry);
         }
+    }
+
+    /// Empties the registry: every held and inherited socket, with its entry.
+    fn take_all(&self) -> Vec<(SocketEntry, OwnedFd)> {
+        let mut state = self.lock();
+        let mut all = std::mem::take(&mut state.held);
+        all.extend(state.inherited.drain().map(|(_, socket)| socket));
+        all
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -253,6 +292,9 @@ impl ListenerRegistry {
 
     /// Claims the inherited socket `name` if `matches` accepts its kind, else calls `bind`,
     /// which may refine the entry (the port the kernel chose). Keeps a duplicate either way.
+    ///
+    /// The lock is held only to look names up and record the result: `bind` (the user's
+    /// `configure`, `bind`, a probing `connect`) runs outside it, the name reserved meanwhile.
     fn claim_or_bind(
         &self,
         name: &str,
@@ -260,48 +302,144 @@ impl ListenerRegistry {
         matches: impl Fn(&SocketKind) -> bool,
         bind: impl FnOnce(&mut SocketEntry) -> io::Result<Socket>,
     ) -> Result<Socket, Error> {
+        let (entry, socket, reservation) = match self.claim(name, matches)? {
+            Claim::Inherited(entry, fd) => {
+                tracing::debug!(socket = %entry, "adopted inherited socket");
+                (entry, Socket::from(fd), None)
+            }
+            Claim::Reserved(reservation) => {
+                let mut entry = SocketEntry {
+                    name: name.into(),
+                    kind: requested,
+                };
+                let socket = bind(&mut entry).map_err(|source| bind_error(&entry, source))?;
+                (entry, socket, Some(reservation))
+            }
+        };
+        let dup = socket
+            .set_nonblocking(true)
+            .and_then(|()| socket.try_clone())
+            .map_err(|source| bind_error(&entry, source))?;
+        self.lock().held.push((entry, dup.into()));
+        // Only now: the name is held before it stops being reserved, so no claim slips between.
+        drop(reservation);
+        Ok(socket)
+    }
+
+    /// Takes the inherited socket `name` if it matches, else reserves the name for a bind.
+    fn claim(&self, name: &str, matches: impl Fn(&SocketKind) -> bool) -> Result<Claim<'_>, Error> {
         let mut state = self.lock();
-        if state.is_held(name) {
+        if state.is_taken(name) {
             return Err(Error::DuplicateName(name.into()));
         }
-        let mut entry = SocketEntry {
+        match state.inherited.remove(name) {
+            Some((inherited, fd)) if matches(&inherited.kind) => return Ok(Claim::Inherited(inherited, fd)),
+            Some((inherited, fd)) => {
+                tracing::warn!(socket = %inherited, "inherited socket does not match the request; binding a new one and closing the inherited one at ready");
+                state.inherited.insert(name.into(), (inherited, fd));
+            }
+            None => {}
+        }
+        state.binding.insert(name.into());
+        Ok(Claim::Reserved(Reservation {
+            registry: self,
             name: name.into(),
-            kind: requested,
-        };
-        let socket = match state.inherited.remove(name) {
-            Some((inherited, fd)) if matches(&inherited.kind) => {
-                tracing::debug!(socket = %inherited, "adopted inherited socket");
-                entry = inherited;
-                Socket::from(fd)
-            }
-            other => {
-                if let Some((inherited, fd)) = other {
-                    tracing::warn!(socket = %inherited, requested = %entry.kind, "inherited socket does not match the request; binding a new one and closing the inherited one at ready");
-                    state.inherited.insert(name.into(), (inherited, fd));
-                }
-                bind(&mut entry).map_err(|source| Error::Bind {
-                    socket: entry.to_string(),
-                    source,
-                })?
-            }
-        };
-        socket.set_nonblocking(true).map_err(|source| Error::Bind {
-            socket: entry.to_string(),
-            source,
-        })?;
-        let dup = socket.try_clone().map_err(|source| Error::Bind {
-            socket: entry.to_string(),
-            source,
-        })?;
-        state.held.push((entry, dup.into()));
-        Ok(socket)
+        }))
+    }
+}
+
+/// What [`ListenerRegistry::claim`] found for a name.
+enum Claim<'a> {
+    /// The matching inherited socket, now out of the registry's inherited set.
+    Inherited(SocketEntry, OwnedFd),
+    /// Nothing to adopt: the name is reserved for a new socket.
+    Reserved(Reservation<'a>),
+}
+
+/// A name being bound outside the registry's lock; released when dropped, on every path
+/// (a failed bind, a panicking `configure`).
+struct Reservation<'a> {
+    registry: &'a ListenerRegistry,
+    name: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.registry.lock().binding.remove(&self.name);
+    }
+}
+
+fn bind_error(entry: &SocketEntry, source: io::Error) -> Error {
+    Error::Bind {
+        socket: entry.to_string(),
+        source,
     }
 }
 
 impl State {
-    fn is_held(&self, name: &str) -> bool {
-        self.held.iter().any(|(e, _)| e.name == name)
+    /// Held, or being bound.
+    fn is_taken(&self, name: &str) -> bool {
+        self.binding.contains(name) || self.held.iter().any(|(e, _)| e.name == name)
     }
+}
+
+/// Whether [`close`] unlinks the paths of Unix listeners.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unlink {
+    /// Unlink each path that is still the socket file recorded when it was bound.
+    IfStillOurs,
+    /// Leave every path: another process serves them.
+    No,
+}
+
+/// Closes `sockets`, unlinking their paths first if asked. First, because while our
+/// descriptor is open the socket file's inode cannot be freed, so its number cannot have been
+/// reused by a new file that we would mistake for ours.
+fn close(sockets: Vec<(SocketEntry, OwnedFd)>, unlink: Unlink) -> Vec<SocketEntry> {
+    sockets
+        .into_iter()
+        .map(|(entry, fd)| {
+            if unlink == Unlink::IfStillOurs {
+                unlink_if_still_ours(&entry);
+            }
+            drop(fd);
+            entry
+        })
+        .collect()
+}
+
+/// Unlinks the path of a Unix listener if it is still the file recorded at bind time. A path
+/// that another process has bound since, or one whose file we never identified, stays.
+fn unlink_if_still_ours(entry: &SocketEntry) {
+    let SocketKind::UnixListener { path, inode } = &entry.kind else {
+        return;
+    };
+    let Some(inode) = inode else {
+        tracing::debug!(socket = %entry, "socket file never identified; leaving its path");
+        return;
+    };
+    match remove_if_same(path, *inode) {
+        Ok(true) => tracing::debug!(socket = %entry, "unlinked"),
+        Ok(false) => tracing::info!(socket = %entry, "path is now another file; leaving it"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(socket = %entry, error = %e, "cannot unlink"),
+    }
+}
+
+/// Removes `path` if it is the file `expected`; `Ok(false)` if it is another one.
+fn remove_if_same(path: &Path, expected: Inode) -> io::Result<bool> {
+    if Inode::of(path)? != expected {
+        return Ok(false);
+    }
+    std::fs::remove_file(path)?;
+    Ok(true)
+}
+
+/// The identity of the socket file at `path`, or `None` if there is none (it is not a socket,
+/// or cannot be inspected): then the path is never unlinked.
+fn socket_inode(path: &Path) -> Option<Inode> {
+    let metadata = std::fs::symlink_metadata(path).ok()?;
+    metadata.file_type().is_socket().then(|| Inode::from(&metadata))
 }
 
 /// An inherited address matches a requested one if equal, or if the request leaves the port to
@@ -317,21 +455,67 @@ fn bound_address(socket: &Socket) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::other("bound socket has no IP address"))
 }
 
-/// Binds a Unix socket, replacing a stale socket file that nothing accepts on.
-fn bind_unix(socket: &Socket, path: &PathBuf) -> io::Result<()> {
+/// Binds a Unix socket at `path`, replacing a stale socket file there. Anything else at the
+/// path is left alone, and the bind fails.
+fn bind_unix(socket: &Socket, path: &Path) -> io::Result<()> {
     let address = SockAddr::unix(path)?;
-    match socket.bind(&address) {
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse && is_stale(path) => {
-            std::fs::remove_file(path)?;
+    let in_use = match socket.bind(&address) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => e,
+        result => return result,
+    };
+    let occupant = match occupant(path) {
+        // Gone since the bind: whoever held it has left.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return socket.bind(&address),
+        other => other?,
+    };
+    match occupant {
+        Occupant::Stale(inode) => {
+            // Only if no one has replaced it since we looked.
+            remove_if_same(path, inode)?;
             socket.bind(&address)
         }
-        result => result,
+        Occupant::Live => Err(in_use),
+        Occupant::NotASocket(what) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is {what}, not a socket: not replacing it", path.display()),
+        )),
     }
 }
 
-/// A socket file is stale when connecting to it is refused: no process listens there.
-fn is_stale(path: &Path) -> bool {
-    matches!(std::os::unix::net::UnixStream::connect(path), Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+/// What occupies a path a bind found in use.
+enum Occupant {
+    /// A socket file nothing accepts on, left by a process that died.
+    Stale(Inode),
+    /// A socket someone accepts on (or whose queue is full).
+    Live,
+    /// Not a socket: a regular file, a directory, a symbolic link...
+    NotASocket(&'static str),
+}
+
+/// Looks at `path` without following a link; a socket is probed with a non-blocking
+/// `connect`, which is refused only when no one listens (a full queue says "try again").
+fn occupant(path: &Path) -> io::Result<Occupant> {
+    let metadata = std::fs::symlink_metadata(path)?;
+    let kind = metadata.file_type();
+    if !kind.is_socket() {
+        let what = if kind.is_file() {
+            "a regular file"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_symlink() {
+            "a symbolic link"
+        } else {
+            "something"
+        };
+        return Ok(Occupant::NotASocket(what));
+    }
+    let inode = Inode::from(&metadata);
+    let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    probe.set_nonblocking(true)?;
+    match probe.connect(&SockAddr::unix(path)?) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(Occupant::Stale(inode)),
+        _ => Ok(Occupant::Live),
+    }
 }
 
 /// Describes a socket the application created itself, for the manifest.
@@ -344,7 +528,10 @@ fn describe(fd: std::os::fd::BorrowedFd<'_>) -> Result<SocketKind, String> {
     let listening = socket.is_listener().unwrap_or(false);
     match (ty, local.as_socket(), local.as_pathname()) {
         (Type::STREAM, Some(address), _) if listening => Ok(SocketKind::TcpListener { address }),
-        (Type::STREAM, _, Some(path)) if listening => Ok(SocketKind::UnixListener { path: path.into() }),
+        (Type::STREAM, _, Some(path)) if listening => Ok(SocketKind::UnixListener {
+            path: path.into(),
+            inode: None,
+        }),
         (Type::DGRAM, Some(address), _) => Ok(SocketKind::Udp { address }),
         _ => Err(format!("a {ty:?} socket bound to {local:?} (listening: {listening}) is not a TCP or Unix listener, nor a UDP socket")),
     }
@@ -482,5 +669,112 @@ mod tests {
         let (read, _write) = nix::unistd::pipe().unwrap();
         let err = registry.register("pipe", read).unwrap_err();
         assert!(err.to_string().starts_with("socket `pipe`: not a socket"), "{err}");
+    }
+
+    fn refused(address: SocketAddr) -> bool {
+        matches!(std::net::TcpStream::connect(address), Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+    }
+
+    #[tokio::test]
+    async fn close_all_refuses_new_clients_and_unlinks_its_own_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let registry = ListenerRegistry::new();
+        let tcp = registry.tcp("http", localhost()).unwrap();
+        let address = tcp.local_addr().unwrap();
+        drop(registry.unix("api", &path).unwrap());
+        drop(tcp); // the application's copy; the registry's duplicate still accepts
+        assert!(!refused(address));
+        registry.close_all();
+        assert!(refused(address));
+        assert!(!path.exists());
+        assert!(registry.sockets().is_empty());
+    }
+
+    #[tokio::test]
+    async fn close_all_leaves_a_path_another_process_now_owns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let registry = ListenerRegistry::new();
+        let _ours = registry.unix("api", &path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let _theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        registry.close_all();
+        std::os::unix::net::UnixStream::connect(&path).expect("the other listener's path is still there");
+    }
+
+    #[tokio::test]
+    async fn release_all_closes_everything_and_unlinks_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let registry = ListenerRegistry::new();
+        let tcp = registry.tcp("http", localhost()).unwrap();
+        let address = tcp.local_addr().unwrap();
+        drop(registry.unix("api", &path).unwrap());
+        drop(tcp);
+        registry.release_all();
+        assert!(refused(address));
+        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_socket());
+    }
+
+    #[tokio::test]
+    async fn close_unclaimed_leaves_a_path_another_process_now_owns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let first = ListenerRegistry::new();
+        drop(first.unix("api", &path).unwrap());
+        let successor = ListenerRegistry::with_inherited(first.handoff_set().unwrap());
+        first.release_all();
+        std::fs::remove_file(&path).unwrap();
+        let _theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let closed = successor.close_unclaimed();
+        assert_eq!(closed.len(), 1);
+        std::os::unix::net::UnixStream::connect(&path).expect("the other listener's path is still there");
+    }
+
+    #[tokio::test]
+    async fn close_unclaimed_unlinks_the_predecessors_path_while_it_is_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let first = ListenerRegistry::new();
+        drop(first.unix("api", &path).unwrap());
+        let successor = ListenerRegistry::with_inherited(first.handoff_set().unwrap());
+        first.release_all();
+        assert_eq!(successor.close_unclaimed().len(), 1);
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_path_without_a_recorded_inode_is_never_unlinked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // As from a peer that does not send the inode.
+        let entry = SocketEntry {
+            name: "api".into(),
+            kind: SocketKind::UnixListener {
+                path: path.clone(),
+                inode: None,
+            },
+        };
+        let successor = ListenerRegistry::with_inherited(vec![(entry, listener.into())]);
+        successor.close_all();
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_registered_unix_listener_is_identified_and_unlinked_at_a_final_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let registry = ListenerRegistry::new();
+        registry.register("api", &listener).unwrap();
+        let recorded = match &registry.sockets()[0].kind {
+            SocketKind::UnixListener { inode, .. } => *inode,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(recorded, Some(Inode::of(&path).unwrap()));
+        registry.close_all();
+        assert!(!path.exists());
     }
 }

@@ -34,6 +34,10 @@ pub enum WireError {
         /// What was cut: "data" or "descriptors".
         what: &'static str,
     },
+    /// The control data (descriptors, credentials) the kernel returned could not be read;
+    /// every descriptor read before the fault was closed.
+    #[error("malformed control data on the handoff channel: {0}")]
+    MalformedControl(&'static str),
     /// The peer speaks another protocol version.
     #[error("peer speaks handoff protocol {theirs}, this process speaks {ours}")]
     UnsupportedVersion {
@@ -69,6 +73,15 @@ pub enum WireError {
         batches: usize,
         /// Sockets received.
         received: usize,
+    },
+    /// The manifest announced counts no sender can produce: an empty batch, or more sockets
+    /// than its batches can carry.
+    #[error("manifest announces {sockets} sockets in {batches} batches, which cannot be")]
+    InconsistentManifest {
+        /// Sockets announced.
+        sockets: usize,
+        /// Batches announced.
+        batches: usize,
     },
     /// Two entries of the manifest share a name.
     #[error("manifest names two sockets `{0}`")]

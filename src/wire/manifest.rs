@@ -1,8 +1,11 @@
 //! The manifest: a versioned, self-describing JSON description of every socket handed over.
 
 use std::fmt;
+use std::fs::Metadata;
+use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -30,12 +33,43 @@ pub enum SocketKind {
     UnixListener {
         /// The filesystem path it is bound to.
         path: PathBuf,
+        /// The socket file at `path` when it was bound, if known: a process unlinks the path
+        /// only while it is still this file, never one another process has put there since.
+        /// Absent (from a peer that does not send it, or for a path we could not inspect),
+        /// the path is never unlinked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        inode: Option<Inode>,
     },
     /// A bound UDP socket.
     Udp {
         /// The address it is bound to.
         address: SocketAddr,
     },
+}
+
+/// The identity of a file: its device and inode numbers, as `lstat` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Inode {
+    /// The device the file lives on (`st_dev`).
+    pub dev: u64,
+    /// Its inode number on that device (`st_ino`).
+    pub ino: u64,
+}
+
+impl Inode {
+    /// The identity of what is at `path` now, without following a symbolic link.
+    pub(crate) fn of(path: &Path) -> io::Result<Self> {
+        Ok(Self::from(&std::fs::symlink_metadata(path)?))
+    }
+}
+
+impl From<&Metadata> for Inode {
+    fn from(metadata: &Metadata) -> Self {
+        Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+        }
+    }
 }
 
 impl SocketKind {
@@ -58,7 +92,7 @@ impl fmt::Display for SocketKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::TcpListener { address } | Self::Udp { address } => write!(f, "{address}"),
-            Self::UnixListener { path } => write!(f, "{}", path.display()),
+            Self::UnixListener { path, .. } => write!(f, "{}", path.display()),
         }
     }
 }
@@ -95,8 +129,39 @@ mod tests {
             name: "api".into(),
             kind: SocketKind::UnixListener {
                 path: "/run/api.sock".into(),
+                inode: Some(Inode { dev: 1, ino: 2 }),
             },
         };
         assert_eq!(entry.to_string(), "Unix listener `api` (/run/api.sock)");
+    }
+
+    #[test]
+    fn the_inode_is_optional_on_the_wire() {
+        let without = serde_json::json!({"name": "api", "kind": "unix_listener", "path": "/run/api.sock"});
+        let entry: SocketEntry = serde_json::from_value(without.clone()).unwrap();
+        assert_eq!(
+            entry.kind,
+            SocketKind::UnixListener {
+                path: "/run/api.sock".into(),
+                inode: None
+            }
+        );
+        assert_eq!(serde_json::to_value(&entry).unwrap(), without);
+        let with = serde_json::json!({
+            "name": "api", "kind": "unix_listener", "path": "/run/api.sock",
+            "inode": {"dev": 2049, "ino": u64::MAX}
+        });
+        let entry: SocketEntry = serde_json::from_value(with.clone()).unwrap();
+        assert!(matches!(
+            entry.kind,
+            SocketKind::UnixListener {
+                inode: Some(Inode {
+                    dev: 2049,
+                    ino: u64::MAX
+                }),
+                ..
+            }
+        ));
+        assert_eq!(serde_json::to_value(&entry).unwrap(), with);
     }
 }

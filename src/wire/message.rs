@@ -104,17 +104,50 @@ impl Message {
     }
 
     /// Serializes the message, refusing one too large to send as a single datagram.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::MessageTooLarge`] as soon as the encoding passes [`MAX_MESSAGE_BYTES`]:
+    /// the rest is not encoded, so a huge message costs no huge buffer (`bytes` then says
+    /// how far the encoding got, not the full size).
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
-        let bytes = serde_json::to_vec(self).map_err(WireError::Malformed)?;
-        if bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(WireError::MessageTooLarge { bytes: bytes.len() });
+        let mut out = Bounded(Vec::new());
+        match serde_json::to_writer(&mut out, self) {
+            Ok(()) => Ok(out.0),
+            Err(e) if e.is_io() => Err(WireError::MessageTooLarge { bytes: out.0.len() + 1 }),
+            Err(e) => Err(WireError::Malformed(e)),
         }
-        Ok(bytes)
     }
 
     /// Parses a message received from the peer.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::MessageTooLarge`] for more than [`MAX_MESSAGE_BYTES`] (refused before
+    /// parsing anything), [`WireError::Malformed`] for anything that is not a message of this
+    /// protocol.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(WireError::MessageTooLarge { bytes: bytes.len() });
+        }
         serde_json::from_slice(bytes).map_err(WireError::Malformed)
+    }
+}
+
+/// A buffer that refuses to grow past [`MAX_MESSAGE_BYTES`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(std::io::Error::other("message too large"));
+        }
+        self.0.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -165,6 +198,7 @@ mod tests {
             Message::Accepted,
             Message::Rejected { reason: "no".into() },
             Message::Ready { startup_ms: 7 },
+            Message::Commit,
             Message::Abort { reason: "bye".into() },
         ];
         for message in messages {
@@ -211,5 +245,30 @@ mod tests {
             reason: "x".repeat(MAX_MESSAGE_BYTES),
         };
         assert!(matches!(message.encode(), Err(WireError::MessageTooLarge { .. })));
+    }
+
+    #[test]
+    fn an_oversized_message_is_refused_before_parsing() {
+        let mut bytes = br#"{"type":"abort","reason":""#.to_vec();
+        bytes.resize(MAX_MESSAGE_BYTES, b'x');
+        bytes.extend_from_slice(br#""}"#);
+        let err = Message::decode(&bytes).unwrap_err();
+        assert!(
+            matches!(err, WireError::MessageTooLarge { bytes } if bytes == MAX_MESSAGE_BYTES + 2),
+            "{err}"
+        );
+        // At the limit exactly, it is a message.
+        bytes.truncate(MAX_MESSAGE_BYTES - 2);
+        bytes.extend_from_slice(br#""}"#);
+        assert!(matches!(Message::decode(&bytes), Ok(Message::Abort { .. })));
+    }
+
+    #[test]
+    fn a_message_of_the_largest_size_encodes() {
+        let overhead = Message::Abort { reason: String::new() }.encode().unwrap().len();
+        let message = Message::Abort {
+            reason: "x".repeat(MAX_MESSAGE_BYTES - overhead),
+        };
+        assert_eq!(message.encode().unwrap().len(), MAX_MESSAGE_BYTES);
     }
 }

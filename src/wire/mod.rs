@@ -4,6 +4,7 @@
 //! Nothing here knows about processes or HTTP: every part is tested over an in-process
 //! socket pair.
 
+mod ancillary;
 mod channel;
 mod error;
 mod fd_passing;
@@ -16,7 +17,7 @@ mod verify;
 pub use channel::{pair, Channel};
 pub use error::WireError;
 pub use fd_passing::Received;
-pub use manifest::{SocketEntry, SocketKind};
+pub use manifest::{Inode, SocketEntry, SocketKind};
 pub use message::{check_version, Message, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 pub use peer::{check_same_user, check_sender};
 pub use transfer::{recv_sockets, send_sockets};

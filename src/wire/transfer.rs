@@ -52,6 +52,7 @@ pub async fn recv_sockets(channel: &mut Channel) -> Result<(u64, Vec<(SocketEntr
             })
         }
     };
+    check_counts(announced, batches)?;
     let mut received: Vec<(SocketEntry, OwnedFd)> = Vec::with_capacity(announced.min(65_536));
     let mut names = HashSet::new();
     for index in 0..batches {
@@ -88,6 +89,16 @@ pub async fn recv_sockets(channel: &mut Channel) -> Result<(u64, Vec<(SocketEntr
         });
     }
     Ok((generation, received))
+}
+
+/// A manifest's counts must be possible: no empty batch, and no batch with more descriptors
+/// than one message carries. So a hostile peer cannot announce batches without end.
+fn check_counts(sockets: usize, batches: usize) -> Result<(), WireError> {
+    let room = batches.saturating_mul(MAX_FDS_PER_MESSAGE);
+    if batches > sockets || sockets > room {
+        return Err(WireError::InconsistentManifest { sockets, batches });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -218,6 +229,23 @@ mod tests {
         drop(sender);
         let err = recv_sockets(&mut receiver).await.unwrap_err();
         assert!(matches!(err, WireError::Closed { expected: "batch" }), "{err}");
+    }
+
+    #[test]
+    fn impossible_counts_are_refused_before_any_batch() {
+        check_counts(0, 0).unwrap();
+        check_counts(1, 1).unwrap();
+        check_counts(1000, 5).unwrap();
+        check_counts(1000, 1000).unwrap();
+        for (sockets, batches) in [(0, 1), (1, 0), (201, 1), (5, 6), (usize::MAX, 1), (1, usize::MAX)] {
+            assert!(
+                matches!(
+                    check_counts(sockets, batches),
+                    Err(WireError::InconsistentManifest { .. })
+                ),
+                "{sockets} in {batches}"
+            );
+        }
     }
 
     #[tokio::test]

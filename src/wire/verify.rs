@@ -60,7 +60,7 @@ fn check(kind: &SocketKind, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), Strin
                 other => return Err(format!("bound to {}, not {address}", show(other))),
             }
         }
-        SocketKind::UnixListener { path } => {
+        SocketKind::UnixListener { path, .. } => {
             if domain != Domain::UNIX {
                 return Err(format!("expected domain Unix, got {domain:?}"));
             }
