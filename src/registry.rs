@@ -255,26 +255,14 @@ impl ListenerRegistry {
     /// listeners, so once the application drops its own the kernel refuses new clients, and
     /// any unclaimed inherited socket), and unlinks the Unix paths this process bound or
     /// inherited, each only if it is still the socket file that was bound there.
-    // The lifecycle calls it on a final stop, in place of `unlink_unix_paths`.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn close_all(&self) {
         close(self.take_all(), Unlink::IfStillOurs);
     }
 
     /// After a committed handover: closes every descriptor the registry holds and unlinks
     /// nothing, since the successor now owns the sockets and their paths.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn release_all(&self) {
         close(self.take_all(), Unlink::No);
-    }
-
-    /// Unlinks the paths of the Unix listeners this process holds, each only if it is still
-    /// the socket file that was bound there. Only for a final stop: a process that hands its
-    /// sockets over must never do this. Superseded by [`close_all`](Self::close_all).
-    pub(crate) fn unlink_unix_paths(&self) {
-        for (entry, _) in &self.lock().held {
-            unlink_if_still_ours(entry);
-        }
     }
 
     /// Empties the registry: every held and inherited socket, with its entry.

@@ -392,10 +392,13 @@ impl Handoff {
         match effect {
             Effect::None => {}
             Effect::FinalStop => {
-                registry.unlink_unix_paths();
+                // New clients are refused from here (once the application's accept loop has
+                // dropped its listener too) and can fail over, instead of waiting in an
+                // accept queue nobody reads.
+                registry.close_all();
                 self.remove_pid_file();
             }
-            Effect::Handover => {}
+            Effect::Handover => registry.release_all(),
         }
     }
 
