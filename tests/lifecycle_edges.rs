@@ -344,3 +344,20 @@ async fn the_last_generation_serves_and_refuses_to_upgrade() {
     assert!(reply["error"].as_str().unwrap().contains("is the last one"), "{reply}");
     assert_eq!(server.pid(), server.first_pid(), "it serves on");
 }
+
+/// A final stop closes the door at once: while a slow request drains, a new client is
+/// refused (and can fail over) instead of waiting in an accept queue nobody reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_stop_refuses_new_clients_while_it_drains() {
+    let server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0", "--delay-ms", "5000"]);
+    let address = server.address("http");
+    let delayed = tokio::spawn(common::get(address, "/delayed"));
+    server.wait_for_log(|l| l.contains("delayed request started"));
+    signal(server.first_pid(), Signal::SIGTERM);
+    server.wait_for_log(|l| l.contains("draining"));
+    let error = tokio::net::TcpStream::connect(address).await.unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(!server.control_path().exists(), "the control socket's path is gone");
+    let reply = delayed.await.unwrap().unwrap();
+    assert_eq!(reply.status, 200, "the request in flight finishes");
+}
