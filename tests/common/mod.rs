@@ -39,8 +39,16 @@ impl Server {
     /// Starts `binary` with `args`, plus `--control` and `--pid-file` in a fresh directory,
     /// and waits until it serves.
     pub fn start(binary: &Path, args: &[&str]) -> Self {
+        Self::start_with(binary, args, |_| {})
+    }
+
+    /// As [`start`](Self::start), with `configure` applied to the command first (a resource
+    /// limit, say).
+    pub fn start_with(binary: &Path, args: &[&str], configure: impl FnOnce(&mut Command)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        configure(&mut command);
+        let mut child = command
             .args(args)
             .arg("--control")
             .arg(dir.path().join("control.sock"))
@@ -74,7 +82,12 @@ impl Server {
 
     /// Waits until `n` log lines match `matches`, and returns the n-th.
     pub fn wait_for_nth_log(&self, n: usize, matches: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
+        self.wait_for_nth_log_within(WAIT, n, matches)
+    }
+
+    /// Waits at most `within` until `n` log lines match `matches`, and returns the n-th.
+    pub fn wait_for_nth_log_within(&self, within: Duration, n: usize, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
         let mut lines = self.log.lines.lock().unwrap();
         loop {
             if let Some(line) = lines.iter().filter(|l| matches(l)).nth(n - 1) {
@@ -83,7 +96,7 @@ impl Server {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "no matching log line within {WAIT:?}; log:\n{}",
+                "no matching log line within {within:?}; log:\n{}",
                 lines.join("\n")
             );
             lines = self.log.grew.wait_timeout(lines, left).unwrap().0;
@@ -124,6 +137,19 @@ impl Server {
         new
     }
 
+    /// Waits at most `within` until process `pid` has exited (gone, or a zombie).
+    pub fn wait_for_exit(&self, pid: u32, within: Duration) {
+        let deadline = Instant::now() + within;
+        while is_running(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "process {pid} still running after {within:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The pid of the serving generation.
     pub fn pid(&self) -> u32 {
         self.control("status")["pid"].as_u64().unwrap() as u32
@@ -152,6 +178,15 @@ impl Drop for Server {
             eprintln!("--- server log ---\n{}", self.log());
         }
     }
+}
+
+/// Whether process `pid` runs (exists and is not a zombie).
+pub fn is_running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
 }
 
 /// Number of open descriptors of process `pid`.
