@@ -132,8 +132,8 @@ async fn websocket_members_get_going_away_and_rejoin_the_successor() {
     let welcome = rejoined.next().await.unwrap().unwrap().into_text().unwrap();
     assert!(welcome.ends_with("generation=2"), "{welcome}");
 
-    let exit = server.wait_for_log(|l| l.contains("exiting") && l.contains(&format!("pid={old} ")));
-    assert!(exit.contains("connections=2") && exit.contains("forced=1"), "{exit}");
+    let drained = drained_line(&server, old);
+    assert!(drained.contains("connections=2 forced=1"), "{drained}");
     drop(silent);
 }
 
@@ -186,8 +186,8 @@ async fn a_tcp_client_writing_through_the_drain_reads_a_prefix_then_eof() {
         echoed[..] == pattern[..echoed.len()],
         "an exact prefix of the bytes sent"
     );
-    let exit = server.wait_for_log(|l| l.contains("exiting") && l.contains("generation=1"));
-    assert!(exit.contains("forced=0"), "{exit}");
+    let drained = server.wait_for_log(|l| l.contains(" drained ") && l.contains("generation=1"));
+    assert!(drained.contains("forced=0"), "{drained}");
 }
 
 /// An HTTP/2 client gets GOAWAY: its open stream finishes on the old process, and its next
