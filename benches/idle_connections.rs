@@ -2,7 +2,7 @@
 //!
 //! 1. **Memory**: what the drain tracker costs per open connection. The bench starts itself
 //!    as the server (a child process: 10,000 client and 10,000 server descriptors would not
-//!    fit under one process's limit), once with the tracker (`Drain::spawn`, `close_turn`
+//!    fit under one process's limit), once with the tracker (`Drain::spawn`, `turn_to_close`
 //!    and the TCP and WebSocket wind-downs, as `tcp_echo` and `ws_chat` use them) and once
 //!    without (the same loops, untracked), and reports heap bytes (a counting allocator) and
 //!    RSS per connection.
@@ -213,7 +213,7 @@ async fn tracked_ws_session(mut ws: Ws, connection: &TrackedConnection) {
     loop {
         tokio::select! {
             message = ws.next() => if !matches!(message, Some(Ok(_))) { return },
-            () = connection.close_turn() => break,
+            () = connection.turn_to_close() => break,
         }
     }
     websocket::finish(ws, connection, drop).await;
@@ -224,7 +224,7 @@ async fn tracked_tcp_session(mut stream: TcpStream, connection: &TrackedConnecti
     loop {
         tokio::select! {
             read = stream.read(&mut buf) => if !matches!(read, Ok(1..)) { return },
-            () = connection.close_turn() => break,
+            () = connection.turn_to_close() => break,
         }
     }
     let _ = tcp::finish(stream, connection).await;
@@ -440,7 +440,7 @@ async fn scale_run(examples: &std::path::Path, connections: usize, spread: Optio
             let log = std::fs::read_to_string(&servers[i].log).unwrap_or_default();
             let line = log
                 .lines()
-                .find(|l| l.contains(&format!("exiting pid={}", old[i])))
+                .find(|l| l.contains(" drained ") && l.contains(&format!("pid={} ", old[i])))
                 .unwrap_or_default();
             let field = |name: &str| {
                 line.split_whitespace()

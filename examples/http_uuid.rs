@@ -48,7 +48,8 @@ async fn main() -> anyhow::Result<()> {
     handoff.ready().await?;
     tracing::info!(address = %listener.local_addr()?, uuid = %app.uuid, generation = handoff.generation(), "serving http_uuid");
 
-    common::serve(&handoff, listener, args.server.drain(), Http(app)).await;
+    args.server.drain().serve(&handoff, listener, Arc::new(Http(app))).await;
+    common::log_exit(&handoff);
     Ok(())
 }
 

@@ -9,9 +9,11 @@
 mod common;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Parser;
-use tokio::io::AsyncWriteExt;
+use handoff::drain::{DrainStrategy, TrackedConnection};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Holds `--tcp` TCP listeners (`tcp-0`, `tcp-1`...), a Unix listener (`unix`) and a UDP
 /// socket (`udp`) across upgrades.
@@ -44,22 +46,30 @@ async fn main() -> anyhow::Result<()> {
     let generation = handoff.generation();
     tracing::info!(generation, sockets = handoff.sockets().len(), "serving many_sockets");
 
-    let shutdown = handoff.shutdown_signal();
-    let mut tasks = tokio::task::JoinSet::new();
+    // One drain, one accept loop per listener (the library's: it backs off on EMFILE).
+    let drain = args.server.drain();
+    let greeting = Arc::new(Greeting(format!("{generation}\n")));
+    let mut loops = tokio::task::JoinSet::new();
     for listener in listeners {
-        tasks.spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let _ = stream.write_all(format!("{generation}\n").as_bytes()).await;
-            }
-        });
+        let (drain, greeting, shutdown) = (drain.clone(), greeting.clone(), handoff.shutdown_signal());
+        loops.spawn(async move { drain.accept(listener, greeting, shutdown).await });
     }
-    tasks.spawn(async move {
-        while let Ok((mut stream, _)) = unix.accept().await {
-            let _ = stream.write_all(format!("{generation}\n").as_bytes()).await;
-        }
-    });
-    let reason = shutdown.await;
-    tasks.shutdown().await; // stop accepting: the listeners are dropped
-    tracing::info!(?reason, pid = std::process::id(), generation, "exiting");
+    let (drain_unix, shutdown) = (drain.clone(), handoff.shutdown_signal());
+    loops.spawn(async move { drain_unix.accept(unix, greeting, shutdown).await });
+    // Each loop returns once the shutdown resolves, dropping its listener: stop accepting.
+    let reasons = loops.join_all().await;
+    tracing::info!(reason = ?reasons.first(), "draining");
+    let report = drain.drain().await;
+    tracing::info!(connections = report.connections, forced = report.forced, "drained");
+    common::log_exit(&handoff);
     Ok(())
+}
+
+/// Answers each connection with the generation, then closes it.
+struct Greeting(String);
+
+impl<C: AsyncWrite + Unpin + Send + 'static> DrainStrategy<C> for Greeting {
+    async fn serve(&self, mut stream: C, connection: TrackedConnection) {
+        let _ = connection.until_deadline(stream.write_all(self.0.as_bytes())).await;
+    }
 }

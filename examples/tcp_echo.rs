@@ -9,6 +9,8 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use clap::Parser;
 use handoff::drain::{tcp, DrainStrategy, TrackedConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +33,8 @@ async fn main() -> anyhow::Result<()> {
         .tcp("echo", args.server.listen_or("127.0.0.1:8082"))?;
     handoff.ready().await?;
     tracing::info!(address = %listener.local_addr()?, generation = handoff.generation(), "serving tcp_echo");
-    common::serve(&handoff, listener, args.server.drain(), Echo).await;
+    args.server.drain().serve(&handoff, listener, Arc::new(Echo)).await;
+    common::log_exit(&handoff);
     Ok(())
 }
 
@@ -47,9 +50,13 @@ impl DrainStrategy<TcpStream> for Echo {
                 // gets an exact prefix of its bytes back.
                 read = stream.read(&mut buf) => match read {
                     Ok(0) | Err(_) => return,
-                    Ok(n) => if stream.write_all(&buf[..n]).await.is_err() { return },
+                    // A client that does not read cannot hold the write past the deadline.
+                    Ok(n) => match connection.until_deadline(stream.write_all(&buf[..n])).await {
+                        Some(Ok(())) => {}
+                        Some(Err(_)) | None => return,
+                    },
                 },
-                () = connection.close_turn() => break,
+                () = connection.turn_to_close() => break,
             }
         }
         match tcp::finish(stream, &connection).await {

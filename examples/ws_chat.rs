@@ -10,6 +10,8 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use handoff::drain::{websocket, DrainStrategy, TrackedConnection};
@@ -42,7 +44,8 @@ async fn main() -> anyhow::Result<()> {
             handoff.generation()
         ),
     };
-    common::serve(&handoff, listener, args.server.drain(), room).await;
+    args.server.drain().serve(&handoff, listener, Arc::new(room)).await;
+    common::log_exit(&handoff);
     Ok(())
 }
 
@@ -69,7 +72,9 @@ impl DrainStrategy<TcpStream> for Room {
 impl Room {
     async fn member(&self, mut ws: WebSocketStream<TcpStream>, connection: &TrackedConnection) {
         let mut room = self.messages.subscribe();
-        if ws.send(Message::text(self.welcome.clone())).await.is_err() {
+        // Every send is under the deadline: a member that does not read cannot hold it.
+        let welcome = Message::text(self.welcome.clone());
+        if !matches!(connection.until_deadline(ws.send(welcome)).await, Some(Ok(()))) {
             return;
         }
         loop {
@@ -80,11 +85,14 @@ impl Room {
                     Some(Ok(_)) => {}
                 },
                 outgoing = room.recv() => match outgoing {
-                    Ok(text) => if ws.send(Message::text(text)).await.is_err() { return },
+                    Ok(text) => match connection.until_deadline(ws.send(Message::text(text))).await {
+                        Some(Ok(())) => {}
+                        Some(Err(_)) | None => return,
+                    },
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
-                () = connection.close_turn() => break,
+                () = connection.turn_to_close() => break,
             }
         }
         // What members sent before they saw our Close still reaches the room.

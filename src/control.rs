@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+use crate::drain::accept::AcceptBackoff;
 use crate::{Error, Handoff};
 
 /// The registry name of the control socket.
@@ -45,18 +46,24 @@ pub(crate) fn serve(handoff: &Handoff, path: &Path) -> Result<(), Error> {
     tokio::spawn(async move {
         let shutdown = handoff.shutdown_signal();
         tokio::pin!(shutdown);
+        let mut errors = AcceptBackoff::new();
         loop {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break, // the successor answers from now on
-                Ok((stream, _)) = listener.accept() => {
-                    let handoff = handoff.clone();
-                    tokio::spawn(async move {
-                        if let Err(error) = answer(&handoff, stream).await {
-                            tracing::debug!(%error, "control connection failed");
-                        }
-                    });
-                }
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        errors.succeeded();
+                        let handoff = handoff.clone();
+                        tokio::spawn(async move {
+                            if let Err(error) = answer(&handoff, stream).await {
+                                tracing::debug!(%error, "control connection failed");
+                            }
+                        });
+                    }
+                    // Out of descriptors, say: wait and retry, never give up for good.
+                    Err(error) => errors.failed(&error).await,
+                },
             }
         }
     });

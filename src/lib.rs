@@ -11,45 +11,45 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use handoff::{drain::Drain, Handoff, Shutdown};
+//! use std::sync::Arc;
+//!
+//! use handoff::drain::{tcp, Drain, DrainStrategy, TrackedConnection};
+//! use handoff::Handoff;
 //! use tokio::io::AsyncWriteExt;
+//! use tokio::net::TcpStream;
+//!
+//! /// Greets each client, then closes cleanly: half-close, read to the client's EOF.
+//! struct Greeter;
+//!
+//! impl DrainStrategy<TcpStream> for Greeter {
+//!     async fn serve(&self, mut stream: TcpStream, connection: TrackedConnection) {
+//!         // Every wait on the client is bounded by the drain's deadline.
+//!         if let Some(Ok(())) = connection.until_deadline(stream.write_all(b"hello\n")).await {
+//!             let _ = tcp::finish(stream, &connection).await;
+//!         }
+//!     }
+//! }
 //!
 //! let handoff = Handoff::builder().start().await?; // inherits sockets after an upgrade
 //! let listener = handoff.registry().tcp("greeter", "127.0.0.1:0".parse()?)?;
 //! let address = listener.local_addr()?;
-//! handoff.ready().await?; // the predecessor, if any, stops accepting now
+//! handoff.ready().await?; // after an upgrade: the predecessor has committed and drains
 //!
-//! let drain = Drain::builder().build();
+//! // Accepts until a successor serves or a stop comes, then drains (30 s deadline).
 //! let server = tokio::spawn({
-//!     let (handoff, drain) = (handoff.clone(), drain.clone());
-//!     async move {
-//!         let shutdown = handoff.shutdown_signal();
-//!         tokio::pin!(shutdown);
-//!         loop {
-//!             tokio::select! {
-//!                 biased;
-//!                 reason = &mut shutdown => break reason, // a successor serves, or a stop
-//!                 Ok((mut stream, _)) = listener.accept() => {
-//!                     let connection = drain.track();
-//!                     tokio::spawn(async move {
-//!                         let _ = stream.write_all(b"hello\n").await;
-//!                         let _ = handoff::drain::tcp::finish(stream, &connection).await;
-//!                     });
-//!                 }
-//!             }
-//!         }
-//!     }
+//!     let handoff = handoff.clone();
+//!     async move { Drain::builder().build().serve(&handoff, listener, Arc::new(Greeter)).await }
 //! });
 //!
-//! let mut client = tokio::net::TcpStream::connect(address).await?;
+//! let mut client = TcpStream::connect(address).await?;
 //! let mut greeting = String::new();
 //! tokio::io::AsyncReadExt::read_to_string(&mut client, &mut greeting).await?;
 //! assert_eq!(greeting, "hello\n");
 //! drop(client); // our EOF lets the server's half-closed side finish cleanly
 //!
-//! handoff.stop(); // what SIGTERM does; an upgrade resolves the signal with `Upgraded`
-//! assert_eq!(server.await?, Shutdown::Stopped);
-//! assert_eq!(drain.drain().await.forced, 0);
+//! handoff.stop(); // what SIGTERM does; after an upgrade, the same drain follows
+//! let report = server.await?;
+//! assert_eq!(report.forced, 0, "no connection was left at the deadline");
 //! # Ok(()) }
 //! ```
 //!

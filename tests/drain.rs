@@ -132,8 +132,8 @@ async fn websocket_members_get_going_away_and_rejoin_the_successor() {
     let welcome = rejoined.next().await.unwrap().unwrap().into_text().unwrap();
     assert!(welcome.ends_with("generation=2"), "{welcome}");
 
-    let exit = server.wait_for_log(|l| l.contains("exiting") && l.contains(&format!("pid={old} ")));
-    assert!(exit.contains("connections=2") && exit.contains("forced=1"), "{exit}");
+    let drained = drained_line(&server, old);
+    assert!(drained.contains("connections=2 forced=1"), "{drained}");
     drop(silent);
 }
 
@@ -186,8 +186,8 @@ async fn a_tcp_client_writing_through_the_drain_reads_a_prefix_then_eof() {
         echoed[..] == pattern[..echoed.len()],
         "an exact prefix of the bytes sent"
     );
-    let exit = server.wait_for_log(|l| l.contains("exiting") && l.contains("generation=1"));
-    assert!(exit.contains("forced=0"), "{exit}");
+    let drained = server.wait_for_log(|l| l.contains(" drained ") && l.contains("generation=1"));
+    assert!(drained.contains("forced=0"), "{drained}");
 }
 
 /// An HTTP/2 client gets GOAWAY: its open stream finishes on the old process, and its next
@@ -233,4 +233,165 @@ async fn http2_streams_finish_and_the_connection_gets_goaway() {
         .unwrap();
     let (sender, _) = h2(address).await;
     assert_ne!(get(sender, "/uuid").await.unwrap(), old_uuid);
+}
+
+/// How long an old process may take to exit once its drain starts, with `--drain-timeout 2`:
+/// the deadline, the grace after it, and generous slack for a loaded machine.
+const EXIT_BOUND: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Waits (at most `common::WAIT`) until `written` stops growing: the writer is blocked.
+async fn wait_until_stalled(written: &AtomicUsize) {
+    let started = std::time::Instant::now();
+    let (mut last, mut unchanged) = (0, 0);
+    while unchanged < 5 {
+        assert!(started.elapsed() < common::WAIT, "the writer never blocked");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = written.load(Ordering::Relaxed);
+        unchanged = if now == last && now > 0 { unchanged + 1 } else { 0 };
+        last = now;
+    }
+}
+
+/// One line echoed by `tcp_echo` at `address`: the server serves.
+async fn echoes(address: std::net::SocketAddr) {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(b"ping\n").await.unwrap();
+    let mut answer = [0; 5];
+    tokio::time::timeout(common::WAIT, stream.read_exact(&mut answer))
+        .await
+        .expect("an echo in time")
+        .unwrap();
+    assert_eq!(&answer, b"ping\n");
+}
+
+/// The drain's report, as the process logged it.
+fn drained_line(server: &Server, pid: u32) -> String {
+    server.wait_for_log(|l| l.contains(" drained ") && l.contains(&format!("pid={pid} ")))
+}
+
+/// A raw TCP client that sends and never reads blocks the echo's write; it still cannot hold
+/// the old process past the deadline: the write is bounded by it, and the library drops
+/// what is left. The successor serves meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_client_that_never_reads_cannot_hold_the_old_process_past_the_deadline() {
+    let server = Server::start(
+        &example("tcp_echo"),
+        &["--listen", "127.0.0.1:0", "--drain-timeout", "2"],
+    );
+    let address = server.address("echo");
+    let (_never_read, mut write) = tokio::net::TcpStream::connect(address).await.unwrap().into_split();
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn({
+        let written = written.clone();
+        async move {
+            let chunk = vec![7u8; 64 * 1024];
+            // Bounded: at most 4 GiB; the server stops reading long before.
+            for _ in 0..65_536 {
+                if write.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                written.fetch_add(chunk.len(), Ordering::Relaxed);
+            }
+        }
+    });
+    // Our receive window is full of echoes, the server blocks writing more, stops reading,
+    // and our sends fill its receive window.
+    wait_until_stalled(&written).await;
+
+    let old = server.pid();
+    assert_eq!(server.upgrade()["ok"], true);
+    tokio::task::block_in_place(|| server.wait_for_exit(old, EXIT_BOUND));
+    echoes(address).await;
+    let drained = drained_line(&server, old);
+    assert!(drained.contains("connections=1 forced=1"), "{drained}");
+    writer.abort();
+}
+
+/// A WebSocket member that never reads, while another chats (so the server writes to it
+/// until its socket is full), cannot hold the old process past the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_member_that_never_reads_cannot_hold_the_old_process_past_the_deadline() {
+    let server = Server::start(
+        &example("ws_chat"),
+        &["--listen", "127.0.0.1:0", "--drain-timeout", "2"],
+    );
+    let address = server.address("ws");
+    let url = format!("ws://{address}/");
+    // A small receive buffer: the server's writes to this member block sooner.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = socket.connect(address).await.unwrap();
+    let (mut silent, _) = tokio_tungstenite::client_async(&url, stream).await.unwrap();
+    let welcome = silent.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(welcome.ends_with("generation=1"), "{welcome}"); // in the room; never reads again
+
+    let (mut chatty, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    chatty.next().await.unwrap().unwrap();
+    // More than the server's send buffer can ever hold for the silent member (its limit is
+    // the kernel's tcp_wmem maximum), each read back by the chatty member.
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let line = "x".repeat(64 * 1024);
+    for _ in 0..wmem_max / line.len() + 64 {
+        chatty.send(Message::text(line.clone())).await.unwrap();
+        let echoed = chatty.next().await.unwrap().unwrap().into_text().unwrap();
+        assert_eq!(echoed.len(), line.len());
+    }
+
+    let old = server.pid();
+    assert_eq!(server.upgrade()["ok"], true);
+    // The chatty member reads on: it gets Close 1001 and answers it (reading on sends the
+    // answer), so only the silent one is left at the deadline.
+    let answered = tokio::time::timeout(common::WAIT, async {
+        while let Some(Ok(message)) = chatty.next().await {
+            if let Message::Close(frame) = message {
+                assert_eq!(frame.unwrap().code, CloseCode::Away);
+            }
+        }
+    });
+    answered.await.expect("the chatty member's connection ends");
+    tokio::task::block_in_place(|| server.wait_for_exit(old, EXIT_BOUND));
+    let (mut rejoined, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let welcome = rejoined.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(welcome.ends_with("generation=2"), "{welcome}");
+    let drained = drained_line(&server, old);
+    assert!(
+        drained.contains("connections=2") && drained.contains("forced=1"),
+        "{drained}"
+    );
+    drop((silent, chatty));
+}
+
+/// A second SIGTERM while draining makes the deadline now: with `--drain-timeout 60` and a
+/// client that keeps its side open, the process exits within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_while_draining_ends_the_drain_at_once() {
+    use nix::sys::signal::{kill, Signal};
+    let server = Server::start(
+        &example("tcp_echo"),
+        &["--listen", "127.0.0.1:0", "--drain-timeout", "60"],
+    );
+    let mut client = tokio::net::TcpStream::connect(server.address("echo")).await.unwrap();
+    client.write_all(b"hi").await.unwrap();
+    let mut answer = [0; 2];
+    client.read_exact(&mut answer).await.unwrap();
+    let pid = server.pid();
+    let process = nix::unistd::Pid::from_raw(pid as i32);
+
+    kill(process, Signal::SIGTERM).unwrap();
+    server.wait_for_log(|l| l.contains("draining reason=Stopped"));
+    // The server half-closed; we keep our side open, so it waits for us until the deadline.
+    let eof = tokio::time::timeout(common::WAIT, client.read(&mut answer)).await;
+    assert_eq!(eof.expect("EOF in time").unwrap(), 0);
+
+    kill(process, Signal::SIGTERM).unwrap();
+    tokio::task::block_in_place(|| server.wait_for_exit(pid, EXIT_BOUND));
+    let drained = drained_line(&server, pid);
+    assert!(drained.contains("connections=1 forced=1"), "{drained}");
+    drop(client);
 }

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
-use common::{example, is_alive, wait_for_exit, Server};
+use common::{example, is_running, Server, WAIT};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -23,7 +23,7 @@ fn assert_settled_consistently(server: &Server) {
     match handoff::control::request(server.control_path(), "status") {
         Ok(status) => {
             let pid = status["pid"].as_u64().unwrap() as u32;
-            assert!(is_alive(pid));
+            assert!(is_running(pid));
             assert_eq!(
                 server.pid_in_file(),
                 Some(pid),
@@ -62,7 +62,7 @@ fn a_stop_racing_an_upgrade_either_cancels_it_or_follows_its_commit() {
             // Whether or not the reply made it out before the old process exited, the
             // successor it started must be gone.
             for child in common::children(old) {
-                wait_for_exit(child);
+                server.wait_for_exit(child, WAIT);
             }
         }
         assert_settled_consistently(&server);
@@ -86,7 +86,7 @@ fn a_timeout_racing_a_successors_ready_never_leaves_the_pid_file_wrong() {
             if reply["ok"] == true {
                 committed += 1;
                 let successor = reply["successor_pid"].as_u64().unwrap() as u32;
-                wait_for_exit(before);
+                server.wait_for_exit(before, WAIT);
                 server.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("pid={successor} ")));
             } else {
                 failed += 1;
@@ -139,7 +139,7 @@ fn signals_reaching_a_successor_before_it_handles_them_wait_for_it() {
     assert_eq!(reply["ok"], true, "{reply}");
     let successor = reply["successor_pid"].as_u64().unwrap();
     server.wait_for_log(|l| l.contains("upgrade refused") && l.contains("not ready"));
-    wait_for_exit(old);
+    server.wait_for_exit(old, WAIT);
     assert_eq!(server.pid() as u64, successor);
 
     replace(&original, "TERM", &second);
@@ -349,7 +349,10 @@ async fn the_last_generation_serves_and_refuses_to_upgrade() {
 /// refused (and can fail over) instead of waiting in an accept queue nobody reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_final_stop_refuses_new_clients_while_it_drains() {
-    let server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0", "--delay-ms", "5000"]);
+    let server = Server::start(
+        &example("http_uuid"),
+        &["--listen", "127.0.0.1:0", "--delay-ms", "5000"],
+    );
     let address = server.address("http");
     let delayed = tokio::spawn(common::get(address, "/delayed"));
     server.wait_for_log(|l| l.contains("delayed request started"));

@@ -65,40 +65,7 @@ pub fn init_logging() {
         .init();
 }
 
-/// Accepts on `listener` until `handoff` says stop, serving each connection with `strategy`;
-/// then stops accepting, drains, and logs the outcome.
-pub async fn serve<S>(
-    handoff: &handoff::Handoff,
-    listener: tokio::net::TcpListener,
-    drain: handoff::drain::Drain,
-    strategy: S,
-) where
-    S: handoff::drain::DrainStrategy<tokio::net::TcpStream>,
-{
-    let strategy = std::sync::Arc::new(strategy);
-    let shutdown = handoff.shutdown_signal();
-    tokio::pin!(shutdown);
-    let reason = loop {
-        tokio::select! {
-            // Shutdown first: once a successor is ready, not one more connection is accepted here.
-            biased;
-            reason = &mut shutdown => break reason,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => drain.spawn(strategy.clone(), stream),
-                Err(error) => tracing::warn!(%error, "accept failed"),
-            },
-        }
-    };
-    // Stop accepting: the successor (if any) accepts from the same socket from now on.
-    drop(listener);
-    tracing::info!(?reason, connections = drain.open(), "draining");
-    let report = drain.drain().await;
-    tracing::info!(
-        pid = std::process::id(),
-        generation = handoff.generation(),
-        connections = report.connections,
-        forced = report.forced,
-        drain_ms = report.elapsed.as_millis() as u64,
-        "exiting"
-    );
+/// Logs that this process exits (after its drain): the operator's and the tests' cue.
+pub fn log_exit(handoff: &handoff::Handoff) {
+    tracing::info!(pid = std::process::id(), generation = handoff.generation(), "exiting");
 }

@@ -2,10 +2,10 @@
 
 use std::future::Future;
 
-use super::{Drain, TrackedConnection};
+use super::TrackedConnection;
 
 /// Serves connections of one protocol, winding each down in that protocol's way when the
-/// drain starts. The built-in wind-downs are [`http::serve_connection`](super::http::serve_connection),
+/// drain starts. [`Drain::serve`](super::Drain::serve) runs one on every connection it accepts. The built-in wind-downs are [`http::serve_connection`](super::http::serve_connection),
 /// [`websocket::finish`](super::websocket::finish) and [`tcp::finish`](super::tcp::finish);
 /// implement this trait to add yours.
 ///
@@ -27,9 +27,13 @@ use super::{Drain, TrackedConnection};
 ///             tokio::select! {
 ///                 read = stream.read(&mut buf) => match read {
 ///                     Ok(0) | Err(_) => return,
-///                     Ok(n) => if stream.write_all(&buf[..n]).await.is_err() { return },
+///                     // A client that stops reading cannot hold the write past the deadline.
+///                     Ok(n) => match connection.until_deadline(stream.write_all(&buf[..n])).await {
+///                         Some(Ok(())) => {}
+///                         Some(Err(_)) | None => return,
+///                     },
 ///                 },
-///                 () = connection.close_turn() => break,
+///                 () = connection.turn_to_close() => break,
 ///             }
 ///         }
 ///         let _ = tcp::finish(stream, &connection).await;
@@ -39,7 +43,9 @@ use super::{Drain, TrackedConnection};
 ///
 /// # Memory
 ///
-/// Tracking costs an idle connection about 32 bytes of its task (`benches/idle_connections.rs`).
+/// Tracking costs an idle connection about 32 bytes of its task (`benches/idle_connections.rs`;
+/// tokio rounds each task up to 128 bytes on x86-64, and the hard stop's 72 bytes fit in the
+/// rounding there).
 /// Two habits keep it there: the built-in wind-downs allocate their state when they start,
 /// so do not inline your own into the idle loop; and after a handshake (WebSocket, TLS), run
 /// the session in an async fn of its own: a value that lives across both the handshake's
@@ -47,19 +53,12 @@ use super::{Drain, TrackedConnection};
 /// instead of sharing memory with it.
 pub trait DrainStrategy<C>: Send + Sync + 'static {
     /// Serves `io` until it closes: wind down when `connection.draining()` (or
-    /// `close_turn()`, to honour close spreading) resolves; close at once at
-    /// `connection.deadline()`. Dropping `connection` marks the connection closed.
+    /// `turn_to_close()`, to honour close spreading) resolves; close at once at
+    /// `connection.deadline()`, and put every wait on the client (writes above all) under
+    /// `connection.until_deadline(…)`. Dropping `connection` marks the connection closed.
+    ///
+    /// When the library spawned the task (`Drain::serve`, `Drain::spawn`), a connection still
+    /// open [`Drain::GRACE_AFTER_DEADLINE`](super::Drain::GRACE_AFTER_DEADLINE) after the
+    /// deadline is dropped, this future with it.
     fn serve(&self, io: C, connection: TrackedConnection) -> impl Future<Output = ()> + Send;
-}
-
-impl Drain {
-    /// Tracks `io` and serves it with `strategy` in a task of its own.
-    pub fn spawn<C, S>(&self, strategy: std::sync::Arc<S>, io: C)
-    where
-        C: Send + 'static,
-        S: DrainStrategy<C>,
-    {
-        let connection = self.track();
-        tokio::spawn(async move { strategy.serve(io, connection).await });
-    }
 }

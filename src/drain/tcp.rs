@@ -43,7 +43,16 @@ async fn half_close<S>(mut stream: S, connection: &TrackedConnection) -> std::io
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    stream.shutdown().await?;
+    // Under the deadline too: a stream that writes on shutdown (TLS's close_notify) could wait
+    // on a client that does not read.
+    if connection
+        .until_deadline(stream.shutdown())
+        .await
+        .transpose()?
+        .is_none()
+    {
+        return Ok(Finished::Deadline);
+    }
     let mut discard = [0u8; 4096];
     loop {
         tokio::select! {

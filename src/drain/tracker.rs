@@ -4,11 +4,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use serde::Serialize;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use super::TrackedConnection;
 
 /// The connections of one process, and their drain.
 ///
@@ -16,55 +17,86 @@ use tokio_util::sync::CancellationToken;
 /// (two atomic operations: no lock on the accept path) and holds it while it is open. When the
 /// process stops serving, [`drain`](Self::drain) tells every connection to wind down in the
 /// way of its protocol, waits for them, and at the deadline tells the rest to close at once.
+/// [`GRACE_AFTER_DEADLINE`](Self::GRACE_AFTER_DEADLINE) later, the drain ends whatever the
+/// connections do, and the library drops every connection task it spawned
+/// ([`spawn`](Self::spawn), [`serve`](Self::serve), [`accept`](Self::accept)) that is still
+/// running, which closes its socket.
 ///
 /// # Examples
 ///
+/// [`serve`](Self::serve) is the whole life of a listener: accept until a successor serves
+/// (or a stop), then drain.
+///
 /// ```no_run
-/// # async fn example(listener: tokio::net::TcpListener, handoff: handoff::Handoff) {
+/// use std::sync::Arc;
 /// use std::time::Duration;
-/// let drain = handoff::drain::Drain::builder().deadline(Duration::from_secs(30)).build();
-/// let shutdown = handoff.shutdown_signal();
-/// tokio::pin!(shutdown);
-/// loop {
-///     tokio::select! {
-///         Ok((stream, _)) = listener.accept() => {
-///             let connection = drain.track();
-///             tokio::spawn(async move {
-///                 // serve `stream`, watching connection.draining() and connection.deadline()
-///                 # drop((stream, connection));
-///             });
+/// use handoff::drain::{tcp, Drain, DrainStrategy, TrackedConnection};
+/// use tokio::net::TcpStream;
+///
+/// struct Hello;
+///
+/// impl DrainStrategy<TcpStream> for Hello {
+///     async fn serve(&self, mut stream: TcpStream, connection: TrackedConnection) {
+///         use tokio::io::AsyncWriteExt;
+///         // Every write is bounded by the drain's deadline.
+///         if let Some(Ok(())) = connection.until_deadline(stream.write_all(b"hello\n")).await {
+///             let _ = tcp::finish(stream, &connection).await;
 ///         }
-///         _ = &mut shutdown => break,
 ///     }
 /// }
-/// drop(listener);
-/// let report = drain.drain().await;
+///
+/// # async fn example(listener: tokio::net::TcpListener, handoff: handoff::Handoff) {
+/// let drain = Drain::builder().deadline(Duration::from_secs(30)).build();
+/// let report = drain.serve(&handoff, listener, Arc::new(Hello)).await;
 /// println!("drained in {:?}, {} closed at the deadline", report.elapsed, report.forced);
 /// # }
 /// ```
 #[derive(Debug, Clone)]
 pub struct Drain {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
 }
 
 #[derive(Debug)]
-struct Shared {
-    config: Builder,
-    draining: CancellationToken,
-    deadline: CancellationToken,
+pub(super) struct Shared {
+    pub(super) config: Builder,
+    /// Cancelled when the drain starts: connections wind down.
+    pub(super) draining: CancellationToken,
+    /// Cancelled at the deadline: connections close at once.
+    pub(super) deadline: CancellationToken,
+    /// Cancelled by [`Drain::expire`]: the deadline is now.
+    expired: CancellationToken,
+    /// Cancelled [`Drain::GRACE_AFTER_DEADLINE`] after the deadline: the library drops the
+    /// connection tasks it spawned.
+    pub(super) hard_stop: CancellationToken,
     open: AtomicUsize,
     closed: Notify,
-    started: OnceLock<Instant>,
+    started: OnceLock<Started>,
+    reached: OnceLock<Reached>,
+    aborted: OnceLock<usize>,
     /// Close spreading: the next free close slot, in nanoseconds after the drain started.
-    next_slot: AtomicU64,
+    pub(super) next_slot: AtomicU64,
+}
+
+/// The start of the drain, recorded once (a second `drain()` call reports the same drain).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Started {
+    pub(super) at: Instant,
+    connections: usize,
+}
+
+/// The deadline, as it was reached.
+#[derive(Debug, Clone, Copy)]
+struct Reached {
+    at: Instant,
+    left: usize,
 }
 
 /// Configures a [`Drain`]. Each option states its default.
 #[derive(Debug, Clone)]
 pub struct Builder {
     deadline: Duration,
-    idle_grace: Duration,
-    spread: Option<f64>,
+    pub(super) idle_grace: Duration,
+    pub(super) spread: Option<f64>,
 }
 
 impl Default for Builder {
@@ -78,8 +110,8 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// How long connections have to finish once the drain starts; what is left then is closed
-    /// and counted. Default: 30 seconds.
+    /// How long connections have to finish once the drain starts; what is left then is told
+    /// to close, and counted. Default: 30 seconds.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -108,9 +140,13 @@ impl Builder {
                 config: self,
                 draining: CancellationToken::new(),
                 deadline: CancellationToken::new(),
+                expired: CancellationToken::new(),
+                hard_stop: CancellationToken::new(),
                 open: AtomicUsize::new(0),
                 closed: Notify::new(),
                 started: OnceLock::new(),
+                reached: OnceLock::new(),
+                aborted: OnceLock::new(),
                 next_slot: AtomicU64::new(0),
             }),
         }
@@ -119,28 +155,38 @@ impl Builder {
 
 /// What a drain did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct DrainReport {
     /// Connections open when the drain started.
     pub connections: usize,
     /// Connections still open at the deadline, closed by force.
     pub forced: usize,
-    /// From the start of the drain to the last connection closed.
+    /// Of those, the ones still open [`Drain::GRACE_AFTER_DEADLINE`] after the deadline:
+    /// they ignored it. The drain ended without them; the library dropped the tasks of those
+    /// it spawned (a connection tracked by hand with [`Drain::track`] is its owner's to close).
+    pub aborted: usize,
+    /// From the start of the drain to its end.
     #[serde(rename = "elapsed_ms", serialize_with = "millis")]
     pub elapsed: Duration,
 }
 
 impl Drain {
+    /// How long connections have, after the deadline, to close on their own before the drain
+    /// ends without them and the library drops the connection tasks it spawned.
+    pub const GRACE_AFTER_DEADLINE: Duration = Duration::from_secs(1);
+
     /// A [`Builder`] with the defaults.
     pub fn builder() -> Builder {
         Builder::default()
     }
 
     /// Registers a connection; it counts as open until the returned value is dropped.
+    ///
+    /// A connection tracked this way is told when to wind down and when to close, but it is
+    /// closed by force only if its task was spawned by the library ([`spawn`](Self::spawn)).
     pub fn track(&self) -> TrackedConnection {
         self.shared.open.fetch_add(1, Ordering::Relaxed);
-        TrackedConnection {
-            shared: self.shared.clone(),
-        }
+        TrackedConnection::new(self.shared.clone())
     }
 
     /// How many tracked connections are open.
@@ -153,34 +199,70 @@ impl Drain {
         self.shared.draining.is_cancelled()
     }
 
+    /// The deadline is now: what is still open is told to close at once (a second stop
+    /// request while draining, say). Before the drain starts, the drain will begin at its
+    /// deadline.
+    pub fn expire(&self) {
+        self.shared.expired.cancel();
+    }
+
     /// Starts the drain and waits until every connection has closed, or the deadline; then
-    /// tells the rest to close at once and waits for them.
+    /// tells the rest to close at once and waits for them, at most
+    /// [`GRACE_AFTER_DEADLINE`](Self::GRACE_AFTER_DEADLINE). Then the drain ends, whatever the
+    /// connections do: the library drops the tasks it spawned that are still running.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: the drain goes on, and calling again waits for the same drain.
     pub async fn drain(&self) -> DrainReport {
-        let shared = &self.shared;
-        let started = *shared.started.get_or_init(Instant::now);
-        let connections = self.open();
+        let shared = &*self.shared;
+        let started = *shared.started.get_or_init(|| Started {
+            at: Instant::now(),
+            connections: self.open(),
+        });
         shared.draining.cancel();
-        let deadline = started + shared.config.deadline;
-        let forced = if tokio::time::timeout_at(deadline, self.all_closed()).await.is_ok() {
-            0
-        } else {
+        if shared.reached.get().is_none() {
+            tokio::select! {
+                biased;
+                () = self.all_closed() => return self.report(started),
+                () = tokio::time::sleep_until(started.at + shared.config.deadline) => {}
+                () = shared.expired.cancelled() => {}
+            }
+        }
+        let reached = shared.reached.get_or_init(|| {
             let left = self.open();
             tracing::warn!(
                 connections = left,
                 "drain deadline reached; closing the connections left"
             );
-            shared.deadline.cancel();
-            self.all_closed().await;
-            left
-        };
+            Reached {
+                at: Instant::now(),
+                left,
+            }
+        });
+        shared.deadline.cancel();
+        let hard_stop = reached.at + Self::GRACE_AFTER_DEADLINE;
+        if tokio::time::timeout_at(hard_stop, self.all_closed()).await.is_err() {
+            shared.aborted.get_or_init(|| {
+                let left = self.open();
+                tracing::warn!(
+                    connections = left,
+                    "connections ignored the drain deadline; dropping them"
+                );
+                shared.hard_stop.cancel();
+                left
+            });
+        }
+        self.report(started)
+    }
+
+    fn report(&self, started: Started) -> DrainReport {
+        let shared = &self.shared;
         DrainReport {
-            connections,
-            forced,
-            elapsed: started.elapsed(),
+            connections: started.connections,
+            forced: shared.reached.get().map_or(0, |reached| reached.left),
+            aborted: shared.aborted.get().copied().unwrap_or(0),
+            elapsed: started.at.elapsed(),
         }
     }
 
@@ -195,72 +277,17 @@ impl Drain {
     }
 }
 
-/// One open connection's view of the drain. Dropping it marks the connection closed.
-#[derive(Debug)]
-pub struct TrackedConnection {
-    shared: Arc<Shared>,
-}
-
-impl TrackedConnection {
-    /// Resolves when the drain starts: wind down in the way of the protocol.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe.
-    pub async fn draining(&self) {
-        self.shared.draining.cancelled().await;
+impl Shared {
+    /// When the drain started (now, if it has not: a close turn is asked for only once the
+    /// drain has started, so this is a fallback that does not happen).
+    pub(super) fn started_at(&self) -> Instant {
+        self.started.get().map_or_else(Instant::now, |started| started.at)
     }
 
-    /// Whether the drain has started.
-    pub fn is_draining(&self) -> bool {
-        self.shared.draining.is_cancelled()
-    }
-
-    /// Resolves at the drain deadline: close now.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe.
-    pub async fn deadline(&self) {
-        self.shared.deadline.cancelled().await;
-    }
-
-    /// Resolves when this connection may start closing: once the drain has started, at once,
-    /// or at its slot when closes are spread (never later than the deadline).
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel safe: a cancelled call has used up a slot.
-    pub async fn close_turn(&self) {
-        self.draining().await;
-        if let Some(per_second) = self.shared.config.spread {
-            // Boxed: the timer is paid for by draining connections only; an idle one's task
-            // holds no more than the wait above.
-            Box::pin(self.wait_for_slot(per_second)).await;
-        }
-    }
-
-    async fn wait_for_slot(&self, per_second: f64) {
-        let shared = &self.shared;
-        let started = *shared.started.get_or_init(Instant::now);
-        let step = (1e9 / per_second) as u64;
-        let slot = shared.next_slot.fetch_add(step, Ordering::Relaxed);
-        let at = started + Duration::from_nanos(slot);
-        tokio::select! {
-            () = tokio::time::sleep_until(at) => {}
-            () = self.deadline() => {}
-        }
-    }
-
-    pub(crate) fn idle_grace(&self) -> Duration {
-        self.shared.config.idle_grace
-    }
-}
-
-impl Drop for TrackedConnection {
-    fn drop(&mut self) {
-        if self.shared.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.shared.closed.notify_waiters();
+    /// A connection closed.
+    pub(super) fn close_one(&self) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.closed.notify_waiters();
         }
     }
 }
@@ -273,10 +300,20 @@ fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 mod tests {
     use super::*;
 
+    /// How long a test waits for a drain before it calls it stuck (virtual time: paused).
+    const STUCK: Duration = Duration::from_secs(600);
+
+    async fn drain_within_bound(drain: &Drain) -> DrainReport {
+        tokio::time::timeout(STUCK, drain.drain())
+            .await
+            .expect("the drain ends at the deadline plus the grace, whatever the connections do")
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_drain_with_no_connection_ends_at_once() {
         let report = Drain::builder().build().drain().await;
-        assert_eq!((report.connections, report.forced), (0, 0));
+        assert_eq!((report.connections, report.forced, report.aborted), (0, 0, 0));
+        assert_eq!(report.elapsed, Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
@@ -294,49 +331,99 @@ mod tests {
         });
         let report = drain.drain().await;
         closer.await.unwrap();
-        assert_eq!((report.connections, report.forced), (2, 1));
+        assert_eq!((report.connections, report.forced, report.aborted), (2, 1, 0));
         assert_eq!(report.elapsed, Duration::from_secs(5));
         assert_eq!(drain.open(), 0);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn spread_closes_take_n_over_r_seconds() {
-        let drain = Drain::builder()
-            .spread_closes(10.0)
-            .deadline(Duration::from_secs(60))
-            .build();
-        let mut turns = tokio::task::JoinSet::new();
-        for _ in 0..50 {
-            let connection = drain.track();
-            turns.spawn(async move {
-                connection.close_turn().await;
-                drop(connection);
-            });
+    async fn the_drain_ends_at_the_deadline_plus_the_grace_even_if_a_connection_never_closes() {
+        let drain = Drain::builder().deadline(Duration::from_secs(5)).build();
+        let _held_forever = drain.track();
+        let report = drain_within_bound(&drain).await;
+        assert_eq!((report.connections, report.forced, report.aborted), (1, 1, 1));
+        assert_eq!(report.elapsed, Duration::from_secs(5) + Drain::GRACE_AFTER_DEADLINE);
+    }
+
+    /// Dropped when its task is dropped: says so on a channel.
+    struct Dropped(Option<tokio::sync::oneshot::Sender<()>>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            let _ = self.0.take().map(|tx| tx.send(()));
         }
-        let report = drain.drain().await;
-        assert_eq!(report.forced, 0);
-        // 50 closes at 10 per second: the last slot starts 4.9 s after the first.
-        assert_eq!(report.elapsed, Duration::from_millis(4900));
+    }
+
+    struct IgnoresTheDrain;
+
+    impl super::super::DrainStrategy<Dropped> for IgnoresTheDrain {
+        async fn serve(&self, io: Dropped, connection: TrackedConnection) {
+            std::future::pending::<()>().await;
+            drop((io, connection));
+        }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn spread_closes_never_outlast_the_deadline() {
-        let drain = Drain::builder()
-            .spread_closes(1.0)
-            .deadline(Duration::from_secs(3))
-            .build();
-        for _ in 0..10 {
-            let connection = drain.track();
-            tokio::spawn(async move {
-                connection.close_turn().await;
-                drop(connection);
-            });
-        }
-        let report = drain.drain().await;
-        assert_eq!(report.elapsed, Duration::from_secs(3));
-        assert_eq!(
-            report.forced, 7,
-            "slots 0, 1 and 2 s close in time, the 7 others at the deadline"
-        );
+    async fn a_spawned_connection_that_ignores_the_deadline_is_dropped_and_counted() {
+        let drain = Drain::builder().deadline(Duration::from_secs(5)).build();
+        let (tx, dropped) = tokio::sync::oneshot::channel();
+        drain.spawn(Arc::new(IgnoresTheDrain), Dropped(Some(tx)));
+        let report = drain_within_bound(&drain).await;
+        assert_eq!((report.connections, report.forced, report.aborted), (1, 1, 1));
+        assert_eq!(report.elapsed, Duration::from_secs(5) + Drain::GRACE_AFTER_DEADLINE);
+        tokio::time::timeout(STUCK, dropped)
+            .await
+            .expect("the connection's task is dropped, and its socket with it")
+            .unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(drain.open(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expire_makes_the_deadline_now() {
+        let drain = Drain::builder().deadline(Duration::from_secs(60)).build();
+        let connection = drain.track();
+        tokio::spawn(async move {
+            connection.deadline().await;
+            drop(connection);
+        });
+        let expirer = tokio::spawn({
+            let drain = drain.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                drain.expire();
+            }
+        });
+        let report = drain_within_bound(&drain).await;
+        expirer.await.unwrap();
+        assert_eq!((report.connections, report.forced, report.aborted), (1, 1, 0));
+        assert_eq!(report.elapsed, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expire_before_the_drain_starts_it_at_its_deadline() {
+        let drain = Drain::builder().deadline(Duration::from_secs(60)).build();
+        let connection = drain.track();
+        drain.expire();
+        let report = drain_within_bound(&drain).await;
+        assert_eq!((report.forced, report.aborted), (1, 1));
+        assert_eq!(report.elapsed, Drain::GRACE_AFTER_DEADLINE);
+        drop(connection);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_called_again_reports_the_same_drain() {
+        let drain = Drain::builder().deadline(Duration::from_secs(5)).build();
+        let connection = drain.track();
+        let first = tokio::time::timeout(Duration::from_secs(1), drain.drain()).await;
+        assert!(first.is_err(), "cancelled while the connection is open");
+        let closer = tokio::spawn(async move {
+            connection.deadline().await;
+            drop(connection);
+        });
+        let report = drain_within_bound(&drain).await;
+        closer.await.unwrap();
+        assert_eq!((report.connections, report.forced, report.aborted), (1, 1, 0));
+        assert_eq!(report.elapsed, Duration::from_secs(5));
     }
 }

@@ -31,8 +31,8 @@ pub enum Finished {
 pub const GOING_AWAY: &str = "server restarting";
 
 /// Sends Close 1001, hands each message that still arrives to `deliver`, and waits for the
-/// client's Close or the deadline. The connection is closed when the returned future
-/// completes.
+/// client's Close or the deadline (which bounds the sending of the Close too). The connection
+/// is closed when the returned future completes.
 ///
 /// The wind-down's state is allocated when this is called, not carried in the task of every
 /// idle connection that may one day drain.
@@ -60,16 +60,21 @@ where
         code: CloseCode::Away,
         reason: GOING_AWAY.into(),
     };
-    if ws.send(Message::Close(Some(close))).await.is_err() {
-        return Finished::Dropped;
+    // Every write is under the deadline: a client that does not read would hold it forever.
+    match connection.until_deadline(ws.send(Message::Close(Some(close)))).await {
+        Some(Ok(())) => {}
+        Some(Err(_)) => return Finished::Dropped,
+        None => return Finished::Deadline,
     }
     loop {
         tokio::select! {
             message = ws.next() => match message {
                 Some(Ok(Message::Close(_))) => {
                     // tungstenite has queued the reply; flush it, then the TCP close follows.
-                    let _ = ws.flush().await;
-                    return Finished::Handshake;
+                    return match connection.until_deadline(ws.flush()).await {
+                        Some(_) => Finished::Handshake,
+                        None => Finished::Deadline,
+                    };
                 }
                 Some(Ok(message)) => deliver(message),
                 Some(Err(_)) | None => return Finished::Dropped,

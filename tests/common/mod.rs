@@ -120,7 +120,12 @@ impl Server {
 
     /// Waits until `n` log lines match `matches`, and returns the n-th.
     pub fn wait_for_nth_log(&self, n: usize, matches: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
+        self.wait_for_nth_log_within(WAIT, n, matches)
+    }
+
+    /// Waits at most `within` until `n` log lines match `matches`, and returns the n-th.
+    pub fn wait_for_nth_log_within(&self, within: Duration, n: usize, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
         let mut lines = self.log.lines.lock().unwrap();
         loop {
             if let Some(line) = lines.iter().filter(|l| matches(l)).nth(n - 1) {
@@ -129,7 +134,7 @@ impl Server {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "no matching log line within {WAIT:?}; log:\n{}",
+                "no matching log line within {within:?}; log:\n{}",
                 lines.join("\n")
             );
             lines = self.log.grew.wait_timeout(lines, left).unwrap().0;
@@ -170,6 +175,19 @@ impl Server {
         new
     }
 
+    /// Waits at most `within` until process `pid` has exited (gone, or a zombie).
+    pub fn wait_for_exit(&self, pid: u32, within: Duration) {
+        let deadline = Instant::now() + within;
+        while is_running(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "process {pid} still running after {within:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The pid of the serving generation.
     pub fn pid(&self) -> u32 {
         self.control("status")["pid"].as_u64().unwrap() as u32
@@ -200,21 +218,13 @@ impl Drop for Server {
     }
 }
 
-/// Whether `pid` is running (not gone, not a zombie).
-pub fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
-        .unwrap_or(false)
-}
-
-/// Waits until `pid` (not a child of the test) has exited.
-pub fn wait_for_exit(pid: u32) {
-    let deadline = Instant::now() + WAIT;
-    while is_alive(pid) {
-        assert!(Instant::now() < deadline, "pid {pid} still runs after {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// Whether process `pid` runs (exists and is not a zombie).
+pub fn is_running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
 }
 
 /// Number of open descriptors of process `pid`.
