@@ -3,11 +3,12 @@
 //! ```text
 //! handoffctl /run/myserver.ctl upgrade   # exit 0 once the successor serves, 1 if it failed
 //! handoffctl /run/myserver.ctl status
+//! handoffctl /run/myserver.ctl stop      # a final stop; again: the drain deadline is now
 //! ```
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: handoffctl [--control] PATH upgrade|status";
+const USAGE: &str = "usage: handoffctl [--control] PATH upgrade|status|stop";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--control").collect();
