@@ -364,3 +364,27 @@ async fn a_final_stop_refuses_new_clients_while_it_drains() {
     let reply = delayed.await.unwrap().unwrap();
     assert_eq!(reply.status, 200, "the request in flight finishes");
 }
+
+/// The control socket under a careless or hostile client: a megabyte with no newline gets a
+/// typed refusal (only the first KiB is read) and the server answers the next client; `stop`
+/// stops it, and a path nobody serves is left behind by no one.
+#[test]
+fn the_control_socket_refuses_garbage_and_stops_on_request() {
+    use std::io::{Read, Write};
+    let mut server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0"]);
+    let mut client = std::os::unix::net::UnixStream::connect(server.control_path()).unwrap();
+    client.set_write_timeout(Some(WAIT)).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    // The server stops reading after 1 KiB and replies: the rest may not be accepted.
+    let _ = client.write_all(&vec![b'x'; 1 << 20]);
+    let mut reply = String::new();
+    let _ = client.read_to_string(&mut reply);
+    assert!(reply.contains("unknown command"), "{reply}");
+    assert_eq!(server.control("status")["state"], "ready");
+
+    let reply = server.control("stop");
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(server.wait_for_first_exit().success());
+    assert!(!server.control_path().exists());
+    assert_eq!(server.pid_in_file(), None);
+}
