@@ -37,11 +37,17 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest command line read; the rest is ignored.
 const MAX_REQUEST_BYTES: u64 = 1024;
 
-/// Binds (or adopts) the control socket and answers commands until this process stops serving.
-pub(crate) fn serve(handoff: &Handoff, path: &Path) -> Result<(), Error> {
+/// Binds (or adopts) the control socket, without answering yet: a successor claims it before
+/// its commit (so that it is not closed as unclaimed) and answers only after.
+pub(crate) fn claim(handoff: &Handoff, path: &Path) -> Result<tokio::net::UnixListener, Error> {
     let listener = handoff.registry().unix(CONTROL_SOCKET_NAME, path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io(format!("restricting the control socket {}", path.display()), e))?;
+    Ok(listener)
+}
+
+/// Answers commands on `listener` until this process stops serving.
+pub(crate) fn serve(handoff: &Handoff, listener: tokio::net::UnixListener) {
     let handoff = handoff.clone();
     tokio::spawn(async move {
         let shutdown = handoff.shutdown_signal();
@@ -67,7 +73,6 @@ pub(crate) fn serve(handoff: &Handoff, path: &Path) -> Result<(), Error> {
             }
         }
     });
-    Ok(())
 }
 
 async fn answer(handoff: &Handoff, mut stream: UnixStream) -> io::Result<()> {

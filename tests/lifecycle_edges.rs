@@ -4,11 +4,12 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use common::{example, is_running, Server, WAIT};
+use handoff::wire::{self, Channel, Message, PROTOCOL_VERSION};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -48,22 +49,34 @@ fn a_stop_racing_an_upgrade_either_cancels_it_or_follows_its_commit() {
     for delay_us in (0..10_000).step_by(250) {
         let mut server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0"]);
         let old = server.first_pid();
+        let address = server.address("http");
         let control = server.control_path();
         let upgrade = std::thread::spawn(move || handoff::control::request(control, "upgrade"));
         std::thread::sleep(Duration::from_micros(delay_us)); // the race's spread, not a wait
         signal(old, Signal::SIGTERM);
-        let reply = upgrade.join().unwrap();
+        let _reply = upgrade.join().unwrap(); // may be cut short by the old process's exit
         server.wait_for_first_exit();
-        let committed = reply.as_ref().is_ok_and(|r| r["ok"] == true);
-        if committed {
-            let successor = reply.unwrap()["successor_pid"].as_u64().unwrap() as u32;
+        // The old process's log says which side won; its reply may not have made it out.
+        let log = server.log();
+        let successors: Vec<u32> = log
+            .lines()
+            .filter_map(|l| l.split("successor started successor_pid=").nth(1))
+            .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
+            .collect();
+        if log.contains("upgrade committed") {
+            let successor = successors[0];
+            server.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("pid={successor} ")));
             assert_eq!(server.pid(), successor, "after {delay_us} µs: the successor serves");
         } else {
-            // Whether or not the reply made it out before the old process exited, the
-            // successor it started must be gone.
-            for child in common::children(old) {
-                server.wait_for_exit(child, WAIT);
+            for successor in successors {
+                server.wait_for_exit(successor, WAIT);
             }
+            let refused = std::net::TcpStream::connect(address).unwrap_err();
+            assert_eq!(
+                refused.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "after {delay_us} µs"
+            );
         }
         assert_settled_consistently(&server);
     }
@@ -93,6 +106,12 @@ fn a_timeout_racing_a_successors_ready_never_leaves_the_pid_file_wrong() {
                 assert_eq!(server.pid(), before, "a failed upgrade leaves the old process serving");
             }
             assert_settled_consistently(&server);
+            let leftovers: Vec<_> = std::fs::read_dir(server.dir.path())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+                .collect();
+            assert!(leftovers.is_empty(), "temporary PID files left: {leftovers:?}");
         }
     }
     eprintln!("{committed} committed, {failed} failed");
@@ -202,7 +221,7 @@ fn a_stray_handoff_fd_is_ignored_and_never_closed() {
         let server = start_with_stray_channel(value, fd, "30");
         server.wait_for_log(|l| l.contains(" ready ") && l.contains("generation=1"));
         server.wait_for_log(|l| l.contains("ignoring HANDOFF_FD"));
-        if let Some(at) = placed {
+        if let Some(at) = placed.or((value == "3").then_some(3)) {
             let pid = server.pid();
             assert!(
                 std::fs::read_link(format!("/proc/{pid}/fd/{at}")).is_ok(),
@@ -210,6 +229,43 @@ fn a_stray_handoff_fd_is_ignored_and_never_closed() {
             );
         }
     }
+}
+
+/// A real SEQPACKET channel, but created by a process other than our parent (a variable and
+/// a descriptor that leaked through a wrapper): ignored, not trusted.
+#[test]
+fn a_channel_not_created_by_our_parent_is_ignored() {
+    let (_ours, theirs) = wire::pair().unwrap(); // created by this test
+    let raw = theirs.as_raw_fd();
+    let server_path = example("http_uuid");
+    // sh starts the server as its child: the server's parent is sh, not the channel's creator.
+    let server = Server::spawn_with(
+        std::path::Path::new("/bin/sh"),
+        &[
+            "-c",
+            "\"$@\" & wait",
+            "sh",
+            server_path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        move |command| {
+            command.env(handoff::CHANNEL_FD_VAR, "43");
+            // SAFETY: dup2 is async-signal-safe; `theirs` is open in the parent until the
+            // command is dropped.
+            unsafe {
+                command.pre_exec(move || {
+                    let _keep = &theirs;
+                    if libc::dup2(raw, 43) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
+    server.wait_for_log(|l| l.contains("ignoring HANDOFF_FD") && l.contains("not by our parent"));
+    server.wait_for_log(|l| l.contains(" ready ") && l.contains("generation=1"));
 }
 
 /// A channel that passes every check but whose peer never speaks: the start fails with an
@@ -220,7 +276,7 @@ fn a_silent_channel_fails_the_start_within_the_timeout() {
     let mut server = start_with_stray_channel("42", Some((theirs, 42)), "1");
     let status = server.wait_for_first_exit();
     assert!(!status.success());
-    server.wait_for_log(|l| l.contains("did not complete within"));
+    server.wait_for_log(|l| l.contains("no complete handoff from the peer within 1s"));
     drop(ours);
 }
 
@@ -264,22 +320,9 @@ fn a_successor_inherits_only_its_channel() {
     drop(file);
 }
 
-/// How a fake predecessor (this test) ends the handshake once the successor says ready.
-enum Verdict {
-    Commit,
-    Abort,
-    Vanish,
-}
-
-/// Plays the predecessor for a real http_uuid successor: hands over no socket, waits for its
-/// ready, then gives `verdict`. Returns the server and whether its start went on.
-async fn successor_after(verdict: Verdict) -> Server {
-    successor_of_generation(2, verdict).await
-}
-
-/// [`successor_after`], with the generation the fake predecessor gives the successor.
-async fn successor_of_generation(generation: u64, verdict: Verdict) -> Server {
-    use handoff::wire::{self, Channel, Message, PROTOCOL_VERSION};
+/// Plays the predecessor (this test) for a real http_uuid successor: hands over no socket,
+/// up to the successor's `accepted`. The successor is numbered `generation`.
+async fn fake_handover(generation: u64) -> (Server, Channel) {
     let (ours, theirs) = wire::pair().unwrap();
     let server = start_with_stray_channel("42", Some((theirs, 42)), "5");
     let mut channel = Channel::new(ours).unwrap();
@@ -290,23 +333,16 @@ async fn successor_of_generation(generation: u64, verdict: Verdict) -> Server {
     };
     channel.send(&hello, &[]).await.unwrap();
     wire::send_sockets(&channel, generation - 1, &[]).await.unwrap();
-    for expected in ["hello", "accepted", "ready"] {
-        let received = channel.recv(expected).await.unwrap();
-        assert_eq!(received.message.kind(), expected);
+    for expected in ["hello", "accepted"] {
+        assert_eq!(channel.recv(expected).await.unwrap().message.kind(), expected);
     }
+    (server, channel)
+}
+
+/// Waits for the successor's ready; nothing is written before the commit.
+async fn expect_ready(server: &Server, channel: &mut Channel) {
+    assert_eq!(channel.recv("ready").await.unwrap().message.kind(), "ready");
     assert_eq!(server.pid_in_file(), None, "nothing is written before the commit");
-    match verdict {
-        Verdict::Commit => channel.send(&Message::Commit, &[]).await.unwrap(),
-        Verdict::Abort => {
-            let abort = Message::Abort {
-                reason: "the test gives up".into(),
-            };
-            channel.send(&abort, &[]).await.unwrap();
-        }
-        Verdict::Vanish => {}
-    }
-    drop(channel);
-    server
 }
 
 /// The successor's side of the commit: it acts only once committed; an abort leaves nothing
@@ -314,17 +350,25 @@ async fn successor_of_generation(generation: u64, verdict: Verdict) -> Server {
 /// holds every socket) and the successor serves alone, named by the PID file.
 #[tokio::test]
 async fn a_successor_acts_only_after_the_commit_or_its_predecessors_vanishing() {
-    let server = successor_after(Verdict::Commit).await;
+    let (server, mut channel) = fake_handover(2).await;
+    expect_ready(&server, &mut channel).await;
+    channel.send(&Message::Commit, &[]).await.unwrap();
     server.wait_for_log(|l| l.contains(" ready ") && l.contains("generation=2"));
     assert_eq!(server.pid_in_file(), Some(server.first_pid()));
 
-    let mut server = successor_after(Verdict::Abort).await;
+    let (mut server, mut channel) = fake_handover(2).await;
+    expect_ready(&server, &mut channel).await;
+    let abort = Message::Abort {
+        reason: "the test gives up".into(),
+    };
+    channel.send(&abort, &[]).await.unwrap();
     assert!(!server.wait_for_first_exit().success());
     server.wait_for_log(|l| l.contains("the test gives up"));
     assert_eq!(server.pid_in_file(), None);
-    assert!(!server.control_path().exists() || handoff::control::request(server.control_path(), "status").is_err());
 
-    let server = successor_after(Verdict::Vanish).await;
+    let (server, mut channel) = fake_handover(2).await;
+    expect_ready(&server, &mut channel).await;
+    drop(channel);
     server.wait_for_log(|l| l.contains("vanished"));
     server.wait_for_log(|l| l.contains(" ready ") && l.contains("generation=2"));
     assert_eq!(server.pid_in_file(), Some(server.first_pid()));
@@ -333,11 +377,67 @@ async fn a_successor_acts_only_after_the_commit_or_its_predecessors_vanishing() 
     assert_eq!(common::get(address, "/uuid").await.unwrap().status, 200);
 }
 
+/// A predecessor killed before it read the successor's ready (its queue unread: the
+/// successor's next read is a reset, not an EOF) has still vanished: the successor serves.
+#[tokio::test]
+async fn a_predecessor_that_dies_with_the_ready_unread_has_vanished() {
+    let (server, channel) = fake_handover(2).await;
+    let mut queued = libc::pollfd {
+        fd: channel.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd we own; the descriptor is open.
+    let ready = unsafe { libc::poll(&mut queued, 1, WAIT.as_millis() as i32) };
+    assert_eq!(ready, 1, "the ready is queued");
+    drop(channel);
+    server.wait_for_log(|l| l.contains("vanished"));
+    server.wait_for_log(|l| l.contains(" ready ") && l.contains("generation=2"));
+    assert_eq!(server.pid_in_file(), Some(server.first_pid()));
+}
+
+/// A stop reaching the successor after its ready and before the commit waits for the
+/// verdict: committed, the successor owns everything and stops, removing the PID file even
+/// though it still names the predecessor.
+#[tokio::test]
+async fn a_stop_between_ready_and_commit_cleans_up_after_the_commit() {
+    let (mut server, mut channel) = fake_handover(2).await;
+    expect_ready(&server, &mut channel).await;
+    std::fs::write(server.pid_file(), format!("{}\n", std::process::id())).unwrap();
+    signal(server.first_pid(), Signal::SIGTERM);
+    server.wait_for_log(|l| l.contains("stopping"));
+    channel.send(&Message::Commit, &[]).await.unwrap();
+    server.wait_for_first_exit();
+    assert_eq!(
+        server.pid_in_file(),
+        None,
+        "the PID file named the predecessor, which drains and exits"
+    );
+    assert!(!server.control_path().exists());
+}
+
+/// Until the commit, the predecessor answers the control socket: the successor starts
+/// answering only once it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_successor_answers_the_control_socket_only_after_the_commit() {
+    let (server, mut channel) = fake_handover(2).await;
+    expect_ready(&server, &mut channel).await;
+    let path = server.control_path();
+    let status = std::thread::spawn(move || handoff::control::request(path, "status"));
+    channel.send(&Message::Commit, &[]).await.unwrap();
+    let status = status.join().unwrap().unwrap();
+    assert_eq!(status["state"], "ready", "{status}");
+    assert_eq!(status["pid"], server.first_pid());
+}
+
 /// A predecessor that numbers its successor `u64::MAX`: the successor serves, and refuses to
 /// number a successor of its own with a typed error instead of wrapping to 0.
 #[tokio::test]
 async fn the_last_generation_serves_and_refuses_to_upgrade() {
-    let server = successor_of_generation(u64::MAX, Verdict::Commit).await;
+    let (server, mut channel) = fake_handover(u64::MAX).await;
+    expect_ready(&server, &mut channel).await;
+    channel.send(&Message::Commit, &[]).await.unwrap();
+    drop(channel); // the fake predecessor exits
     server.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("generation={}", u64::MAX)));
     let reply = server.upgrade();
     assert_eq!(reply["ok"], false, "{reply}");

@@ -4,15 +4,13 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use futures_util::FutureExt;
-
-use super::inheritance::inherit;
+use super::inheritance::{await_commit, inherit, Verdict};
 use super::successor::{self, Program, ReadySuccessor};
 use super::transitions::{Effect, Event, Lifecycle, Refusal};
-use super::trigger::Signals;
+use super::trigger::{self, Signals};
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 use super::{pid_file, Builder, Shutdown, State};
-use crate::wire::{Channel, Message, SocketEntry, WireError};
+use crate::wire::{Channel, Message, SocketEntry};
 use crate::{Error, ListenerRegistry};
 
 /// A process's handle on zero-downtime upgrades: its sockets, its state, its successor.
@@ -47,6 +45,8 @@ struct Inner {
     lifecycle: Lifecycle,
     /// The channel to the predecessor, until this process reports ready.
     predecessor: Mutex<Option<Channel>>,
+    /// How far `ready()` has got: its work runs in a task of its own.
+    readiness: tokio::sync::Mutex<Readiness>,
     predecessor_pid: Option<u32>,
 }
 
@@ -61,6 +61,7 @@ impl Handoff {
         if let Some(executable) = &config.executable {
             program.executable = executable.clone();
         }
+        program.held_signals = trigger::held_until_installed(&config);
         let signals = Signals::install(&config).map_err(|e| Error::io("installing signal handlers", e))?;
         let inheritance = inherit(config.upgrade_timeout).await?;
         let (registry, generation, predecessor, predecessor_pid) = match inheritance {
@@ -80,6 +81,7 @@ impl Handoff {
                 started: Instant::now(),
                 lifecycle: Lifecycle::new(predecessor.is_some()),
                 predecessor: Mutex::new(predecessor),
+                readiness: tokio::sync::Mutex::new(Readiness::NotStarted),
                 predecessor_pid,
                 config,
             }),
@@ -123,21 +125,52 @@ impl Handoff {
     /// Reports that this process serves, and from then on accepts upgrade triggers.
     ///
     /// A successor first tells its predecessor it is ready and waits for its commit (bounded
-    /// by the upgrade timeout): only then does it close the inherited sockets nobody claimed,
-    /// unlink their paths and put its PID file in place. Until the commit the predecessor
-    /// serves and may still give up (its timeout, a stop), and then this process has done
-    /// nothing that cannot be undone. A predecessor that vanishes after handing its sockets
-    /// over counts as a commit: this process holds every socket and serves alone.
-    ///
-    /// Calling it again does nothing.
+    /// by the upgrade timeout): only then does it answer on the control socket, close the
+    /// inherited sockets nobody claimed, unlink their paths and put its PID file in place.
+    /// Until the commit the predecessor serves and may still give up (its timeout, a stop),
+    /// and then this process has done nothing that cannot be undone. A predecessor that
+    /// vanishes after handing its sockets over counts as a commit: this process holds every
+    /// socket and serves alone.
     ///
     /// # Errors
     ///
-    /// - [`Error::Io`] if the PID file cannot be written (before anything is reported);
+    /// - [`Error::Io`] if the PID file cannot be prepared (before anything is reported);
     /// - [`Error::Ready`] if the predecessor cannot be told or gives up on us: it goes on
     ///   serving, and this process should exit;
     /// - [`Error::Stopped`] if a stop was requested first: exit.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the work runs in a task of its own, started by the first call; a
+    /// dropped call loses nothing, and every later call waits for the same outcome (an
+    /// error is reported in full to the call that sees it first).
     pub async fn ready(&self) -> Result<(), Error> {
+        let mut readiness = self.inner.readiness.lock().await;
+        loop {
+            match &mut *readiness {
+                Readiness::NotStarted => {
+                    let handoff = self.clone();
+                    *readiness = Readiness::Running(tokio::spawn(async move { handoff.become_ready().await }));
+                }
+                Readiness::Running(task) => {
+                    let outcome = task
+                        .await
+                        .unwrap_or_else(|e| Err(Error::io("becoming ready", std::io::Error::other(e))));
+                    *readiness = Readiness::Done(outcome.as_ref().map(|_| ()).map_err(ToString::to_string));
+                    return outcome;
+                }
+                Readiness::Done(Ok(())) => return Ok(()),
+                Readiness::Done(Err(reason)) => {
+                    return Err(Error::io(
+                        "an earlier ready() failed",
+                        std::io::Error::other(reason.clone()),
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn become_ready(&self) -> Result<(), Error> {
         let inner = &self.inner;
         let channel = inner.predecessor.lock().unwrap_or_else(|p| p.into_inner()).take();
         match inner.lifecycle.status().state {
@@ -145,11 +178,13 @@ impl Handoff {
             State::Stopping => return Err(refuse(channel, Error::Stopped).await),
             _ => return Ok(()),
         }
-        if let Some(path) = &inner.config.control_socket {
-            if let Err(error) = crate::control::serve(self, path) {
-                return Err(refuse(channel, error).await);
-            }
-        }
+        let control = match &inner.config.control_socket {
+            Some(path) => match crate::control::claim(self, path) {
+                Ok(listener) => Some(listener),
+                Err(error) => return Err(refuse(channel, error).await),
+            },
+            None => None,
+        };
         let pid_file = match &inner.config.pid_file {
             Some(path) => match pid_file::prepare(path, std::process::id()) {
                 Ok(prepared) => Some(prepared),
@@ -161,7 +196,7 @@ impl Handoff {
             None => None,
         };
         if let Some(channel) = channel {
-            self.await_commit(channel).await?;
+            self.commit_from(channel).await?;
         }
         // Past the commit: this process owns the paths.
         for entry in inner.registry.close_unclaimed() {
@@ -169,8 +204,10 @@ impl Handoff {
         }
         if let Some(prepared) = pid_file {
             if let Err(error) = prepared.place() {
-                // Too late to give up (the predecessor drains): serve, and say so loudly.
+                // Too late to give up (the predecessor drains): serve, and say so loudly. The
+                // file must not go on naming the predecessor, which will exit.
                 tracing::error!(%error, "could not put the PID file in place; serving without it");
+                self.remove_pid_file();
             }
         }
         if let Err(refusal) = inner.lifecycle.apply(Event::Ready) {
@@ -178,6 +215,9 @@ impl Handoff {
             debug_assert_eq!(refusal, Refusal::Stopped);
             self.remove_pid_file();
             return Err(Error::Stopped);
+        }
+        if let Some(listener) = control {
+            crate::control::serve(self, listener);
         }
         tracing::info!(
             pid = std::process::id(),
@@ -188,37 +228,13 @@ impl Handoff {
         Ok(())
     }
 
-    /// Tells the predecessor we are ready and waits for its verdict. Once `Ready` is sent the
-    /// decision is the predecessor's alone: a stop arriving meanwhile waits for it too.
-    async fn await_commit(&self, mut channel: Channel) -> Result<(), Error> {
+    /// Tells the predecessor we are ready and takes its verdict: from the commit (or its
+    /// vanishing) on, this process owns the paths.
+    async fn commit_from(&self, mut channel: Channel) -> Result<(), Error> {
         let inner = &self.inner;
-        let timeout = inner.config.upgrade_timeout;
         let startup_ms = inner.started.elapsed().as_millis() as u64;
-        let verdict = tokio::time::timeout(timeout, async {
-            channel.send(&Message::Ready { startup_ms }, &[]).await?;
-            channel.recv_or_eof().await
-        })
-        .await;
-        let vanished = match verdict {
-            Ok(Ok(Some(received))) => match received.message {
-                Message::Commit => false,
-                Message::Abort { reason } => return Err(Error::Ready(WireError::Refused(reason))),
-                other => {
-                    return Err(Error::Ready(WireError::Unexpected {
-                        expected: "commit",
-                        got: other.kind(),
-                    }))
-                }
-            },
-            Ok(Ok(None)) => true,
-            Ok(Err(WireError::Io(e))) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
-            Ok(Err(error)) => return Err(Error::Ready(error)),
-            Err(_elapsed) => {
-                return Err(Error::Ready(WireError::Peer(format!(
-                    "the predecessor did not commit within {timeout:?}"
-                ))))
-            }
-        };
+        let verdict = await_commit(&mut channel, startup_ms, inner.config.upgrade_timeout).await?;
+        let vanished = verdict == Verdict::Vanished;
         if vanished {
             tracing::warn!(
                 predecessor_pid = ?inner.predecessor_pid,
@@ -270,14 +286,14 @@ impl Handoff {
             tracing::warn!(%error, "upgrade refused");
             return Err(error);
         }
-        let abandoned = Abandoned(&inner.lifecycle);
+        let revert = RevertUnlessCommitted(&inner.lifecycle);
         tracing::info!(
             pid = std::process::id(),
             generation = inner.generation,
             "upgrade triggered"
         );
         let result = self.launch_and_commit().await;
-        drop(abandoned); // reverts Upgrading to Ready if the commit did not happen
+        drop(revert);
         match &result {
             Ok(report) => tracing::info!(
                 successor_pid = report.successor_pid,
@@ -285,7 +301,12 @@ impl Handoff {
                 elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
                 "upgrade committed; draining"
             ),
-            Err(error) => tracing::warn!(%error, phase = ?error.phase(), "upgrade failed; still serving"),
+            Err(error) => {
+                tracing::warn!(%error, phase = ?error.phase(), "upgrade failed; still serving");
+                if let (Some(path), Some(pid)) = (&inner.config.pid_file, error.successor_pid()) {
+                    pid_file::remove_leftover(path, pid);
+                }
+            }
         }
         result
     }
@@ -315,21 +336,12 @@ impl Handoff {
     /// The point of no return: the commit message leaves in the same critical section as
     /// the change to `Draining`, and only if nothing (a stop) has changed the state first.
     async fn commit(&self, successor: ReadySuccessor) -> Result<UpgradeReport, UpgradeError> {
-        let pid = successor.report.successor_pid;
-        let sent = self
-            .inner
-            .lifecycle
-            .apply_with(Event::Commit { successor_pid: pid }, || {
-                // A datagram of a few bytes into an empty socket buffer: done on the first poll.
-                match successor.channel.send(&Message::Commit, &[]).now_or_never() {
-                    Some(result) => result,
-                    None => Err(WireError::Io(std::io::ErrorKind::WouldBlock.into())),
-                }
-            });
-        match sent {
+        let pid = successor.report().successor_pid;
+        let event = Event::Commit { successor_pid: pid };
+        match self.inner.lifecycle.apply_with(event, |_| successor.commit()) {
             Ok(Ok(effect)) => {
                 self.carry_out(effect);
-                let report = successor.report.clone();
+                let report = successor.report().clone();
                 successor.keep_until_exit();
                 Ok(report)
             }
@@ -370,21 +382,27 @@ impl Handoff {
     /// [`deadline_now`](Self::deadline_now) resolves.
     pub fn stop(&self) {
         let inner = &self.inner;
-        let before = inner.lifecycle.status();
-        let Ok(effect) = inner.lifecycle.apply(Event::Stop) else {
+        // The effect (closing the listeners) happens before the accept loops hear of the stop:
+        // a client that connects once they have stopped accepting is refused, never queued.
+        let stopped = inner.lifecycle.transition_with(Event::Stop, |effect| {
+            self.carry_out(effect);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        let Ok(Ok(transition)) = stopped else {
             return;
         };
-        if matches!(before.state, State::Draining | State::Stopping) {
-            if !before.hurry {
-                tracing::warn!(
-                    pid = std::process::id(),
-                    "stop requested again: closing every connection now"
-                );
-            }
-            return;
+        let (before, after) = (transition.before, transition.after);
+        let pid = std::process::id();
+        if after.hurry && !before.hurry {
+            tracing::warn!(pid, "stop requested again: closing every connection now");
+        } else if before.state == State::Draining && !before.stop_requested {
+            tracing::info!(
+                pid,
+                "stop requested while draining: the drain goes on; another stop ends it"
+            );
+        } else if before.state != after.state {
+            tracing::info!(pid, generation = inner.generation, "stopping");
         }
-        tracing::info!(pid = std::process::id(), generation = inner.generation, "stopping");
-        self.carry_out(effect);
     }
 
     fn carry_out(&self, effect: Effect) {
@@ -404,7 +422,11 @@ impl Handoff {
 
     fn remove_pid_file(&self) {
         if let Some(path) = &self.inner.config.pid_file {
-            pid_file::remove_if_ours(path, std::process::id());
+            // Ours, or our predecessor's if the stop came right after its commit.
+            let pids: Vec<u32> = std::iter::once(std::process::id())
+                .chain(self.inner.predecessor_pid)
+                .collect();
+            pid_file::remove_if_naming(path, &pids);
         }
     }
 
@@ -464,11 +486,20 @@ async fn refuse(channel: Option<Channel>, error: Error) -> Error {
 /// How long we try to tell a peer that we give up; it finds out from our exit otherwise.
 const ABORT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The work of `ready()`, run once in a task of its own.
+#[derive(Debug)]
+enum Readiness {
+    NotStarted,
+    Running(tokio::task::JoinHandle<Result<(), Error>>),
+    /// The outcome; an error as the first caller saw it.
+    Done(Result<(), String>),
+}
+
 /// Reverts `Upgrading` to `Ready` when dropped: on every path out of an upgrade, including a
 /// dropped `upgrade()` future. After a commit (or a stop) the revert is refused: a no-op.
-struct Abandoned<'a>(&'a Lifecycle);
+struct RevertUnlessCommitted<'a>(&'a Lifecycle);
 
-impl Drop for Abandoned<'_> {
+impl Drop for RevertUnlessCommitted<'_> {
     fn drop(&mut self) {
         let _ = self.0.apply(Event::UpgradeFailed);
     }

@@ -33,6 +33,12 @@ pub(crate) struct Inheritance {
 /// a process that inherits the stale variable from us finds its number fails these checks.
 fn take_channel() -> Option<OwnedFd> {
     let value = std::env::var_os(CHANNEL_FD_VAR)?;
+    // One owner per process: a second `start()` must not own the descriptor again.
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        tracing::warn!("{CHANNEL_FD_VAR} was already taken by an earlier start in this process");
+        return None;
+    }
     let fd = value
         .to_str()
         .and_then(|v| v.parse::<RawFd>().ok())
@@ -129,9 +135,10 @@ pub(crate) async fn inherit(timeout: Duration) -> Result<Option<Inheritance>, Er
     let (predecessor_pid, generation, sockets) = match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result.map_err(Error::Inherit)?,
         Err(_) => {
-            return Err(Error::Inherit(WireError::Peer(format!(
-                "the handoff from our predecessor did not complete within {timeout:?}"
-            ))))
+            return Err(Error::Inherit(WireError::TimedOut {
+                waiting_for: "complete handoff",
+                after: timeout,
+            }))
         }
     };
     Ok(Some(Inheritance {
@@ -143,15 +150,9 @@ pub(crate) async fn inherit(timeout: Duration) -> Result<Option<Inheritance>, Er
 }
 
 async fn handshake(channel: &mut Channel) -> Result<(u32, u64, Vec<(SocketEntry, OwnedFd)>), WireError> {
-    // A socketpair reports its creator on both ends: the predecessor, our parent.
+    // A socketpair reports its creator on both ends: the predecessor, our parent (checked
+    // with the descriptor, in `check_channel`); here, its user.
     let predecessor = wire::check_same_user(channel)?;
-    let parent = nix::unistd::getppid().as_raw();
-    if predecessor.pid() != parent {
-        return Err(WireError::Peer(format!(
-            "channel was created by pid {}, our parent is pid {parent}",
-            predecessor.pid()
-        )));
-    }
     let hello = Message::Hello {
         protocol: PROTOCOL_VERSION,
         pid: std::process::id(),
@@ -184,4 +185,54 @@ async fn handshake(channel: &mut Channel) -> Result<(u32, u64, Vec<(SocketEntry,
     };
     let (_, sockets) = wire::recv_sockets(channel).await?;
     Ok((predecessor.pid() as u32, generation, sockets))
+}
+
+/// How the predecessor answered our ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// It committed: it has stopped accepting and drains.
+    Committed,
+    /// It closed the channel without a word (it died): we hold every socket and serve alone.
+    Vanished,
+}
+
+/// Sends `Ready` and waits, at most `timeout`, for the predecessor's verdict.
+///
+/// At the timeout we stop receiving before giving up, then read what is already queued: a
+/// commit the predecessor managed to send still counts, and one it sends later fails on its
+/// side (a broken pipe), so that exactly one of us decides.
+pub(crate) async fn await_commit(channel: &mut Channel, startup_ms: u64, timeout: Duration) -> Result<Verdict, Error> {
+    let exchange = async {
+        channel.send(&Message::Ready { startup_ms }, &[]).await?;
+        channel.recv_or_eof().await
+    };
+    let answer = match tokio::time::timeout(timeout, exchange).await {
+        Ok(answer) => answer,
+        Err(_elapsed) => {
+            channel.stop_receiving().map_err(|e| Error::Ready(e.into()))?;
+            match channel.try_recv() {
+                Ok(Some(received)) => Ok(Some(received)),
+                Ok(None) => {
+                    return Err(Error::Ready(WireError::TimedOut {
+                        waiting_for: "commit",
+                        after: timeout,
+                    }))
+                }
+                Err(error) => Err(error),
+            }
+        }
+    };
+    match answer {
+        Ok(Some(received)) => match received.message {
+            Message::Commit => Ok(Verdict::Committed),
+            Message::Abort { reason } => Err(Error::Ready(WireError::Refused(reason))),
+            other => Err(Error::Ready(WireError::Unexpected {
+                expected: "commit",
+                got: other.kind(),
+            })),
+        },
+        Ok(None) => Ok(Verdict::Vanished),
+        Err(error) if error.is_peer_gone() => Ok(Verdict::Vanished),
+        Err(error) => Err(Error::Ready(error)),
+    }
 }

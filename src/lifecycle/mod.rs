@@ -2,6 +2,7 @@
 //! over to a successor), drain, exit; or back to ready when an upgrade fails.
 
 mod builder;
+mod close_on_exec;
 mod handoff;
 mod inheritance;
 mod pid_file;

@@ -25,16 +25,35 @@ pub(crate) fn prepare(path: &Path, pid: u32) -> io::Result<Prepared> {
     let file_name = path
         .file_name()
         .ok_or_else(|| io::Error::other("PID file path has no file name"))?;
-    let mut temporary_name = file_name.to_os_string();
-    temporary_name.push(format!(".{pid}.tmp"));
     let prepared = Prepared {
-        temporary: path.with_file_name(temporary_name),
+        temporary: temporary(path, file_name, pid),
         path: path.to_owned(),
         placed: false,
     };
-    let mut file = std::fs::File::create(&prepared.temporary)?;
+    // A leftover of an earlier process with our pid goes; then O_EXCL: never through a
+    // symbolic link someone placed at the name.
+    let _ = std::fs::remove_file(&prepared.temporary);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&prepared.temporary)?;
     writeln!(file, "{pid}")?;
     Ok(prepared)
+}
+
+/// The temporary file process `pid` writes beside `path`.
+fn temporary(path: &Path, file_name: &std::ffi::OsStr, pid: u32) -> PathBuf {
+    let mut temporary_name = file_name.to_os_string();
+    temporary_name.push(format!(".{pid}.tmp"));
+    path.with_file_name(temporary_name)
+}
+
+/// Removes the temporary file that process `pid` may have left beside `path`: a successor
+/// killed between preparing its PID file and the commit cannot remove its own.
+pub(crate) fn remove_leftover(path: &Path, pid: u32) {
+    if let Some(file_name) = path.file_name() {
+        let _ = std::fs::remove_file(temporary(path, file_name, pid));
+    }
 }
 
 impl Prepared {
@@ -61,10 +80,14 @@ pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
     prepare(path, pid)?.place()
 }
 
-/// Removes the PID file if it still names `pid`: after a final stop, not after a handover
-/// (the successor has written its own by then).
-pub(crate) fn remove_if_ours(path: &Path, pid: u32) {
-    if std::fs::read_to_string(path).is_ok_and(|content| content.trim() == pid.to_string()) {
+/// Removes the PID file if it names one of `pids`: after a final stop, by the process that
+/// owns the paths (which may still find its predecessor's pid there, if the stop came just
+/// after the commit); never after a handover (the successor writes its own).
+pub(crate) fn remove_if_naming(path: &Path, pids: &[u32]) {
+    let named = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|content| content.trim().parse::<u32>().ok());
+    if named.is_some_and(|pid| pids.contains(&pid)) {
         let _ = std::fs::remove_file(path);
     }
 }
@@ -80,9 +103,9 @@ mod tests {
         write(&path, 10).unwrap();
         write(&path, 11).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "11\n");
-        remove_if_ours(&path, 10);
+        remove_if_naming(&path, &[10]);
         assert!(path.exists());
-        remove_if_ours(&path, 11);
+        remove_if_naming(&path, &[10, 11]);
         assert!(!path.exists());
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
@@ -100,5 +123,24 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "10\n");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         assert!(prepare(&dir.path().join("missing/server.pid"), 11).is_err());
+    }
+
+    #[test]
+    fn a_leftover_temporary_is_removed_and_a_planted_link_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.pid");
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "precious").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("server.pid.12.tmp")).unwrap();
+        prepare(&path, 12).unwrap().place().unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "12\n");
+        std::mem::forget(prepare(&path, 13).unwrap()); // as if killed before placing it
+        remove_leftover(&path, 13);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "server.pid and elsewhere"
+        );
     }
 }

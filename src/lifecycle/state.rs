@@ -17,7 +17,9 @@ use serde::Serialize;
 ///    └────────────────────┴────▶ Stopping ◀────┘
 /// ```
 ///
-/// A stop in `Draining` or `Stopping` keeps the state and makes the drain's deadline now.
+/// In `Stopping`, a second stop makes the drain's deadline now; in `Draining`, the first stop
+/// is only noted (a supervisor stopping a service signals old processes too) and the second
+/// makes the deadline now.
 /// Triggers are refused, with their reason, everywhere but in `Ready`, and in `Ready` while
 /// the previous generation still drains. A successor owns no shared path (Unix listener
 /// paths, the control socket's, the PID file) until its predecessor commits; a stop before

@@ -6,12 +6,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-use nix::sys::signal::{pthread_sigmask, SigmaskHow};
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 use tokio::process::{Child, Command};
 
+use super::close_on_exec::Plan;
 use super::inheritance::CHANNEL_FD_VAR;
-use super::trigger;
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 use crate::wire::{self, Channel, Message, SocketEntry, WireError, PROTOCOL_VERSION};
 
@@ -25,6 +26,8 @@ pub(crate) struct Program {
     pub args: Vec<OsString>,
     /// The working directory.
     pub cwd: PathBuf,
+    /// The signals the successor starts with blocked, until it handles them.
+    pub held_signals: SigSet,
 }
 
 impl Program {
@@ -39,20 +42,38 @@ impl Program {
             executable,
             args: std::env::args_os().collect(),
             cwd: std::env::current_dir()?,
+            held_signals: SigSet::empty(),
         })
     }
 }
 
-/// A successor that has reported ready: its process and our end of its channel. Keep both
-/// until this process exits: the successor reads our exit as EOF on the channel.
+/// A successor that has reported ready, waiting for our verdict: [`commit`](Self::commit)
+/// then [`keep_until_exit`](Self::keep_until_exit), or [`abandon`](Self::abandon). Dropped
+/// without either (a cancelled upgrade), it kills the successor before its channel closes,
+/// so that the successor never reads the close as a vanished predecessor's commit.
 #[derive(Debug)]
 pub(crate) struct ReadySuccessor {
-    pub child: Child,
-    pub channel: Channel,
-    pub report: UpgradeReport,
+    // Declared first, dropped first: the kill comes before the channel's close.
+    child: KillOnFailure,
+    channel: Channel,
+    report: UpgradeReport,
 }
 
 impl ReadySuccessor {
+    pub fn report(&self) -> &UpgradeReport {
+        &self.report
+    }
+
+    /// Sends the commit without waiting: a few bytes into an empty socket buffer, done at
+    /// once, so that it can happen inside the lifecycle's critical section. Anything else (the
+    /// successor gone: a broken pipe; or a full buffer) is an error and nothing was sent.
+    pub fn commit(&self) -> Result<(), WireError> {
+        // Unconstrained: tokio's cooperative budget must not turn "ready now" into "pending".
+        let send = tokio::task::unconstrained(self.channel.send(&Message::Commit, &[]));
+        send.now_or_never()
+            .unwrap_or_else(|| Err(WireError::Io(std::io::ErrorKind::WouldBlock.into())))
+    }
+
     /// After the commit: keeps our end of the channel open until this process exits (the
     /// successor reads our exit as EOF) and reaps the successor should it die first.
     pub fn keep_until_exit(self) {
@@ -61,6 +82,7 @@ impl ReadySuccessor {
             channel,
             report,
         } = self;
+        let mut child = child.disarm();
         tokio::spawn(async move {
             let _channel = channel;
             if let Ok(status) = child.wait().await {
@@ -69,15 +91,26 @@ impl ReadySuccessor {
         });
     }
 
-    /// Instead of the commit: tells the successor why (it exits without having acted), then
-    /// kills and reaps it.
+    /// Instead of the commit: tells the successor why, gives it a moment to exit on its own
+    /// (and to log the reason), then kills and reaps it.
     pub async fn abandon(self, reason: &str) {
-        let Self { child, channel, .. } = self;
+        let Self { mut child, channel, .. } = self;
         let abort = Message::Abort { reason: reason.into() };
-        let _ = tokio::time::timeout(EXIT_GRACE, channel.send(&abort, &[])).await;
-        KillOnFailure(Some(child)).kill_and_reap().await;
+        if tokio::time::timeout(ABORT_GRACE, channel.send(&abort, &[]))
+            .await
+            .is_ok()
+        {
+            if let Ok(Ok(_status)) = tokio::time::timeout(ABORT_GRACE, child.child().wait()).await {
+                child.disarm(); // exited and reaped
+                return;
+            }
+        }
+        child.kill_and_reap().await;
     }
 }
+
+/// How long an abandoned successor has to read our abort and exit by itself.
+const ABORT_GRACE: Duration = Duration::from_millis(200);
 
 /// Starts the successor (generation `next_generation`) and hands it `sockets`; returns once
 /// it is ready, and before anything is committed.
@@ -125,7 +158,7 @@ pub(crate) async fn launch(
                 elapsed: started.elapsed(),
             };
             return Ok(ReadySuccessor {
-                child: guard.disarm(),
+                child: guard,
                 channel,
                 report,
             });
@@ -140,7 +173,7 @@ pub(crate) async fn launch(
         Outcome::Failed(WireError::Refused(reason)) if matches!(phase, Phase::Hello | Phase::Adoption) => {
             UpgradeError::Rejected { pid, reason }
         }
-        Outcome::Failed(source) if peer_gone(&source) => {
+        Outcome::Failed(source) if source.is_peer_gone() => {
             // EOF or a broken pipe on the channel usually means the successor died (we send
             // before it says hello: a successor that exits at once breaks our pipe): report
             // how, if it did.
@@ -162,18 +195,6 @@ pub(crate) async fn launch(
     };
     guard.kill_and_reap().await;
     Err(error)
-}
-
-/// Whether `error` says the other end of the channel is closed.
-fn peer_gone(error: &WireError) -> bool {
-    match error {
-        WireError::Closed { .. } => true,
-        WireError::Io(e) => matches!(
-            e.kind(),
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-        ),
-        _ => false,
-    }
 }
 
 /// How long to wait for a successor's exit status once its channel has closed.
@@ -285,16 +306,17 @@ fn spawn(program: &Program, channel: BorrowedFd<'_>) -> std::io::Result<Child> {
     for var in FOREIGN_DESCRIPTOR_VARS {
         command.env_remove(var);
     }
-    let held = trigger::held_until_installed();
+    let held = program.held_signals;
+    let close_on_exec = Plan::for_this_process();
     // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: sigprocmask, close_range and fcntl are system
+    // async-signal-safe calls are allowed: pthread_sigmask, close_range and fcntl are system
     // calls that allocate nothing and take no lock.
     unsafe {
         command.pre_exec(move || {
             // Held until the successor handles them (the standard library has just reset
             // the mask; exec keeps ours, and keeps pending signals pending).
             pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&held), None)?;
-            mark_close_on_exec_from(3)?;
+            close_on_exec.apply_in_child()?;
             // SAFETY: `fd` is open in the child: fork copied our descriptor table.
             let channel = std::os::fd::BorrowedFd::borrow_raw(fd);
             fcntl(channel, FcntlArg::F_SETFD(FdFlag::empty()))?;
@@ -304,40 +326,9 @@ fn spawn(program: &Program, channel: BorrowedFd<'_>) -> std::io::Result<Child> {
     command.spawn()
 }
 
-/// Marks every descriptor from `first` on close-on-exec. Marking rather than closing keeps
-/// the descriptor the standard library uses to report a failed `exec` to the parent.
-///
-/// Runs between `fork` and `exec`: no allocation.
-fn mark_close_on_exec_from(first: u32) -> std::io::Result<()> {
-    // SAFETY: close_range only changes flags of this process's descriptors; with
-    // CLOSE_RANGE_CLOEXEC it closes nothing.
-    let marked = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
-    if marked == 0 {
-        return Ok(());
-    }
-    let error = std::io::Error::last_os_error();
-    if !matches!(error.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
-        return Err(error);
-    }
-    // Linux before 5.11: one fcntl per possible descriptor, up to the soft limit.
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let end = limit.rlim_cur.min(1 << 20) as i32;
-    for fd in first as i32..end {
-        // SAFETY: F_SETFD on a descriptor number that may not be open: EBADF, ignored.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-    Ok(())
-}
-
 /// Kills and reaps the successor unless disarmed: whatever path leaves `launch` early
 /// (an error, a timeout, a cancelled future), no half-started successor survives.
+#[derive(Debug)]
 struct KillOnFailure(Option<Child>);
 
 impl KillOnFailure {

@@ -23,7 +23,10 @@ pub(crate) struct Status {
     pub predecessor_running: bool,
     /// The successor that took over, once committed.
     pub successor_pid: Option<u32>,
-    /// A stop was requested while this process already drains or stops: the deadline is now.
+    /// A stop was requested while draining after an upgrade (the first one is noted: a
+    /// supervisor stopping a whole service signals every process, old ones included).
+    pub stop_requested: bool,
+    /// A second stop was requested while this process drains or stops: the deadline is now.
     pub hurry: bool,
 }
 
@@ -35,6 +38,7 @@ impl Status {
             owns_paths: !inherited,
             predecessor_running: inherited,
             successor_pid: None,
+            stop_requested: false,
             hurry: false,
         }
     }
@@ -145,6 +149,7 @@ pub(crate) fn next(status: Status, event: Event) -> Result<(Status, Effect), Ref
             Effect::Handover,
         )),
         (Stopping, Event::Commit { .. }) => Err(Refusal::Stopped),
+        // Unreachable: only an upgrade under way commits.
         (Starting | Ready | Draining, Event::Commit { .. }) => Err(Refusal::ShuttingDown),
 
         (Starting | Ready | Upgrading, Event::Stop) => {
@@ -153,8 +158,20 @@ pub(crate) fn next(status: Status, event: Event) -> Result<(Status, Effect), Ref
             } else {
                 Effect::None
             };
-            Ok((with(Stopping), effect))
+            let stopping = Status {
+                state: Stopping,
+                stop_requested: true,
+                ..status
+            };
+            Ok((stopping, effect))
         }
+        (Draining | Stopping, Event::Stop) if !status.stop_requested => Ok((
+            Status {
+                stop_requested: true,
+                ..status
+            },
+            Effect::None,
+        )),
         (Draining | Stopping, Event::Stop) => Ok((Status { hurry: true, ..status }, Effect::None)),
 
         (_, Event::PredecessorExited) => Ok((
@@ -191,38 +208,63 @@ impl Lifecycle {
 
     /// Applies `event`; returns what the caller must do next.
     pub fn apply(&self, event: Event) -> Result<Effect, Refusal> {
-        self.apply_with(event, || Ok::<(), std::convert::Infallible>(()))
+        self.transition(event).map(|transition| transition.effect)
+    }
+
+    /// Applies `event`; returns the whole transition: the status before and after, and the
+    /// effect.
+    pub fn transition(&self, event: Event) -> Result<Transition, Refusal> {
+        self.transition_with(event, |_| Ok::<(), std::convert::Infallible>(()))
             .map(|acted| acted.unwrap_or_else(|never| match never {}))
     }
 
     /// Applies `event` only if the transition is allowed and `act` then succeeds, both in the
-    /// same critical section: for an act that must happen exactly when the state changes (the
-    /// commit message). `act` must not block.
+    /// same critical section, before any observer sees the new state: for an act that must
+    /// happen exactly when the state changes (the commit message) or before anyone acts on
+    /// the change (a final stop closes the listeners before the accept loops hear of it).
+    /// `act` gets the transition's effect; it must not block.
     pub fn apply_with<E>(
         &self,
         event: Event,
-        act: impl FnOnce() -> Result<(), E>,
+        act: impl FnOnce(Effect) -> Result<(), E>,
     ) -> Result<Result<Effect, E>, Refusal> {
-        let mut outcome = Err(Refusal::NotReady);
+        self.transition_with(event, act)
+            .map(|acted| acted.map(|transition| transition.effect))
+    }
+
+    /// [`apply_with`](Self::apply_with), returning the whole transition.
+    pub fn transition_with<E>(
+        &self,
+        event: Event,
+        act: impl FnOnce(Effect) -> Result<(), E>,
+    ) -> Result<Result<Transition, E>, Refusal> {
+        let mut outcome = None;
         self.status.send_if_modified(|status| {
             let (after, effect) = match next(*status, event) {
                 Ok(transition) => transition,
                 Err(refusal) => {
-                    outcome = Err(refusal);
+                    outcome = Some(Err(refusal));
                     return false;
                 }
             };
-            if let Err(error) = act() {
-                outcome = Ok(Err(error));
+            if let Err(error) = act(effect) {
+                outcome = Some(Ok(Err(error)));
                 return false;
             }
-            outcome = Ok(Ok(effect));
-            let changed = after != *status;
-            *status = after;
-            changed
+            let before = std::mem::replace(status, after);
+            outcome = Some(Ok(Ok(Transition { before, after, effect })));
+            before != after
         });
-        outcome
+        outcome.expect("send_if_modified runs its closure once")
     }
+}
+
+/// One applied transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Transition {
+    pub before: Status,
+    pub after: Status,
+    pub effect: Effect,
 }
 
 #[cfg(test)]
@@ -266,10 +308,20 @@ mod tests {
     }
 
     #[test]
-    fn a_commit_wins_over_a_later_stop_which_then_means_hurry() {
+    fn a_commit_wins_over_a_later_stop_and_a_second_stop_means_hurry() {
         let (s, _) = next(at(Upgrading), Event::Commit { successor_pid: 7 }).unwrap();
         let (s, effect) = next(s, Event::Stop).unwrap();
-        assert_eq!((s.state, s.hurry, effect), (Draining, true, Effect::None));
+        assert_eq!((s.state, s.hurry, effect), (Draining, false, Effect::None));
+        let (s, _) = next(s, Event::Stop).unwrap();
+        assert_eq!((s.state, s.hurry), (Draining, true));
+    }
+
+    #[test]
+    fn a_second_stop_means_hurry() {
+        let (s, _) = next(at(Ready), Event::Stop).unwrap();
+        assert!(!s.hurry);
+        let (s, _) = next(s, Event::Stop).unwrap();
+        assert_eq!((s.state, s.hurry), (Stopping, true));
     }
 
     #[test]
@@ -327,10 +379,10 @@ mod tests {
         let lifecycle = Lifecycle::new(false);
         assert_eq!(lifecycle.apply(Event::Ready), Ok(Effect::None));
         assert_eq!(lifecycle.apply(Event::Trigger), Ok(Effect::None));
-        let failed = lifecycle.apply_with(Event::Commit { successor_pid: 7 }, || Err("peer gone"));
+        let failed = lifecycle.apply_with(Event::Commit { successor_pid: 7 }, |_| Err("peer gone"));
         assert_eq!(failed, Ok(Err("peer gone")));
         assert_eq!(lifecycle.status().state, Upgrading);
-        let acted = lifecycle.apply_with(Event::Commit { successor_pid: 7 }, || Ok::<(), ()>(()));
+        let acted = lifecycle.apply_with(Event::Commit { successor_pid: 7 }, |_| Ok::<(), ()>(()));
         assert_eq!(acted, Ok(Ok(Effect::Handover)));
         assert_eq!(lifecycle.status().state, Draining);
     }

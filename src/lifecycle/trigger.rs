@@ -35,7 +35,7 @@ impl Signals {
         };
         // Taken synchronously, so that they act before anything else does (a stop that came
         // first must win over the ready that follows), then unblocked for the handlers.
-        let held = held_until_installed();
+        let held = held_until_installed(config);
         signals.early = take_pending(&held)?;
         pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&held), None)?;
         Ok(signals)
@@ -49,7 +49,7 @@ impl Signals {
             match signal {
                 Number::SIGTERM if handled(&self.terminate) => handoff.stop(),
                 Number::SIGINT if handled(&self.interrupt) => handoff.stop(),
-                Number::SIGUSR2 if handled(&self.upgrade) => tracing::warn!(
+                _ if handled(&self.upgrade) && !matches!(signal, Number::SIGTERM | Number::SIGINT) => tracing::warn!(
                     error = %super::UpgradeError::NotReady,
                     ?signal,
                     "upgrade refused: the trigger came before this process started"
@@ -58,7 +58,7 @@ impl Signals {
                 _ => nix::sys::signal::raise(signal).unwrap_or(()),
             }
         }
-        if self.upgrade.is_none() && self.terminate.is_none() {
+        if self.upgrade.is_none() && self.terminate.is_none() && self.interrupt.is_none() {
             return;
         }
         let handoff = handoff.clone();
@@ -83,12 +83,23 @@ impl Signals {
 }
 
 /// The signals a successor starts with blocked, its parent having blocked them between
-/// `fork` and `exec`: the default trigger and the stops. Unblocked by [`Signals::install`]
-/// whatever the configuration, so that a process that handles none of them gets their
-/// default actions back.
-pub(crate) fn held_until_installed() -> SigSet {
+/// `fork` and `exec`: the default trigger, the configured one, and the stops. Unblocked by
+/// [`Signals::install`] whatever the configuration, so that a process that handles none of
+/// them gets their default actions back.
+///
+/// Only the thread that installs the handlers unblocks them: runtime threads started
+/// before keep them blocked, so a process-directed signal is delivered to that thread (or
+/// to threads started from it later). Children started with `std`'s or tokio's `Command`
+/// get a clean mask; one started with a raw `fork` from such a thread would inherit it.
+pub(crate) fn held_until_installed(config: &Builder) -> SigSet {
     let mut set = SigSet::empty();
     for signal in [Number::SIGUSR2, Number::SIGTERM, Number::SIGINT] {
+        set.add(signal);
+    }
+    let configured = config
+        .upgrade_signal
+        .and_then(|kind| Number::try_from(kind.as_raw_value()).ok());
+    if let Some(signal) = configured {
         set.add(signal);
     }
     set

@@ -26,8 +26,6 @@ pub enum Phase {
     Startup,
     /// The successor is ready; committing to it.
     Commit,
-    /// The successor is ready; this process drains.
-    Done,
 }
 
 impl fmt::Display for Phase {
@@ -39,7 +37,6 @@ impl fmt::Display for Phase {
             Self::Adoption => "waiting for the successor to adopt the sockets",
             Self::Startup => "waiting for the successor to be ready",
             Self::Commit => "committing to the ready successor",
-            Self::Done => "done",
         })
     }
 }
@@ -149,6 +146,18 @@ impl UpgradeError {
             | Self::Cancelled { phase, .. } => Some(*phase),
             Self::Rejected { .. } => Some(Phase::Adoption),
             Self::Spawn { .. } => Some(Phase::Spawn),
+            _ => None,
+        }
+    }
+
+    /// The successor's pid, when one was started.
+    pub fn successor_pid(&self) -> Option<u32> {
+        match self {
+            Self::Exited { pid, .. }
+            | Self::Timeout { pid, .. }
+            | Self::Protocol { pid, .. }
+            | Self::Rejected { pid, .. }
+            | Self::Cancelled { pid, .. } => Some(*pid),
             _ => None,
         }
     }

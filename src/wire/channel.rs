@@ -72,6 +72,23 @@ impl Channel {
         datagram.into_received(&self.buf)
     }
 
+    /// Receives a message already queued, without waiting: `Ok(None)` when none is (or at
+    /// the peer's EOF).
+    pub fn try_recv(&mut self) -> Result<Option<Received>, WireError> {
+        match recv_datagram(self.fd.get_ref().as_fd(), &mut self.buf) {
+            Ok(datagram) => datagram.into_received(&self.buf),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stops receiving: from now on the peer's sends fail (`EPIPE`); messages already queued
+    /// can still be read with [`try_recv`](Self::try_recv). Closes a race: after this, what
+    /// the peer believes it sent, we can read.
+    pub fn stop_receiving(&self) -> io::Result<()> {
+        SockRef::from(self.fd.get_ref()).shutdown(std::net::Shutdown::Read)
+    }
+
     /// Receives one message; EOF is an error naming what was `expected`, and so is an
     /// `Abort` from the peer.
     pub async fn recv(&mut self, expected: &'static str) -> Result<Received, WireError> {

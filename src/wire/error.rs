@@ -100,4 +100,25 @@ pub enum WireError {
     /// The peer refused the handoff or gave up, and said why.
     #[error("peer refused the handoff: {0}")]
     Refused(String),
+    /// The peer did not send what was awaited in time.
+    #[error("no {waiting_for} from the peer within {after:?}")]
+    TimedOut {
+        /// What was awaited.
+        waiting_for: &'static str,
+        /// How long we waited.
+        after: std::time::Duration,
+    },
+}
+
+impl WireError {
+    /// Whether the error says the peer's end of the channel is closed: an EOF where a
+    /// message was expected, a broken pipe on sending, or a reset on receiving (a Unix socket
+    /// closed with unread messages in its queue resets its peer once, then reads EOF).
+    pub fn is_peer_gone(&self) -> bool {
+        match self {
+            Self::Closed { .. } => true,
+            Self::Io(e) => matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset),
+            _ => false,
+        }
+    }
 }
