@@ -141,6 +141,16 @@ impl Server {
         }
     }
 
+    /// Whether a log line written so far matches `matches`.
+    pub fn has_log(&self, matches: impl Fn(&str) -> bool) -> bool {
+        self.log.lines.lock().unwrap().iter().any(|l| matches(l))
+    }
+
+    /// Waits for the drain report that process `pid` logs (its `drained` line) and returns it.
+    pub fn drained_line(&self, pid: u32) -> String {
+        self.wait_for_log(|l| is_drained_line(l, pid))
+    }
+
     /// Every log line so far.
     pub fn log(&self) -> String {
         self.log.lines.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
@@ -216,6 +226,11 @@ impl Drop for Server {
             eprintln!("--- server log ---\n{}", self.log());
         }
     }
+}
+
+/// Whether `line` is the drain report of process `pid`.
+pub fn is_drained_line(line: &str, pid: u32) -> bool {
+    line.contains(" drained ") && line.contains(&format!("pid={pid} "))
 }
 
 /// Whether process `pid` runs (exists and is not a zombie).
