@@ -314,6 +314,34 @@ pub fn replace_with_script(path: &Path, script: &str) {
     std::fs::rename(&temporary, path).unwrap();
 }
 
+/// Installs `binary` at `dest` (a hard link when on the same file system, else a copy), as a
+/// deploy puts a release in place.
+pub fn install(binary: &Path, dest: &Path) {
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    if std::fs::hard_link(binary, dest).is_err() {
+        std::fs::copy(binary, dest).unwrap();
+    }
+}
+
+/// Points the symlink `link` at `target`, atomically (a new link renamed over the old), as a
+/// deploy swaps `current`.
+pub fn point_symlink(link: &Path, target: &Path) {
+    let temporary = link.with_extension("new");
+    let _ = std::fs::remove_file(&temporary);
+    std::os::unix::fs::symlink(target, &temporary).unwrap();
+    std::fs::rename(&temporary, link).unwrap();
+}
+
+/// The executable process `pid` runs, as the kernel names it.
+pub fn exe_of(pid: u32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+/// The working directory of process `pid`.
+pub fn cwd_of(pid: u32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap()
+}
+
 /// What each open descriptor of `pid` points to, for failure messages.
 pub fn fd_targets(pid: u32) -> Vec<String> {
     let mut targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
