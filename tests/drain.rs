@@ -132,7 +132,7 @@ async fn websocket_members_get_going_away_and_rejoin_the_successor() {
     let welcome = rejoined.next().await.unwrap().unwrap().into_text().unwrap();
     assert!(welcome.ends_with("generation=2"), "{welcome}");
 
-    let drained = drained_line(&server, old);
+    let drained = server.drained_line(old);
     assert!(drained.contains("connections=2 forced=1"), "{drained}");
     drop(silent);
 }
@@ -264,11 +264,6 @@ async fn echoes(address: std::net::SocketAddr) {
     assert_eq!(&answer, b"ping\n");
 }
 
-/// The drain's report, as the process logged it.
-fn drained_line(server: &Server, pid: u32) -> String {
-    server.wait_for_log(|l| l.contains(" drained ") && l.contains(&format!("pid={pid} ")))
-}
-
 /// A raw TCP client that sends and never reads blocks the echo's write; it still cannot hold
 /// the old process past the deadline: the write is bounded by it, and the library drops
 /// what is left. The successor serves meanwhile.
@@ -302,7 +297,7 @@ async fn a_tcp_client_that_never_reads_cannot_hold_the_old_process_past_the_dead
     assert_eq!(server.upgrade()["ok"], true);
     tokio::task::block_in_place(|| server.wait_for_exit(old, EXIT_BOUND));
     echoes(address).await;
-    let drained = drained_line(&server, old);
+    let drained = server.drained_line(old);
     assert!(drained.contains("connections=1 forced=1"), "{drained}");
     writer.abort();
 }
@@ -359,7 +354,7 @@ async fn a_websocket_member_that_never_reads_cannot_hold_the_old_process_past_th
     let (mut rejoined, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
     let welcome = rejoined.next().await.unwrap().unwrap().into_text().unwrap();
     assert!(welcome.ends_with("generation=2"), "{welcome}");
-    let drained = drained_line(&server, old);
+    let drained = server.drained_line(old);
     assert!(
         drained.contains("connections=2") && drained.contains("forced=1"),
         "{drained}"
@@ -391,7 +386,7 @@ async fn a_second_sigterm_while_draining_ends_the_drain_at_once() {
 
     kill(process, Signal::SIGTERM).unwrap();
     tokio::task::block_in_place(|| server.wait_for_exit(pid, EXIT_BOUND));
-    let drained = drained_line(&server, pid);
+    let drained = server.drained_line(pid);
     assert!(drained.contains("connections=1 forced=1"), "{drained}");
     drop(client);
 }

@@ -5,13 +5,16 @@
 //! down and when time is up, and at the deadline (plus [`Drain::GRACE_AFTER_DEADLINE`])
 //! drops what is left. One module per protocol holds the strategy: [`http`], [`websocket`],
 //! [`tcp`]. A strategy for another protocol implements [`DrainStrategy`] with the same
-//! [`TrackedConnection`] signals.
+//! [`TrackedConnection`] signals. A connection an HTTP request upgrades (a WebSocket) stays
+//! tracked, and learns when to wind down from its [`SharedConnection`].
 
 pub(crate) mod accept;
 mod connection;
 pub mod http;
+mod linger;
 mod listener;
 mod serve;
+mod shared_connection;
 mod strategy;
 pub mod tcp;
 mod tracker;
@@ -19,5 +22,6 @@ pub mod websocket;
 
 pub use connection::TrackedConnection;
 pub use listener::Listener;
+pub use shared_connection::SharedConnection;
 pub use strategy::DrainStrategy;
 pub use tracker::{Builder, Drain, DrainReport};

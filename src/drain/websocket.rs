@@ -7,7 +7,7 @@
 
 use std::future::Future;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -45,23 +45,68 @@ where
     S: AsyncRead + AsyncWrite + Unpin + 'a,
     F: FnMut(Message) + 'a,
 {
-    Box::pin(go_away(ws, connection, deliver))
-}
-
-async fn go_away<S>(
-    mut ws: WebSocketStream<S>,
-    connection: &TrackedConnection,
-    mut deliver: impl FnMut(Message),
-) -> Finished
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
     let close = CloseFrame {
         code: CloseCode::Away,
         reason: GOING_AWAY.into(),
     };
+    finish_with(
+        ws,
+        connection,
+        Message::Close(Some(close)),
+        |message| matches!(message, Message::Close(_)),
+        deliver,
+    )
+}
+
+/// [`finish`] for any WebSocket that is a `Sink` and a `Stream` of its own message type
+/// (axum's `WebSocket`, say): `close` is the Close 1001 frame in that type (with
+/// [`GOING_AWAY`] as its reason), `is_close` recognises the client's Close.
+///
+/// # Examples
+///
+/// With axum's WebSocket (see `examples/axum_app.rs`):
+///
+/// ```no_run
+/// use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
+/// use handoff::drain::{websocket, SharedConnection};
+///
+/// async fn wind_down(socket: WebSocket, connection: SharedConnection) -> websocket::Finished {
+///     let close = Message::Close(Some(CloseFrame {
+///         code: close_code::AWAY,
+///         reason: websocket::GOING_AWAY.into(),
+///     }));
+///     let is_close = |message: &Message| matches!(message, Message::Close(_));
+///     websocket::finish_with(socket, &connection, close, is_close, |_late| {}).await
+/// }
+/// ```
+pub fn finish_with<'a, W, M, E, F>(
+    ws: W,
+    connection: &'a TrackedConnection,
+    close: M,
+    is_close: fn(&M) -> bool,
+    deliver: F,
+) -> impl Future<Output = Finished> + 'a
+where
+    W: Sink<M> + Stream<Item = Result<M, E>> + Unpin + 'a,
+    M: 'a,
+    E: 'a,
+    F: FnMut(M) + 'a,
+{
+    Box::pin(go_away(ws, connection, close, is_close, deliver))
+}
+
+async fn go_away<W, M, E>(
+    mut ws: W,
+    connection: &TrackedConnection,
+    close: M,
+    is_close: fn(&M) -> bool,
+    mut deliver: impl FnMut(M),
+) -> Finished
+where
+    W: Sink<M> + Stream<Item = Result<M, E>> + Unpin,
+{
     // Every write is under the deadline: a client that does not read would hold it forever.
-    match connection.until_deadline(ws.send(Message::Close(Some(close)))).await {
+    match connection.until_deadline(ws.send(close)).await {
         Some(Ok(())) => {}
         Some(Err(_)) => return Finished::Dropped,
         None => return Finished::Deadline,
@@ -69,8 +114,8 @@ where
     loop {
         tokio::select! {
             message = ws.next() => match message {
-                Some(Ok(Message::Close(_))) => {
-                    // tungstenite has queued the reply; flush it, then the TCP close follows.
+                Some(Ok(message)) if is_close(&message) => {
+                    // The WebSocket has queued the reply; flush it, then the TCP close follows.
                     return match connection.until_deadline(ws.flush()).await {
                         Some(_) => Finished::Handshake,
                         None => Finished::Deadline,

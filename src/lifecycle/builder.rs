@@ -31,6 +31,7 @@ pub struct Builder {
     pub(crate) stop_on_signals: bool,
     pub(crate) control_socket: Option<PathBuf>,
     pub(crate) executable: Option<PathBuf>,
+    pub(crate) working_dir: Option<PathBuf>,
 }
 
 impl Default for Builder {
@@ -42,6 +43,7 @@ impl Default for Builder {
             stop_on_signals: true,
             control_socket: None,
             executable: None,
+            working_dir: None,
         }
     }
 }
@@ -82,11 +84,23 @@ impl Builder {
         self
     }
 
-    /// The executable a successor runs, with this process's arguments. Default: the one this
-    /// process runs, at the path it was started from (so that replacing the file, then
-    /// upgrading, runs the new code).
+    /// The executable a successor runs, with this process's arguments; its symlinks are
+    /// resolved at each upgrade. Default: the path this process was started as (`argv[0]`,
+    /// made absolute against the start directory or found on `PATH`), so that replacing the
+    /// file, or swapping a `current -> releases/vN` symlink on its path, then upgrading, runs
+    /// the new release. When `argv[0]` does not name this process's executable (a launcher
+    /// rewrote it), the path the kernel ran instead.
     pub fn executable(mut self, path: impl Into<PathBuf>) -> Self {
         self.executable = Some(path.into());
+        self
+    }
+
+    /// The working directory a successor starts in. Default: the one this process started
+    /// in, as the shell named it (`$PWD` when it names that directory: a start from inside
+    /// `current/` follows a symlink swap). A working directory that has vanished when an
+    /// upgrade starts (a deploy removed the old release) is replaced by `/`, with a warning.
+    pub fn working_dir(mut self, path: impl Into<PathBuf>) -> Self {
+        self.working_dir = Some(path.into());
         self
     }
 

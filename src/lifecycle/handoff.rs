@@ -57,10 +57,7 @@ impl Handoff {
     }
 
     pub(crate) async fn start(config: Builder) -> Result<Self, Error> {
-        let mut program = Program::current().map_err(|e| Error::io("finding our executable", e))?;
-        if let Some(executable) = &config.executable {
-            program.executable = executable.clone();
-        }
+        let mut program = Program::configured(&config).map_err(|e| Error::io("finding our executable", e))?;
         program.held_signals = trigger::held_until_installed(&config);
         let signals = Signals::install(&config).map_err(|e| Error::io("installing signal handlers", e))?;
         let inheritance = inherit(config.upgrade_timeout).await?;

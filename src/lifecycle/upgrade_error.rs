@@ -72,11 +72,15 @@ pub enum UpgradeError {
     /// This process is already handing over or stopping.
     #[error("this process is shutting down")]
     ShuttingDown,
-    /// The executable could not be started.
-    #[error("starting {}: {source}", executable.display())]
+    /// The executable could not be started: the executable itself, or (when `working_dir`
+    /// says so) its working directory.
+    #[error("starting {}: {}{source}", executable.display(), in_working_dir(working_dir.as_deref()))]
     Spawn {
         /// The path that was executed.
         executable: PathBuf,
+        /// The working directory, if it is what could not be entered (else the executable
+        /// failed).
+        working_dir: Option<PathBuf>,
         /// The cause.
         #[source]
         source: io::Error,
@@ -174,4 +178,9 @@ impl UpgradeError {
 
 fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1000.0)
+}
+
+/// The prefix of a spawn error's cause that names the working directory, if it failed.
+fn in_working_dir(working_dir: Option<&std::path::Path>) -> String {
+    working_dir.map_or_else(String::new, |dir| format!("working directory {}: ", dir.display()))
 }

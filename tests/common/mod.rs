@@ -141,6 +141,16 @@ impl Server {
         }
     }
 
+    /// Whether a log line written so far matches `matches`.
+    pub fn has_log(&self, matches: impl Fn(&str) -> bool) -> bool {
+        self.log.lines.lock().unwrap().iter().any(|l| matches(l))
+    }
+
+    /// Waits for the drain report that process `pid` logs (its `drained` line) and returns it.
+    pub fn drained_line(&self, pid: u32) -> String {
+        self.wait_for_log(|l| is_drained_line(l, pid))
+    }
+
     /// Every log line so far.
     pub fn log(&self) -> String {
         self.log.lines.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
@@ -216,6 +226,11 @@ impl Drop for Server {
             eprintln!("--- server log ---\n{}", self.log());
         }
     }
+}
+
+/// Whether `line` is the drain report of process `pid`.
+pub fn is_drained_line(line: &str, pid: u32) -> bool {
+    line.contains(" drained ") && line.contains(&format!("pid={pid} "))
 }
 
 /// Whether process `pid` runs (exists and is not a zombie).
@@ -297,6 +312,34 @@ pub fn replace_with_script(path: &Path, script: &str) {
     std::fs::write(&temporary, format!("#!/bin/sh\n{script}\n")).unwrap();
     std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::rename(&temporary, path).unwrap();
+}
+
+/// Installs `binary` at `dest` (a hard link when on the same file system, else a copy), as a
+/// deploy puts a release in place.
+pub fn install(binary: &Path, dest: &Path) {
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    if std::fs::hard_link(binary, dest).is_err() {
+        std::fs::copy(binary, dest).unwrap();
+    }
+}
+
+/// Points the symlink `link` at `target`, atomically (a new link renamed over the old), as a
+/// deploy swaps `current`.
+pub fn point_symlink(link: &Path, target: &Path) {
+    let temporary = link.with_extension("new");
+    let _ = std::fs::remove_file(&temporary);
+    std::os::unix::fs::symlink(target, &temporary).unwrap();
+    std::fs::rename(&temporary, link).unwrap();
+}
+
+/// The executable process `pid` runs, as the kernel names it.
+pub fn exe_of(pid: u32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+/// The working directory of process `pid`.
+pub fn cwd_of(pid: u32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap()
 }
 
 /// What each open descriptor of `pid` points to, for failure messages.
