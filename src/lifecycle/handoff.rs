@@ -481,6 +481,11 @@ impl Handoff {
     /// ([`Shutdown::Upgraded`]) or a stop was requested ([`Shutdown::Stopped`]). Hand it to
     /// hyper's or axum's graceful shutdown.
     ///
+    /// Under systemd (`NOTIFY_SOCKET`), [`Shutdown::Upgraded`] comes once the service manager
+    /// has confirmed that it read the successor's `MAINPID=` (a barrier: usually well under a
+    /// millisecond, 5 s at most), so that this process cannot exit first and be taken for the
+    /// service's end; it accepts meanwhile, as the successor does, from the same queue.
+    ///
     /// # Cancel safety
     ///
     /// Cancel safe; every call returns a new, independent future.
