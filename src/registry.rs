@@ -796,6 +796,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn activated_sockets_are_claimed_by_name_checked_and_the_rest_closed_at_ready() {
+        use crate::systemd::activation::Activated;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let http = std::net::TcpListener::bind(localhost()).unwrap();
+        let address = http.local_addr().unwrap();
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let spare = std::net::TcpListener::bind(localhost()).unwrap();
+        let twin = std::net::TcpListener::bind(localhost()).unwrap();
+        let (pipe, _write) = nix::unistd::pipe().unwrap();
+        let activated = |name: Option<&str>, fd: OwnedFd| Activated {
+            name: name.map(str::to_owned),
+            fd,
+        };
+        let registry = ListenerRegistry::with_activated(vec![
+            activated(Some("http"), http.into()),
+            activated(Some("api"), unix.into()),
+            activated(None, spare.into()),
+            activated(Some("http"), twin.into()), // a name taken: never claimed
+            activated(Some("pipe"), pipe),        // not a socket: closed at once
+        ]);
+        assert_eq!(registry.tcp("http", localhost()).unwrap().local_addr().unwrap(), address);
+        drop(registry.unix("api", &path).unwrap());
+        let pipe = registry.tcp("pipe", localhost()).unwrap();
+        assert_ne!(pipe.local_addr().unwrap(), address, "nothing usable by that name: bound anew");
+        let closed = registry.close_unclaimed();
+        assert_eq!(closed.len(), 2, "{closed:?}");
+        // The socket unit owns the path of an activated Unix listener: a stop leaves it.
+        registry.close_all();
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
     async fn a_registered_unix_listener_is_identified_and_unlinked_at_a_final_stop() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
