@@ -817,10 +817,17 @@ mod tests {
             activated(Some("http"), twin.into()), // a name taken: never claimed
             activated(Some("pipe"), pipe),        // not a socket: closed at once
         ]);
-        assert_eq!(registry.tcp("http", localhost()).unwrap().local_addr().unwrap(), address);
+        assert_eq!(
+            registry.tcp("http", localhost()).unwrap().local_addr().unwrap(),
+            address
+        );
         drop(registry.unix("api", &path).unwrap());
         let pipe = registry.tcp("pipe", localhost()).unwrap();
-        assert_ne!(pipe.local_addr().unwrap(), address, "nothing usable by that name: bound anew");
+        assert_ne!(
+            pipe.local_addr().unwrap(),
+            address,
+            "nothing usable by that name: bound anew"
+        );
         let closed = registry.close_unclaimed();
         assert_eq!(closed.len(), 2, "{closed:?}");
         // The socket unit owns the path of an activated Unix listener: a stop leaves it.

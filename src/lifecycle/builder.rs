@@ -50,7 +50,9 @@ impl Default for Builder {
 
 impl Builder {
     /// How long a successor has, from its start, to adopt the sockets and report ready
-    /// before it is killed and this process carries on. Default: 30 seconds.
+    /// before it is killed and this process carries on, unless it asks for more time
+    /// ([`Handoff::extend_startup`], up to [`max_upgrade_time`](Self::max_upgrade_time)).
+    /// Default: 30 seconds.
     pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
         self.upgrade_timeout = timeout;
         self
