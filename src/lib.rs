@@ -63,6 +63,7 @@ pub mod drain;
 mod error;
 mod lifecycle;
 mod registry;
+mod systemd;
 pub mod wire;
 
 pub use error::Error;

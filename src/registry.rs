@@ -42,8 +42,11 @@ pub struct ListenerRegistry {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Sockets handed over by the predecessor that nobody has asked for yet.
+    /// Sockets handed over by the predecessor (or by systemd) that nobody has asked for yet.
     inherited: HashMap<String, (SocketEntry, OwnedFd)>,
+    /// Activated sockets without a name (or with a name an earlier one took): nobody can
+    /// claim them, and they are closed at ready like every unclaimed inherited socket.
+    unnamed: Vec<(SocketEntry, OwnedFd)>,
     /// Sockets this process holds, in the order they were registered.
     held: Vec<(SocketEntry, OwnedFd)>,
     /// Names being bound right now: the syscalls run outside the lock, the name stays taken.
@@ -64,6 +67,44 @@ impl ListenerRegistry {
                 inherited,
                 ..State::default()
             }),
+        }
+    }
+
+    /// A registry offering the sockets systemd passed (socket activation), by their
+    /// `FileDescriptorName=`. Each is checked as a handed-over one is (type, family,
+    /// protocol, address, listening); one that is not a TCP or Unix stream listener or a UDP
+    /// socket is closed at once, with a warning. The paths of activated Unix listeners belong
+    /// to the socket unit: they are never unlinked.
+    pub(crate) fn with_activated(activated: Vec<crate::systemd::activation::Activated>) -> Self {
+        let mut state = State::default();
+        for crate::systemd::activation::Activated { name, fd } in activated {
+            let label = name.clone().unwrap_or_else(|| "(unnamed)".into());
+            let kind = match describe(std::os::fd::AsFd::as_fd(&fd)) {
+                Ok(kind) => kind,
+                Err(problem) => {
+                    tracing::warn!(socket = %label, "closing an activated socket: {problem}");
+                    continue;
+                }
+            };
+            let entry = SocketEntry { name: label, kind };
+            if let Err(error) = crate::wire::verify(&entry, &fd) {
+                tracing::warn!(%error, "closing an activated socket");
+                continue;
+            }
+            tracing::info!(socket = %entry, "socket activation: adopted a socket from the service manager");
+            match name {
+                Some(name) if !state.inherited.contains_key(&name) => {
+                    state.inherited.insert(name, (entry, fd));
+                }
+                Some(_) => {
+                    tracing::warn!(socket = %entry, "another activated socket has this name; this one is closed at ready");
+                    state.unnamed.push((entry, fd));
+                }
+                None => state.unnamed.push((entry, fd)),
+            }
+        }
+        Self {
+            state: Mutex::new(state),
         }
     }
 
@@ -247,7 +288,10 @@ impl ListenerRegistry {
     /// among them (each only if it is still the socket file the predecessor bound): no process
     /// will serve them any more. Returns what was closed.
     pub(crate) fn close_unclaimed(&self) -> Vec<SocketEntry> {
-        let unclaimed: Vec<_> = self.lock().inherited.drain().map(|(_, socket)| socket).collect();
+        let mut state = self.lock();
+        let mut unclaimed: Vec<_> = state.inherited.drain().map(|(_, socket)| socket).collect();
+        unclaimed.append(&mut state.unnamed);
+        drop(state);
         close(unclaimed, Unlink::IfStillOurs)
     }
 
@@ -270,6 +314,7 @@ impl ListenerRegistry {
         let mut state = self.lock();
         let mut all = std::mem::take(&mut state.held);
         all.extend(state.inherited.drain().map(|(_, socket)| socket));
+        all.append(&mut state.unnamed);
         all
     }
 
@@ -747,6 +792,46 @@ mod tests {
         };
         let successor = ListenerRegistry::with_inherited(vec![(entry, listener.into())]);
         successor.close_all();
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
+    async fn activated_sockets_are_claimed_by_name_checked_and_the_rest_closed_at_ready() {
+        use crate::systemd::activation::Activated;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let http = std::net::TcpListener::bind(localhost()).unwrap();
+        let address = http.local_addr().unwrap();
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let spare = std::net::TcpListener::bind(localhost()).unwrap();
+        let twin = std::net::TcpListener::bind(localhost()).unwrap();
+        let (pipe, _write) = nix::unistd::pipe().unwrap();
+        let activated = |name: Option<&str>, fd: OwnedFd| Activated {
+            name: name.map(str::to_owned),
+            fd,
+        };
+        let registry = ListenerRegistry::with_activated(vec![
+            activated(Some("http"), http.into()),
+            activated(Some("api"), unix.into()),
+            activated(None, spare.into()),
+            activated(Some("http"), twin.into()), // a name taken: never claimed
+            activated(Some("pipe"), pipe),        // not a socket: closed at once
+        ]);
+        assert_eq!(
+            registry.tcp("http", localhost()).unwrap().local_addr().unwrap(),
+            address
+        );
+        drop(registry.unix("api", &path).unwrap());
+        let pipe = registry.tcp("pipe", localhost()).unwrap();
+        assert_ne!(
+            pipe.local_addr().unwrap(),
+            address,
+            "nothing usable by that name: bound anew"
+        );
+        let closed = registry.close_unclaimed();
+        assert_eq!(closed.len(), 2, "{closed:?}");
+        // The socket unit owns the path of an activated Unix listener: a stop leaves it.
+        registry.close_all();
         assert!(path.exists());
     }
 

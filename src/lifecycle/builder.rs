@@ -26,6 +26,7 @@ use crate::Error;
 #[derive(Debug, Clone)]
 pub struct Builder {
     pub(crate) upgrade_timeout: Duration,
+    pub(crate) max_upgrade_time: Duration,
     pub(crate) pid_file: Option<PathBuf>,
     pub(crate) upgrade_signal: Option<SignalKind>,
     pub(crate) stop_on_signals: bool,
@@ -38,6 +39,7 @@ impl Default for Builder {
     fn default() -> Self {
         Self {
             upgrade_timeout: Duration::from_secs(30),
+            max_upgrade_time: Duration::from_secs(300),
             pid_file: None,
             upgrade_signal: Some(SignalKind::user_defined2()),
             stop_on_signals: true,
@@ -50,9 +52,19 @@ impl Default for Builder {
 
 impl Builder {
     /// How long a successor has, from its start, to adopt the sockets and report ready
-    /// before it is killed and this process carries on. Default: 30 seconds.
+    /// before it is killed and this process carries on, unless it asks for more time
+    /// ([`Handoff::extend_startup`], up to [`max_upgrade_time`](Self::max_upgrade_time)).
+    /// Default: 30 seconds.
     pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
         self.upgrade_timeout = timeout;
+        self
+    }
+
+    /// The most a successor can get, from its start, by asking for more time
+    /// ([`Handoff::extend_startup`]): past it, it is killed however often it asked. Never
+    /// less than the [`upgrade_timeout`](Self::upgrade_timeout). Default: 5 minutes.
+    pub fn max_upgrade_time(mut self, maximum: Duration) -> Self {
+        self.max_upgrade_time = maximum;
         self
     }
 

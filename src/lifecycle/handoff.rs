@@ -1,16 +1,19 @@
 //! [`Handoff`]: one process's part in the chain of generations.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::inheritance::{await_commit, inherit, Verdict};
-use super::successor::{self, Program, ReadySuccessor};
+use super::notify::Announcer;
+use super::successor::{self, Program, ReadySuccessor, StartupDeadline};
 use super::transitions::{Effect, Event, Lifecycle, Refusal};
 use super::trigger::{self, Signals};
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 use super::{pid_file, Builder, Shutdown, State};
-use crate::wire::{Channel, Message, SocketEntry};
+use crate::systemd::activation;
+use crate::systemd::notify::Notifier;
+use crate::wire::{Channel, Message, SocketEntry, WireError};
 use crate::{Error, ListenerRegistry};
 
 /// A process's handle on zero-downtime upgrades: its sockets, its state, its successor.
@@ -44,7 +47,7 @@ struct Inner {
     /// The one place where the state changes (see `transitions`).
     lifecycle: Lifecycle,
     /// The channel to the predecessor, until this process reports ready.
-    predecessor: Mutex<Option<Channel>>,
+    predecessor: tokio::sync::Mutex<Option<Channel>>,
     /// How far `ready()` has got: its work runs in a task of its own.
     readiness: tokio::sync::Mutex<Readiness>,
     predecessor_pid: Option<u32>,
@@ -68,16 +71,19 @@ impl Handoff {
                 Some(i.channel),
                 Some(i.predecessor_pid),
             ),
-            None => (ListenerRegistry::new(), 1, None, None),
+            // A first start: the sockets systemd passed, if any (socket activation).
+            None => (ListenerRegistry::with_activated(activation::take()), 1, None, None),
         };
+        let inherited = predecessor.is_some();
+        let announcer = Announcer::new(Notifier::from_env(), generation, inherited, config.upgrade_timeout);
         let handoff = Self {
             inner: Arc::new(Inner {
                 program,
                 registry,
                 generation,
                 started: Instant::now(),
-                lifecycle: Lifecycle::new(predecessor.is_some()),
-                predecessor: Mutex::new(predecessor),
+                lifecycle: Lifecycle::announcing(inherited, announcer),
+                predecessor: tokio::sync::Mutex::new(predecessor),
                 readiness: tokio::sync::Mutex::new(Readiness::NotStarted),
                 predecessor_pid,
                 config,
@@ -169,7 +175,7 @@ impl Handoff {
 
     async fn become_ready(&self) -> Result<(), Error> {
         let inner = &self.inner;
-        let channel = inner.predecessor.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let channel = inner.predecessor.lock().await.take();
         match inner.lifecycle.status().state {
             State::Starting => {}
             State::Stopping => return Err(refuse(channel, Error::Stopped).await),
@@ -261,6 +267,48 @@ impl Handoff {
         });
     }
 
+    /// Asks for more time to get ready: the deadline this start must meet becomes at least
+    /// `more` from now, for a start that is slow but healthy (warming a cache, say). Call it
+    /// as often as needed, before [`ready`](Self::ready).
+    ///
+    /// A successor asks its predecessor, which moves its upgrade deadline, never past its
+    /// [`Builder::max_upgrade_time`] (a successor that keeps asking is still killed there),
+    /// and tells the service manager (`EXTEND_TIMEOUT_USEC=`). A first generation under
+    /// systemd asks the service manager. Otherwise, and once ready, there is no deadline to
+    /// move and this does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Ready`] if the predecessor cannot be told (it has gone, or does not read
+    /// within a second).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the request is sent whole or not at all.
+    pub async fn extend_startup(&self, more: Duration) -> Result<(), Error> {
+        let inner = &self.inner;
+        if inner.lifecycle.status().state != State::Starting {
+            return Ok(());
+        }
+        let predecessor = inner.predecessor.lock().await;
+        let Some(channel) = &*predecessor else {
+            if inner.predecessor_pid.is_none() {
+                inner.lifecycle.announcer().extend_own_startup(more);
+            }
+            return Ok(()); // else ready() has taken the channel: too late to ask
+        };
+        let request = Message::ExtendStartup {
+            more_ms: u64::try_from(more.as_millis()).unwrap_or(u64::MAX),
+        };
+        match tokio::time::timeout(ABORT_SEND_TIMEOUT, channel.send(&request, &[])).await {
+            Ok(sent) => sent.map_err(Error::Ready),
+            Err(_) => Err(Error::Ready(WireError::TimedOut {
+                waiting_for: "room to ask for more time",
+                after: ABORT_SEND_TIMEOUT,
+            })),
+        }
+    }
+
     /// Starts the successor and hands it every socket; returns once it is ready and this
     /// process has committed to it, at which point
     /// [`shutdown_signal`](Self::shutdown_signal) resolves with [`Shutdown::Upgraded`]. This
@@ -290,7 +338,7 @@ impl Handoff {
             "upgrade triggered"
         );
         let result = self.launch_and_commit().await;
-        drop(revert);
+        revert.finish(&result);
         match &result {
             Ok(report) => tracing::info!(
                 successor_pid = report.successor_pid,
@@ -319,14 +367,13 @@ impl Handoff {
         let given_up = async move {
             let _ = status.wait_for(|s| s.state != State::Upgrading).await;
         };
-        let successor = successor::launch(
-            &inner.program,
-            next_generation,
-            sockets,
+        let announcer = inner.lifecycle.announcer().clone();
+        let deadline = StartupDeadline::new(
             inner.config.upgrade_timeout,
-            given_up,
-        )
-        .await?;
+            inner.config.max_upgrade_time,
+            move |remaining| announcer.startup_extended(remaining),
+        );
+        let successor = successor::launch(&inner.program, next_generation, sockets, &deadline, given_up).await?;
         self.commit(successor).await
     }
 
@@ -431,16 +478,28 @@ impl Handoff {
     /// ([`Shutdown::Upgraded`]) or a stop was requested ([`Shutdown::Stopped`]). Hand it to
     /// hyper's or axum's graceful shutdown.
     ///
+    /// Under systemd (`NOTIFY_SOCKET`), [`Shutdown::Upgraded`] comes once the service manager
+    /// has confirmed that it read the successor's `MAINPID=` (a barrier: usually well under a
+    /// millisecond, 5 s at most), so that this process cannot exit first and be taken for the
+    /// service's end; it accepts meanwhile, as the successor does, from the same queue.
+    ///
     /// # Cancel safety
     ///
     /// Cancel safe; every call returns a new, independent future.
     pub fn shutdown_signal(&self) -> impl Future<Output = Shutdown> + Send + 'static {
         let mut status = self.inner.lifecycle.watch();
+        let announcer = self.inner.lifecycle.announcer().clone();
         async move {
-            match status.wait_for(|s| s.shutdown().is_some()).await {
+            let shutdown = match status.wait_for(|s| s.shutdown().is_some()).await {
                 Ok(status) => status.shutdown().unwrap_or(Shutdown::Stopped),
                 Err(_) => Shutdown::Stopped,
+            };
+            if let Shutdown::Upgraded { .. } = shutdown {
+                // The service manager must have read that the successor is the main process
+                // before this one can exit (bounded; at once without a manager).
+                announcer.settled().await;
             }
+            shutdown
         }
     }
 
@@ -496,9 +555,18 @@ enum Readiness {
 /// dropped `upgrade()` future. After a commit (or a stop) the revert is refused: a no-op.
 struct RevertUnlessCommitted<'a>(&'a Lifecycle);
 
+impl RevertUnlessCommitted<'_> {
+    /// Reverts now, saying why (the service manager's status shows it) if the upgrade failed.
+    fn finish(self, result: &Result<UpgradeReport, UpgradeError>) {
+        if let Err(error) = result {
+            let _ = self.0.fail_upgrade(&error.to_string());
+        }
+    }
+}
+
 impl Drop for RevertUnlessCommitted<'_> {
     fn drop(&mut self) {
-        let _ = self.0.apply(Event::UpgradeFailed);
+        let _ = self.0.fail_upgrade("the upgrade was abandoned");
     }
 }
 

@@ -5,6 +5,7 @@ mod builder;
 mod close_on_exec;
 mod handoff;
 mod inheritance;
+mod notify;
 mod pid_file;
 mod state;
 mod successor;

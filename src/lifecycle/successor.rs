@@ -226,13 +226,78 @@ impl ReadySuccessor {
 /// How long an abandoned successor has to read our abort and exit by itself.
 const ABORT_GRACE: Duration = Duration::from_millis(200);
 
+/// How long a successor has to get ready: the upgrade timeout from its start, moved later
+/// when it asks for more time (`ExtendStartup`), never past the maximum.
+pub(crate) struct StartupDeadline {
+    started: Instant,
+    maximum: Instant,
+    at: std::sync::Mutex<Instant>,
+    /// Told the time left after each extension.
+    extended: Box<dyn Fn(Duration) + Send + Sync>,
+}
+
+impl StartupDeadline {
+    /// `timeout` from now, extensible up to `maximum` from now (at least `timeout`).
+    pub fn new(timeout: Duration, maximum: Duration, extended: impl Fn(Duration) + Send + Sync + 'static) -> Self {
+        let started = Instant::now();
+        Self {
+            started,
+            maximum: started + maximum.max(timeout),
+            at: std::sync::Mutex::new(started + timeout),
+            extended: Box::new(extended),
+        }
+    }
+
+    fn at(&self) -> Instant {
+        *self.at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the deadline to `more` from now, if that is later, but never past the maximum;
+    /// returns the time left.
+    fn extend(&self, more: Duration) -> Duration {
+        let now = Instant::now();
+        let asked = now.checked_add(more).unwrap_or(self.maximum).min(self.maximum);
+        let mut at = self.at.lock().unwrap_or_else(|p| p.into_inner());
+        *at = (*at).max(asked);
+        let remaining = at.saturating_duration_since(now);
+        drop(at);
+        (self.extended)(remaining);
+        remaining
+    }
+
+    /// How long the successor was given in the end, from its start.
+    fn allowed(&self) -> Duration {
+        self.at().saturating_duration_since(self.started)
+    }
+
+    /// Resolves at the deadline, following it as it moves.
+    async fn expired(&self) {
+        loop {
+            let at = self.at();
+            tokio::time::sleep_until(at.into()).await;
+            if self.at() <= at {
+                return;
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for StartupDeadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartupDeadline")
+            .field("allowed", &self.allowed())
+            .field("maximum", &self.maximum.saturating_duration_since(self.started))
+            .finish_non_exhaustive()
+    }
+}
+
 /// Starts the successor (generation `next_generation`) and hands it `sockets`; returns once
 /// it is ready, and before anything is committed.
 pub(crate) async fn launch(
     program: &Program,
     next_generation: u64,
     sockets: Vec<(SocketEntry, OwnedFd)>,
-    timeout: Duration,
+    deadline: &StartupDeadline,
     cancelled: impl std::future::Future<Output = ()>,
 ) -> Result<ReadySuccessor, UpgradeError> {
     let started = Instant::now();
@@ -248,13 +313,13 @@ pub(crate) async fn launch(
 
     let mut phase = Phase::Hello;
     let outcome = {
-        let handshake = handshake(&mut channel, pid, next_generation, &sockets, &mut phase);
+        let handshake = handshake(&mut channel, pid, next_generation, &sockets, &mut phase, deadline);
         tokio::select! {
-            result = tokio::time::timeout(timeout, handshake) => match result {
-                Ok(Ok(count)) => Outcome::Ready(count),
-                Ok(Err(error)) => Outcome::Failed(error),
-                Err(_elapsed) => Outcome::TimedOut,
+            result = handshake => match result {
+                Ok(count) => Outcome::Ready(count),
+                Err(error) => Outcome::Failed(error),
             },
+            () = deadline.expired() => Outcome::TimedOut,
             status = guard.child().wait() => Outcome::Exited(status),
             () = cancelled => Outcome::Cancelled,
         }
@@ -299,7 +364,7 @@ pub(crate) async fn launch(
         Outcome::Failed(source) => UpgradeError::Protocol { pid, phase, source },
         Outcome::TimedOut => UpgradeError::Timeout {
             pid,
-            after: timeout,
+            after: deadline.allowed(),
             phase,
         },
         Outcome::Cancelled => UpgradeError::Cancelled { pid, phase },
@@ -333,6 +398,7 @@ async fn handshake(
     next_generation: u64,
     sockets: &[(SocketEntry, OwnedFd)],
     phase: &mut Phase,
+    deadline: &StartupDeadline,
 ) -> Result<usize, WireError> {
     *phase = Phase::Transfer;
     let hello = Message::Hello {
@@ -379,14 +445,27 @@ async fn handshake(
     }
 
     *phase = Phase::Startup;
-    let ready = channel.recv("ready").await?;
-    wire::check_sender(&ready, pid)?;
-    match ready.message {
-        Message::Ready { .. } => Ok(sockets.len()),
-        other => Err(WireError::Unexpected {
-            expected: "ready",
-            got: other.kind(),
-        }),
+    loop {
+        let ready = channel.recv("ready").await?;
+        wire::check_sender(&ready, pid)?;
+        match ready.message {
+            Message::Ready { .. } => return Ok(sockets.len()),
+            Message::ExtendStartup { more_ms } => {
+                let remaining = deadline.extend(Duration::from_millis(more_ms));
+                tracing::info!(
+                    successor_pid = pid,
+                    asked_ms = more_ms,
+                    granted_ms = remaining.as_millis() as u64,
+                    "the successor asked for more time"
+                );
+            }
+            other => {
+                return Err(WireError::Unexpected {
+                    expected: "ready",
+                    got: other.kind(),
+                })
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 
 use tokio::sync::watch;
 
+use super::notify::Announcer;
 use super::{Shutdown, State};
 
 /// Everything a process's lifecycle knows. Observers read it through [`Lifecycle::watch`].
@@ -185,17 +186,38 @@ pub(crate) fn next(status: Status, event: Event) -> Result<(Status, Effect), Ref
 }
 
 /// A process's status behind a watch channel: [`apply`](Self::apply) is the only way to change
-/// it, and it runs [`next`] atomically.
+/// it, and it runs [`next`] atomically. Each transition is announced to the service manager,
+/// if there is one, from inside the same critical section (see `notify`).
 #[derive(Debug)]
 pub(crate) struct Lifecycle {
     status: watch::Sender<Status>,
+    announcer: Announcer,
 }
 
 impl Lifecycle {
+    #[cfg(test)]
     pub fn new(inherited: bool) -> Self {
+        Self::announcing(inherited, Announcer::silent())
+    }
+
+    /// A lifecycle whose transitions `announcer` tells the service manager about.
+    pub fn announcing(inherited: bool, announcer: Announcer) -> Self {
         Self {
             status: watch::Sender::new(Status::new(inherited)),
+            announcer,
         }
+    }
+
+    pub fn announcer(&self) -> &Announcer {
+        &self.announcer
+    }
+
+    /// Applies [`Event::UpgradeFailed`], announcing `why` the upgrade failed.
+    pub fn fail_upgrade(&self, why: &str) -> Result<Effect, Refusal> {
+        self.transition_because(Event::UpgradeFailed, Some(why), |_| {
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .map(|acted| acted.unwrap_or_else(|never| match never {}).effect)
     }
 
     pub fn status(&self) -> Status {
@@ -238,6 +260,15 @@ impl Lifecycle {
         event: Event,
         act: impl FnOnce(Effect) -> Result<(), E>,
     ) -> Result<Result<Transition, E>, Refusal> {
+        self.transition_because(event, None, act)
+    }
+
+    fn transition_because<E>(
+        &self,
+        event: Event,
+        why: Option<&str>,
+        act: impl FnOnce(Effect) -> Result<(), E>,
+    ) -> Result<Result<Transition, E>, Refusal> {
         let mut outcome = None;
         self.status.send_if_modified(|status| {
             let (after, effect) = match next(*status, event) {
@@ -252,7 +283,9 @@ impl Lifecycle {
                 return false;
             }
             let before = std::mem::replace(status, after);
-            outcome = Some(Ok(Ok(Transition { before, after, effect })));
+            let transition = Transition { before, after, effect };
+            self.announcer.announce(event, &transition, why);
+            outcome = Some(Ok(Ok(transition)));
             before != after
         });
         outcome.expect("send_if_modified runs its closure once")

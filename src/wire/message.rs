@@ -6,6 +6,7 @@
 //! successor ◀── Batch × n (+ SCM_RIGHTS)─ predecessor
 //! successor ── Hello ───────────────────▶ predecessor   (with SCM_CREDENTIALS)
 //! successor ── Accepted | Rejected ─────▶ predecessor
+//! successor ── ExtendStartup × n ───────▶ predecessor   (optional: more time, bounded)
 //! successor ── Ready ───────────────────▶ predecessor
 //! successor ◀── Commit | Abort ────────── predecessor   (the point of no return)
 //!          (EOF when the predecessor has exited)
@@ -24,7 +25,9 @@ use serde::{Deserialize, Serialize};
 use super::{SocketEntry, WireError};
 
 /// The version of this protocol. Both sides refuse a peer that speaks another one.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3 added `ExtendStartup`.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest message either side sends or accepts. A batch of 200 entries with long names
 /// and Unix paths stays well under it, and it fits the default `SO_SNDBUF` of a Unix socket.
@@ -71,6 +74,13 @@ pub enum Message {
         /// Why, naming the socket at fault.
         reason: String,
     },
+    /// The successor is healthy but slow to start: it asks for its deadline to be at least
+    /// this far from now. The predecessor never moves it past its configured maximum, nor
+    /// closer; sent between `Accepted` and `Ready`, as often as needed.
+    ExtendStartup {
+        /// Milliseconds from now.
+        more_ms: u64,
+    },
     /// The successor's application is serving: the predecessor may stop accepting.
     Ready {
         /// Milliseconds the successor spent from its start to ready.
@@ -97,6 +107,7 @@ impl Message {
             Self::Batch { .. } => "batch",
             Self::Accepted => "accepted",
             Self::Rejected { .. } => "rejected",
+            Self::ExtendStartup { .. } => "extend_startup",
             Self::Ready { .. } => "ready",
             Self::Commit => "commit",
             Self::Abort { .. } => "abort",
@@ -197,6 +208,7 @@ mod tests {
             },
             Message::Accepted,
             Message::Rejected { reason: "no".into() },
+            Message::ExtendStartup { more_ms: 1500 },
             Message::Ready { startup_ms: 7 },
             Message::Commit,
             Message::Abort { reason: "bye".into() },
@@ -224,9 +236,10 @@ mod tests {
 
     #[test]
     fn another_version_is_refused_with_both_numbers() {
-        let err = check_version(1).unwrap_err();
-        assert!(matches!(err, WireError::UnsupportedVersion { ours: 2, theirs: 1 }));
-        assert_eq!(err.to_string(), "peer speaks handoff protocol 1, this process speaks 2");
+        // Protocol 2 had no `ExtendStartup`: a peer speaking it would take one for garbage.
+        let err = check_version(2).unwrap_err();
+        assert!(matches!(err, WireError::UnsupportedVersion { ours: 3, theirs: 2 }));
+        assert_eq!(err.to_string(), "peer speaks handoff protocol 2, this process speaks 3");
         check_version(PROTOCOL_VERSION).unwrap();
     }
 
