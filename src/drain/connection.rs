@@ -124,6 +124,7 @@ impl TrackedConnection {
         }
     }
 
+    #[cfg(feature = "http")]
     pub(crate) fn idle_grace(&self) -> Duration {
         self.shared.config.idle_grace
     }

@@ -10,7 +10,9 @@
 
 pub(crate) mod accept;
 mod connection;
+#[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "http")]
 mod linger;
 mod listener;
 mod serve;
@@ -18,6 +20,7 @@ mod shared_connection;
 mod strategy;
 pub mod tcp;
 mod tracker;
+#[cfg(feature = "websocket")]
 pub mod websocket;
 
 pub use connection::TrackedConnection;

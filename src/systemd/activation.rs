@@ -26,6 +26,9 @@ pub(crate) struct Activated {
 /// Takes the descriptors the service manager passed to this process, if the variables name
 /// this process (`LISTEN_PID`); empty otherwise, or on a second call in the same process.
 pub(crate) fn take() -> Vec<Activated> {
+    if !cfg!(feature = "systemd") {
+        return Vec::new();
+    }
     static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let var = |name: &str| std::env::var(name).ok();
     let (pid, fds, names) = (var("LISTEN_PID"), var("LISTEN_FDS"), var("LISTEN_FDNAMES"));

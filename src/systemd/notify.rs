@@ -120,8 +120,12 @@ struct Job {
 }
 
 impl Notifier {
-    /// A notifier for `NOTIFY_SOCKET`, or a silent one if it is not set.
+    /// A notifier for `NOTIFY_SOCKET`, or a silent one if it is not set (or the `systemd`
+    /// feature is off).
     pub fn from_env() -> Self {
+        if !cfg!(feature = "systemd") {
+            return Self::default();
+        }
         NotifySocket::from_env().map_or_else(Self::default, Self::new)
     }
 
