@@ -13,6 +13,7 @@ use super::TrackedConnection;
 
 /// How a half-closed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Finished {
     /// The client closed its side: a clean close, no RST.
     ClientClosed,

@@ -18,6 +18,7 @@ use super::TrackedConnection;
 
 /// How a WebSocket connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Finished {
     /// The client answered our Close: the handshake completed.
     Handshake,

@@ -26,6 +26,7 @@ use serde::Serialize;
 /// that removes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum State {
     /// Binding and adopting sockets; not yet serving.
     Starting,
@@ -43,6 +44,7 @@ pub enum State {
 /// resolves to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "reason")]
+#[non_exhaustive]
 pub enum Shutdown {
     /// A successor took over the sockets and serves: stop accepting and drain.
     Upgraded {

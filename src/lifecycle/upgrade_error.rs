@@ -13,6 +13,7 @@ use crate::wire::WireError;
 /// How far an upgrade got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Phase {
     /// Starting the successor's executable.
     Spawn,
@@ -43,6 +44,7 @@ impl fmt::Display for Phase {
 
 /// A successful upgrade: the successor is serving, this process is draining.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct UpgradeReport {
     /// The successor's process id.
     pub successor_pid: u32,
