@@ -13,6 +13,7 @@ use tokio::process::{Child, Command};
 
 use super::close_on_exec::Plan;
 use super::inheritance::CHANNEL_FD_VAR;
+use super::progress::Progress;
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 use crate::wire::{self, Channel, Message, SocketEntry, WireError, PROTOCOL_VERSION};
 
@@ -120,6 +121,7 @@ pub(crate) async fn launch(
     sockets: Vec<(SocketEntry, OwnedFd)>,
     timeout: Duration,
     cancelled: impl std::future::Future<Output = ()>,
+    progress: &mut Progress<'_>,
 ) -> Result<ReadySuccessor, UpgradeError> {
     let started = Instant::now();
     let (ours, theirs) = wire::pair().map_err(UpgradeError::Io)?;
@@ -135,9 +137,9 @@ pub(crate) async fn launch(
     let pid = guard.pid();
     tracing::info!(successor_pid = pid, generation = next_generation, "successor started");
 
-    let mut phase = Phase::Hello;
+    progress.enter(Phase::Transfer);
     let outcome = {
-        let handshake = handshake(&mut channel, pid, next_generation, &sockets, &mut phase);
+        let handshake = handshake(&mut channel, pid, next_generation, &sockets, progress);
         tokio::select! {
             result = tokio::time::timeout(timeout, handshake) => match result {
                 Ok(Ok(count)) => Outcome::Ready(count),
@@ -149,6 +151,7 @@ pub(crate) async fn launch(
         }
     };
     drop(sockets);
+    let phase = progress.phase();
     let error = match outcome {
         Outcome::Ready(count) => {
             let report = UpgradeReport {
@@ -210,7 +213,7 @@ enum Outcome {
 }
 
 /// Our hello and the sockets at once, then the successor's hello, its verdict and its ready.
-/// Updates `phase` as it goes so that a timeout can say what was awaited.
+/// Moves `progress` on as it goes, so that a timeout can say what was awaited.
 ///
 /// We send before hearing from the successor: only the child we spawned holds the other end
 /// of the channel, and not waiting for it takes a round trip through this (busy, serving)
@@ -221,9 +224,8 @@ async fn handshake(
     pid: u32,
     next_generation: u64,
     sockets: &[(SocketEntry, OwnedFd)],
-    phase: &mut Phase,
+    progress: &mut Progress<'_>,
 ) -> Result<usize, WireError> {
-    *phase = Phase::Transfer;
     let hello = Message::Hello {
         protocol: PROTOCOL_VERSION,
         pid: std::process::id(),
@@ -233,7 +235,7 @@ async fn handshake(
     let borrowed: Vec<(SocketEntry, BorrowedFd<'_>)> = sockets.iter().map(|(e, fd)| (e.clone(), fd.as_fd())).collect();
     wire::send_sockets(channel, next_generation - 1, &borrowed).await?;
 
-    *phase = Phase::Hello;
+    progress.enter(Phase::Hello);
     let hello = channel.recv("hello").await?;
     wire::check_sender(&hello, pid)?;
     wire::check_same_user(channel)?;
@@ -253,7 +255,7 @@ async fn handshake(
         }
     }
 
-    *phase = Phase::Adoption;
+    progress.enter(Phase::Adoption);
     let verdict = channel.recv("accepted").await?;
     wire::check_sender(&verdict, pid)?;
     match verdict.message {
@@ -267,7 +269,7 @@ async fn handshake(
         }
     }
 
-    *phase = Phase::Startup;
+    progress.enter(Phase::Startup);
     let ready = channel.recv("ready").await?;
     wire::check_sender(&ready, pid)?;
     match ready.message {
