@@ -288,6 +288,10 @@ impl Client {
     pub fn request_with_progress(&self, command: &str, mut on_line: impl FnMut(&Value)) -> io::Result<Value> {
         use std::io::{BufRead, Write};
         let deadline = self.read_timeout.map(|t| Instant::now() + t);
+        let timed_out = || {
+            let within = self.read_timeout.unwrap_or_default();
+            io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {within:?}"))
+        };
         let mut stream = self.connect()?;
         stream.set_write_timeout(Some(self.connect_timeout))?;
         stream.write_all(format!("{command}\n").as_bytes())?;
@@ -297,16 +301,17 @@ impl Client {
             if let Some(deadline) = deadline {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no answer within the read timeout",
-                    ));
+                    return Err(timed_out());
                 }
                 reader.get_ref().set_read_timeout(Some(left))?;
             }
             let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                break;
+            match reader.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(_) => {}
+                // What SO_RCVTIMEO's expiry looks like.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(timed_out()),
+                Err(e) => return Err(e),
             }
             if let Some(previous) = last.take() {
                 on_line(&previous);

@@ -28,7 +28,11 @@ use serde_json::Value;
 
 /// Drives a handoff server through its control socket, or supervises one (`run`).
 #[derive(Debug, Parser)]
-#[command(version, about, after_help = "Exit status: 0 success; 1 the server reports a failure; 2 usage, connection or timeout.")]
+#[command(
+    version,
+    about,
+    after_help = "Exit status: 0 success; 1 the server reports a failure; 2 usage, connection or timeout."
+)]
 struct Cli {
     /// The server's control socket (its `--control PATH`).
     #[arg(long, global = true, value_name = "PATH")]
@@ -68,7 +72,12 @@ enum Command {
     /// SIGUSR2 to the serving generation, and exits with its status when it stops.
     Run {
         /// The server and its arguments.
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "PROGRAM"
+        )]
         program: Vec<OsString>,
     },
 }
@@ -115,7 +124,11 @@ fn upgrade(client: &Client, json: bool) -> std::io::Result<ExitCode> {
     let started = Instant::now();
     let reply = client.request_with_progress("upgrade --progress", |line| {
         if !json {
-            println!("{:>8.3}s  {}", started.elapsed().as_secs_f64(), phase_text(&line["phase"]));
+            println!(
+                "{:>8.3}s  {}",
+                started.elapsed().as_secs_f64(),
+                phase_text(&line["phase"])
+            );
         }
     })?;
     if json {
@@ -175,13 +188,22 @@ mod tests {
 
     fn alias(args: &[&str]) -> Vec<String> {
         let args = args.iter().map(OsString::from).collect();
-        positional_alias(args).into_iter().map(|a| a.into_string().unwrap()).collect()
+        positional_alias(args)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
     }
 
     #[test]
     fn the_positional_form_is_an_alias_of_control() {
-        assert_eq!(alias(&["h", "/s.ctl", "upgrade"]), ["h", "--control", "/s.ctl", "upgrade"]);
-        assert_eq!(alias(&["h", "--control", "/s.ctl", "status"]), ["h", "--control", "/s.ctl", "status"]);
+        assert_eq!(
+            alias(&["h", "/s.ctl", "upgrade"]),
+            ["h", "--control", "/s.ctl", "upgrade"]
+        );
+        assert_eq!(
+            alias(&["h", "--control", "/s.ctl", "status"]),
+            ["h", "--control", "/s.ctl", "status"]
+        );
         assert_eq!(alias(&["h", "run", "--", "status"]), ["h", "run", "--", "status"]);
         assert_eq!(alias(&["h", "upgrade"]), ["h", "upgrade"]);
     }
@@ -190,7 +212,9 @@ mod tests {
     fn the_command_line_parses() {
         Cli::command_for_test().debug_assert();
         let cli = Cli::try_parse_from(["h", "run", "--", "/bin/server", "--listen", "x"]).unwrap();
-        let Command::Run { program } = cli.command else { panic!("{cli:?}") };
+        let Command::Run { program } = cli.command else {
+            panic!("{cli:?}")
+        };
         assert_eq!(program, ["/bin/server", "--listen", "x"]);
         let cli = Cli::try_parse_from(["h", "--control", "/s", "upgrade", "--timeout", "3"]).unwrap();
         assert!(matches!(cli.command, Command::Upgrade { timeout, json: false } if timeout == 3.0));

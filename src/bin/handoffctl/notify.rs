@@ -31,7 +31,11 @@ pub struct Notification {
 impl Notification {
     /// The value of `key`, the last one if it repeats.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.fields.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 

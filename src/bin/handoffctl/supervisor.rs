@@ -9,7 +9,7 @@
 //! - reaps every child that exits, so no zombie accumulates;
 //! - learns which process serves from the notify protocol: `NOTIFY_SOCKET` names its socket,
 //!   and `MAINPID=` (from any process of the group or of our uid) names the serving process,
-//!   `STOPPING=1` from it says that its exit will be final;
+//!   `STOPPING=1` says that its exit will be final;
 //! - forwards SIGTERM, SIGINT, SIGHUP and SIGUSR2 to the serving process;
 //! - exits, once no child is left, with the status of the serving process that exited
 //!   without a successor (a signal's `128 + n`).
@@ -126,7 +126,11 @@ impl Supervisor {
             }
             // Notifications first: a MAINPID sent just before its sender exits must count
             // before we reap the sender.
-            while let Some(notification) = self.notify.receive().map_err(|e| failure("reading the notify socket", e))? {
+            while let Some(notification) = self
+                .notify
+                .receive()
+                .map_err(|e| failure("reading the notify socket", e))?
+            {
                 self.heard(&notification);
             }
             while let Some(info) = self.signals.read_signal().map_err(|e| failure("reading signals", e))? {
@@ -162,22 +166,32 @@ impl Supervisor {
         if notification.get("READY") == Some("1") && sender == self.main.as_raw() {
             self.notified = true;
         }
-        if notification.get("STOPPING") == Some("1") && sender == self.main.as_raw() {
+        // From any trusted sender, as systemd takes it: a library sends it only on a final
+        // stop, never on a handoff.
+        if notification.get("STOPPING") == Some("1") {
             self.stopping = true;
-            say(format_args!("pid {sender} is stopping"));
+            say(format_args!(
+                "pid {} is stopping (STOPPING from pid {sender})",
+                self.main
+            ));
         }
     }
 
     fn forward(&self, signal: Signal) {
-        let sent = match signal {
+        let (sent, to) = match signal {
             // Without notifications we cannot tell the serving generation: all of them hear
             // a stop (a draining one only notes it).
-            Signal::SIGTERM | Signal::SIGINT if !self.notified => killpg(self.group, signal),
-            _ => kill(self.target(), signal),
+            Signal::SIGTERM | Signal::SIGINT if !self.notified => {
+                (killpg(self.group, signal), format!("process group {}", self.group))
+            }
+            _ => {
+                let target = self.target();
+                (kill(target, signal), format!("pid {target}"))
+            }
         };
         match sent {
-            Ok(()) => say(format_args!("forwarded {signal} to pid {}", self.target())),
-            Err(error) => say(format_args!("could not forward {signal}: {error}")),
+            Ok(()) => say(format_args!("forwarded {signal} to {to}")),
+            Err(error) => say(format_args!("could not forward {signal} to {to}: {error}")),
         }
     }
 
@@ -221,7 +235,9 @@ impl Supervisor {
                 self.main = next;
             }
             None => {
-                say(format_args!("pid {pid} exited without a successor; exiting with {code} once every child has"));
+                say(format_args!(
+                    "pid {pid} exited without a successor; exiting with {code} once every child has"
+                ));
                 self.status = Some(code);
             }
         }
@@ -245,7 +261,11 @@ fn spawn(program: &[OsString], notify_socket: &str) -> Result<Pid, Failure> {
         .process_group(0)
         .spawn()
         .map_err(|source| {
-            let code = if source.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            let code = if source.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
             Failure {
                 what: format!("starting {}", program[0].to_string_lossy()),
                 source,
@@ -280,7 +300,11 @@ fn newest_in_group(group: Pid) -> Option<Pid> {
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| stat(pid).filter(|(g, _)| *g == group).map(|(_, started)| (started, pid)))
+        .filter_map(|pid| {
+            stat(pid)
+                .filter(|(g, _)| *g == group)
+                .map(|(_, started)| (started, pid))
+        })
         .max()
         .map(|(_, pid)| Pid::from_raw(pid))
 }
@@ -295,7 +319,11 @@ mod tests {
 
     #[test]
     fn the_newest_process_of_a_group_is_found() {
-        let mut first = std::process::Command::new("sleep").arg("30").process_group(0).spawn().unwrap();
+        let mut first = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
         let group = Pid::from_raw(first.id() as i32);
         assert_eq!(process_group(first.id() as i32), Some(group));
         assert_eq!(newest_in_group(group), Some(group));

@@ -8,7 +8,7 @@ use serde_json::Value;
 /// `upgraded: pid 4242 serves as generation 3 (2 sockets; ready after 41.2 ms, committed 0.1 ms later)`.
 pub fn upgraded(reply: &Value) -> String {
     let mut line = format!(
-        "upgraded: pid {} serves as generation {} ({} sockets; ready after {})",
+        "upgraded: pid {} serves as generation {} ({} sockets; ready after {}",
         reply["successor_pid"],
         reply["generation"],
         reply["sockets"],
@@ -38,7 +38,14 @@ pub fn status(reply: &Value) -> String {
         ("state", text(&reply["state"])),
         ("uptime", uptime(reply["uptime_s"].as_f64().unwrap_or(0.0))),
         ("upgrade", upgrade_phase),
-        ("draining", if draining.is_empty() { "none".into() } else { draining.join(", ") }),
+        (
+            "draining",
+            if draining.is_empty() {
+                "none".into()
+            } else {
+                draining.join(", ")
+            },
+        ),
     ] {
         let _ = writeln!(out, "{label:<12}{value}");
     }
@@ -51,7 +58,10 @@ pub fn status(reply: &Value) -> String {
 fn sockets(out: &mut String, reply: &Value) {
     let _ = writeln!(out, "\n{:<20}{:<16}{:<28}ORIGIN", "SOCKET", "KIND", "ADDRESS");
     for socket in array(&reply["sockets"]) {
-        let address = socket.get("address").or_else(|| socket.get("path")).unwrap_or(&Value::Null);
+        let address = socket
+            .get("address")
+            .or_else(|| socket.get("path"))
+            .unwrap_or(&Value::Null);
         let _ = writeln!(
             out,
             "{:<20}{:<16}{:<28}{}",
@@ -64,7 +74,11 @@ fn sockets(out: &mut String, reply: &Value) {
 }
 
 fn connections(out: &mut String, reply: &Value) {
-    let _ = writeln!(out, "\n{:<20}{:>8}{:>10}{:>8}", "CONNECTIONS", "ACTIVE", "DRAINING", "FORCED");
+    let _ = writeln!(
+        out,
+        "\n{:<20}{:>8}{:>10}{:>8}",
+        "CONNECTIONS", "ACTIVE", "DRAINING", "FORCED"
+    );
     let counts = array(&reply["connections"]);
     if counts.is_empty() {
         let _ = writeln!(out, "(no drain registered)");
@@ -89,7 +103,10 @@ fn upgrades(out: &mut String, upgrades: &Value) {
     );
     let failure = &upgrades["last_failure"];
     if !failure.is_null() {
-        let phase = failure["phase"].as_str().map(|p| format!(" (phase {p})")).unwrap_or_default();
+        let phase = failure["phase"]
+            .as_str()
+            .map(|p| format!(" (phase {p})"))
+            .unwrap_or_default();
         let _ = writeln!(out, "last failure{phase}: {}", text(&failure["reason"]));
     }
     let handoff = &upgrades["last_handoff"];
