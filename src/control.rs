@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+use tokio::sync::broadcast::error::RecvError;
 
 use crate::drain::accept::AcceptBackoff;
 use crate::{Error, Handoff};
@@ -160,24 +161,32 @@ async fn upgrade(handoff: &Handoff) -> Value {
 /// An upgrade that writes a line as each phase begins. The client going away stops the
 /// lines, never the upgrade.
 async fn upgrade_with_progress(handoff: &Handoff, stream: &mut UnixStream) -> Value {
-    let mut phases = handoff.upgrade_progress();
+    let mut phases = handoff.upgrade_progress().subscribe();
     let upgrade = upgrade(handoff);
     tokio::pin!(upgrade);
     let mut listening = true;
-    loop {
+    let reply = loop {
         tokio::select! {
             biased;
-            reply = &mut upgrade => return reply,
-            changed = phases.changed(), if listening => {
-                let phase = *phases.borrow_and_update();
-                listening = changed.is_ok()
-                    && match phase {
-                        Some(phase) => send_line(stream, &json!({"phase": phase})).await.is_ok(),
-                        None => true,
-                    };
+            reply = &mut upgrade => break reply,
+            phase = phases.recv(), if listening => {
+                listening = match phase {
+                    Ok(phase) => send_phase(stream, phase).await,
+                    Err(RecvError::Lagged(_)) => true,
+                    Err(RecvError::Closed) => false,
+                };
             }
         }
+    };
+    // The phases published since the last poll (the commit's, at least).
+    while let (true, Ok(phase)) = (listening, phases.try_recv()) {
+        listening = send_phase(stream, phase).await;
     }
+    reply
+}
+
+async fn send_phase(stream: &mut UnixStream, phase: crate::Phase) -> bool {
+    send_line(stream, &json!({ "phase": phase })).await.is_ok()
 }
 
 fn status(handoff: &Handoff) -> Value {
@@ -207,7 +216,7 @@ fn status(handoff: &Handoff) -> Value {
         "generation": handoff.generation(),
         "state": handoff.state(),
         "uptime_s": handoff.uptime().as_secs_f64(),
-        "upgrade_phase": *handoff.upgrade_progress().borrow(),
+        "upgrade_phase": handoff.upgrade_progress().current(),
         "predecessor_pid": handoff.predecessor_pid(),
         "predecessor_running": handoff.predecessor_running(),
         "draining_generations": draining,

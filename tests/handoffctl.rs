@@ -79,7 +79,20 @@ fn upgrade_prints_its_phases_and_status_counts_what_happened() {
     let output = ctl(&["--control", control, "upgrade"]);
     let (out, err) = text(&output);
     assert_eq!(output.status.code(), Some(0), "{out}{err}");
-    assert!(out.contains("waiting for the successor to be ready"), "phases:\n{out}");
+    let phases = [
+        "spawning the successor",
+        "sending the sockets",
+        "waiting for the successor's hello",
+        "the successor adopts the sockets",
+        "waiting for the successor to be ready",
+        "committing to the ready successor",
+        "upgraded: pid",
+    ];
+    let positions: Vec<Option<usize>> = phases.iter().map(|p| out.find(p)).collect();
+    assert!(
+        positions.iter().all(Option::is_some) && positions.windows(2).all(|w| w[0] < w[1]),
+        "every phase, in order:\n{out}"
+    );
     let successor = server.wait_for_log(|l| l.contains("successor started"));
     assert!(
         out.contains("upgraded: pid") && out.contains("generation 2"),

@@ -66,8 +66,9 @@ pub struct HandoffTimings {
 pub struct ArrivalTimings {
     /// The predecessor's pid.
     pub predecessor_pid: Option<u32>,
-    /// From this process's start to its ready, in milliseconds.
-    pub start_to_ready_ms: f64,
+    /// From the end of `Handoff::start` (the sockets received and checked) to its ready, in
+    /// milliseconds: the application's own start-up.
+    pub adopted_to_ready_ms: f64,
     /// From its ready to the predecessor's commit, in milliseconds.
     pub ready_to_commit_ms: f64,
 }
@@ -115,10 +116,10 @@ impl Counters {
     }
 
     /// Records this process's arrival: committed to by `predecessor_pid`.
-    pub fn arrived(&self, predecessor_pid: Option<u32>, start_to_ready: Duration, ready_to_commit: Duration) {
+    pub fn arrived(&self, predecessor_pid: Option<u32>, adopted_to_ready: Duration, ready_to_commit: Duration) {
         self.lock().arrival = Some(ArrivalTimings {
             predecessor_pid,
-            start_to_ready_ms: millis(start_to_ready),
+            adopted_to_ready_ms: millis(adopted_to_ready),
             ready_to_commit_ms: millis(ready_to_commit),
         });
     }

@@ -9,7 +9,7 @@ use tracing::Instrument;
 use super::connections::{ConnectionCounts, Connections};
 use super::counters::{Counters, UpgradeCounters};
 use super::inheritance::{await_commit, inherit, Verdict};
-use super::progress::Progress;
+use super::progress::{Phases, Progress};
 use super::successor::{self, Program, ReadySuccessor};
 use super::transitions::{Effect, Event, Lifecycle, Refusal};
 use super::trigger::{self, Signals};
@@ -59,7 +59,7 @@ struct Inner {
     counters: Counters,
     connections: Connections,
     /// The phase of the upgrade under way, if any.
-    progress: tokio::sync::watch::Sender<Option<Phase>>,
+    progress: Phases,
 }
 
 impl Handoff {
@@ -103,7 +103,7 @@ impl Handoff {
                 config,
                 counters: Counters::default(),
                 connections: Connections::default(),
-                progress: tokio::sync::watch::Sender::new(None),
+                progress: Phases::default(),
             }),
         };
         tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");
@@ -172,8 +172,8 @@ impl Handoff {
     }
 
     /// Follows the phase of the upgrade under way (`None` between upgrades).
-    pub(crate) fn upgrade_progress(&self) -> tokio::sync::watch::Receiver<Option<Phase>> {
-        self.inner.progress.subscribe()
+    pub(crate) fn upgrade_progress(&self) -> &Phases {
+        &self.inner.progress
     }
 
     /// Reports that this process serves, and from then on accepts upgrade triggers.

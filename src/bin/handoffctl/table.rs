@@ -123,9 +123,9 @@ fn upgrades(out: &mut String, upgrades: &Value) {
     if !arrival.is_null() {
         let _ = writeln!(
             out,
-            "arrived from pid {}: start -> ready {}, ready -> commit {}",
+            "arrived from pid {}: adopted -> ready {}, ready -> commit {}",
             arrival["predecessor_pid"],
-            millis(&arrival["start_to_ready_ms"]),
+            millis(&arrival["adopted_to_ready_ms"]),
             millis(&arrival["ready_to_commit_ms"])
         );
     }
@@ -173,7 +173,7 @@ mod tests {
             "upgrades": {"attempted": 2, "succeeded": 0, "failed": 1, "refused": 1,
                 "last_failure": {"reason": "successor pid 9 timed out", "phase": "startup", "at_unix": 1},
                 "last_handoff": null,
-                "arrival": {"predecessor_pid": 4001, "start_to_ready_ms": 12.5, "ready_to_commit_ms": 0.31}},
+                "arrival": {"predecessor_pid": 4001, "adopted_to_ready_ms": 12.5, "ready_to_commit_ms": 0.31}},
         });
         let table = status(&reply);
         for expected in [
@@ -184,7 +184,7 @@ mod tests {
             "Http                       3         0       0",
             "attempted 2, succeeded 0, failed 1, refused 1",
             "last failure (phase startup): successor pid 9 timed out",
-            "arrived from pid 4001: start -> ready 12.5 ms, ready -> commit 0.3 ms",
+            "arrived from pid 4001: adopted -> ready 12.5 ms, ready -> commit 0.3 ms",
         ] {
             assert!(table.contains(expected), "{expected:?} not in\n{table}");
         }
