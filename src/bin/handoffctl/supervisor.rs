@@ -309,8 +309,12 @@ fn newest_in_group(group: Pid) -> Option<Pid> {
         .map(|(_, pid)| Pid::from_raw(pid))
 }
 
+/// Logs a line to stderr, which the program's generations share: in one `write`, so that no
+/// line of theirs lands inside ours (`eprintln!` writes piece by piece).
 fn say(message: std::fmt::Arguments<'_>) {
-    eprintln!("handoffctl[{}]: {message}", std::process::id());
+    use std::io::Write;
+    let line = format!("handoffctl[{}]: {message}\n", std::process::id());
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 #[cfg(test)]
