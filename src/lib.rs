@@ -67,5 +67,8 @@ mod systemd;
 pub mod wire;
 
 pub use error::Error;
-pub use lifecycle::{Builder, Handoff, Phase, Shutdown, State, UpgradeError, UpgradeReport, CHANNEL_FD_VAR};
+pub use lifecycle::{
+    ArrivalTimings, Builder, ConnectionCounts, Handoff, HandoffTimings, Phase, Shutdown, State, UpgradeCounters,
+    UpgradeError, UpgradeFailure, UpgradeReport, CHANNEL_FD_VAR,
+};
 pub use registry::ListenerRegistry;

@@ -115,6 +115,7 @@ impl Drain {
         L: Listener,
         S: DrainStrategy<L::Io>,
     {
+        handoff.count_connections::<S>(self);
         let reason = self.accept(listener, strategy, handoff.shutdown_signal()).await;
         tracing::info!(?reason, connections = self.open(), "draining");
         let report = tokio::select! {

@@ -194,6 +194,17 @@ impl Drain {
         self.shared.open.load(Ordering::Relaxed)
     }
 
+    /// How many connections the drain closed by force (open at its deadline); 0 before
+    /// the deadline.
+    pub fn forced(&self) -> usize {
+        self.shared.reached.get().map_or(0, |reached| reached.left)
+    }
+
+    /// Whether `other` is a clone of this drain.
+    pub(crate) fn same_as(&self, other: &Drain) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Whether the drain has started.
     pub fn is_draining(&self) -> bool {
         self.shared.draining.is_cancelled()
@@ -260,7 +271,7 @@ impl Drain {
         let shared = &self.shared;
         DrainReport {
             connections: started.connections,
-            forced: shared.reached.get().map_or(0, |reached| reached.left),
+            forced: self.forced(),
             aborted: shared.aborted.get().copied().unwrap_or(0),
             elapsed: started.at.elapsed(),
         }

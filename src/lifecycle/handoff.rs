@@ -4,8 +4,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
+use super::connections::{ConnectionCounts, Connections};
+use super::counters::{Counters, UpgradeCounters};
 use super::inheritance::{await_commit, inherit, Verdict};
 use super::notify::Announcer;
+use super::progress::{Phases, Progress};
 use super::successor::{self, Program, ReadySuccessor, StartupDeadline};
 use super::transitions::{Effect, Event, Lifecycle, Refusal};
 use super::trigger::{self, Signals};
@@ -51,6 +56,13 @@ struct Inner {
     /// How far `ready()` has got: its work runs in a task of its own.
     readiness: tokio::sync::Mutex<Readiness>,
     predecessor_pid: Option<u32>,
+    /// The sockets the predecessor handed over, as it described them.
+    inherited: Vec<SocketEntry>,
+    /// What `status` reports: upgrades, and connections per protocol.
+    counters: Counters,
+    connections: Connections,
+    /// The phase of the upgrade under way, if any.
+    progress: Phases,
 }
 
 impl Handoff {
@@ -64,6 +76,10 @@ impl Handoff {
         program.held_signals = trigger::held_until_installed(&config);
         let signals = Signals::install(&config).map_err(|e| Error::io("installing signal handlers", e))?;
         let inheritance = inherit(config.upgrade_timeout).await?;
+        let inherited_sockets: Vec<SocketEntry> = inheritance
+            .iter()
+            .flat_map(|i| i.sockets.iter().map(|(e, _)| e.clone()))
+            .collect();
         let (registry, generation, predecessor, predecessor_pid) = match inheritance {
             Some(i) => (
                 ListenerRegistry::with_inherited(i.sockets),
@@ -86,7 +102,11 @@ impl Handoff {
                 predecessor: tokio::sync::Mutex::new(predecessor),
                 readiness: tokio::sync::Mutex::new(Readiness::NotStarted),
                 predecessor_pid,
+                inherited: inherited_sockets,
                 config,
+                counters: Counters::default(),
+                connections: Connections::default(),
+                progress: Phases::default(),
             }),
         };
         tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");
@@ -125,6 +145,40 @@ impl Handoff {
         self.inner.registry.sockets()
     }
 
+    /// This process's upgrade counters: attempts, outcomes, the last failure and the timings
+    /// of the last handoff (the `upgrades` object of the control socket's `status`).
+    pub fn upgrade_counters(&self) -> UpgradeCounters {
+        self.inner.counters.snapshot()
+    }
+
+    /// The connections this process holds, per protocol: one entry per drain strategy type
+    /// that [`Drain::serve`](crate::drain::Drain::serve) runs for this handle.
+    pub fn connections(&self) -> Vec<ConnectionCounts> {
+        self.inner.connections.counts()
+    }
+
+    /// Counts `drain`'s connections in [`connections`](Self::connections), under the name of
+    /// the strategy type `S`.
+    pub(crate) fn count_connections<S: ?Sized>(&self, drain: &crate::drain::Drain) {
+        self.inner.connections.register::<S>(drain);
+    }
+
+    /// How long this process has run (since `start`).
+    pub fn uptime(&self) -> std::time::Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Whether `entry` is a socket the predecessor handed over (rather than one this process
+    /// bound).
+    pub(crate) fn was_inherited(&self, entry: &SocketEntry) -> bool {
+        self.inner.inherited.contains(entry)
+    }
+
+    /// Follows the phase of the upgrade under way (`None` between upgrades).
+    pub(crate) fn upgrade_progress(&self) -> &Phases {
+        &self.inner.progress
+    }
+
     /// Reports that this process serves, and from then on accepts upgrade triggers.
     ///
     /// A successor first tells its predecessor it is ready and waits for its commit (bounded
@@ -153,7 +207,9 @@ impl Handoff {
             match &mut *readiness {
                 Readiness::NotStarted => {
                     let handoff = self.clone();
-                    *readiness = Readiness::Running(tokio::spawn(async move { handoff.become_ready().await }));
+                    let span = tracing::info_span!("ready", pid = std::process::id(), generation = self.generation());
+                    let becoming = async move { handoff.become_ready().await }.instrument(span);
+                    *readiness = Readiness::Running(tokio::spawn(becoming));
                 }
                 Readiness::Running(task) => {
                     let outcome = task
@@ -235,8 +291,10 @@ impl Handoff {
     /// vanishing) on, this process owns the paths.
     async fn commit_from(&self, mut channel: Channel) -> Result<(), Error> {
         let inner = &self.inner;
-        let startup_ms = inner.started.elapsed().as_millis() as u64;
-        let verdict = await_commit(&mut channel, startup_ms, inner.config.upgrade_timeout).await?;
+        let startup = inner.started.elapsed();
+        let verdict = await_commit(&mut channel, startup.as_millis() as u64, inner.config.upgrade_timeout).await?;
+        let commit_wait = inner.started.elapsed().saturating_sub(startup);
+        inner.counters.arrived(inner.predecessor_pid, startup, commit_wait);
         let vanished = verdict == Verdict::Vanished;
         if vanished {
             tracing::warn!(
@@ -327,18 +385,19 @@ impl Handoff {
     pub async fn upgrade(&self) -> Result<UpgradeReport, UpgradeError> {
         let inner = &self.inner;
         if let Err(refusal) = inner.lifecycle.apply(Event::Trigger) {
+            inner.counters.refused();
             let error = self.refused(refusal);
             tracing::warn!(%error, "upgrade refused");
             return Err(error);
         }
         let revert = RevertUnlessCommitted(&inner.lifecycle);
-        tracing::info!(
-            pid = std::process::id(),
-            generation = inner.generation,
-            "upgrade triggered"
-        );
-        let result = self.launch_and_commit().await;
+        let trigger = Instant::now();
+        inner.counters.attempted();
+        let span = tracing::info_span!("upgrade", pid = std::process::id(), generation = inner.generation);
+        span.in_scope(|| tracing::info!("upgrade triggered"));
+        let result = self.launch_and_commit().instrument(span).await;
         revert.finish(&result);
+        inner.counters.finished(&result, trigger);
         match &result {
             Ok(report) => tracing::info!(
                 successor_pid = report.successor_pid,
@@ -373,7 +432,17 @@ impl Handoff {
             inner.config.max_upgrade_time,
             move |remaining| announcer.startup_extended(remaining),
         );
-        let successor = successor::launch(&inner.program, next_generation, sockets, &deadline, given_up).await?;
+        let mut progress = Progress::start(inner.generation, &inner.progress);
+        let successor = successor::launch(
+            &inner.program,
+            next_generation,
+            sockets,
+            &deadline,
+            given_up,
+            &mut progress,
+        )
+        .await?;
+        progress.enter(Phase::Commit);
         self.commit(successor).await
     }
 

@@ -3,10 +3,13 @@
 
 mod builder;
 mod close_on_exec;
+mod connections;
+mod counters;
 mod handoff;
 mod inheritance;
 mod notify;
 mod pid_file;
+mod progress;
 mod state;
 mod successor;
 mod transitions;
@@ -14,6 +17,8 @@ mod trigger;
 mod upgrade_error;
 
 pub use builder::Builder;
+pub use connections::ConnectionCounts;
+pub use counters::{ArrivalTimings, HandoffTimings, UpgradeCounters, UpgradeFailure};
 pub use handoff::Handoff;
 pub use inheritance::CHANNEL_FD_VAR;
 pub use state::{Shutdown, State};

@@ -14,6 +14,7 @@ use tokio::process::{Child, Command};
 
 use super::close_on_exec::Plan;
 use super::inheritance::CHANNEL_FD_VAR;
+use super::progress::Progress;
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 use super::Builder;
 use crate::wire::{self, Channel, Message, SocketEntry, WireError, PROTOCOL_VERSION};
@@ -299,6 +300,7 @@ pub(crate) async fn launch(
     sockets: Vec<(SocketEntry, OwnedFd)>,
     deadline: &StartupDeadline,
     cancelled: impl std::future::Future<Output = ()>,
+    progress: &mut Progress<'_>,
 ) -> Result<ReadySuccessor, UpgradeError> {
     let started = Instant::now();
     let (ours, theirs) = wire::pair().map_err(UpgradeError::Io)?;
@@ -311,9 +313,9 @@ pub(crate) async fn launch(
     let pid = guard.pid();
     tracing::info!(successor_pid = pid, generation = next_generation, "successor started");
 
-    let mut phase = Phase::Hello;
+    progress.enter(Phase::Transfer);
     let outcome = {
-        let handshake = handshake(&mut channel, pid, next_generation, &sockets, &mut phase, deadline);
+        let handshake = handshake(&mut channel, pid, next_generation, &sockets, progress, deadline);
         tokio::select! {
             result = handshake => match result {
                 Ok(count) => Outcome::Ready(count),
@@ -325,6 +327,7 @@ pub(crate) async fn launch(
         }
     };
     drop(sockets);
+    let phase = progress.phase();
     let error = match outcome {
         Outcome::Ready(count) => {
             let report = UpgradeReport {
@@ -386,7 +389,7 @@ enum Outcome {
 }
 
 /// Our hello and the sockets at once, then the successor's hello, its verdict and its ready.
-/// Updates `phase` as it goes so that a timeout can say what was awaited.
+/// Moves `progress` on as it goes, so that a timeout can say what was awaited.
 ///
 /// We send before hearing from the successor: only the child we spawned holds the other end
 /// of the channel, and not waiting for it takes a round trip through this (busy, serving)
@@ -397,10 +400,9 @@ async fn handshake(
     pid: u32,
     next_generation: u64,
     sockets: &[(SocketEntry, OwnedFd)],
-    phase: &mut Phase,
+    progress: &mut Progress<'_>,
     deadline: &StartupDeadline,
 ) -> Result<usize, WireError> {
-    *phase = Phase::Transfer;
     let hello = Message::Hello {
         protocol: PROTOCOL_VERSION,
         pid: std::process::id(),
@@ -410,7 +412,7 @@ async fn handshake(
     let borrowed: Vec<(SocketEntry, BorrowedFd<'_>)> = sockets.iter().map(|(e, fd)| (e.clone(), fd.as_fd())).collect();
     wire::send_sockets(channel, next_generation - 1, &borrowed).await?;
 
-    *phase = Phase::Hello;
+    progress.enter(Phase::Hello);
     let hello = channel.recv("hello").await?;
     wire::check_sender(&hello, pid)?;
     wire::check_same_user(channel)?;
@@ -430,7 +432,7 @@ async fn handshake(
         }
     }
 
-    *phase = Phase::Adoption;
+    progress.enter(Phase::Adoption);
     let verdict = channel.recv("accepted").await?;
     wire::check_sender(&verdict, pid)?;
     match verdict.message {
@@ -444,7 +446,7 @@ async fn handshake(
         }
     }
 
-    *phase = Phase::Startup;
+    progress.enter(Phase::Startup);
     loop {
         let ready = channel.recv("ready").await?;
         wire::check_sender(&ready, pid)?;

@@ -360,3 +360,40 @@ pub fn fd_targets(pid: u32) -> Vec<String> {
     targets.sort();
     targets
 }
+
+/// The built `handoffctl` binary.
+pub fn handoffctl() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_handoffctl"))
+}
+
+/// The pids of the zombie children of `pid`: exited, not reaped.
+pub fn zombie_children(pid: u32) -> Vec<u32> {
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, rest)| rest) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1) == Some(&pid.to_string().as_str()) && fields[0] == "Z" {
+            zombies.push(entry.file_name().to_string_lossy().parse().unwrap());
+        }
+    }
+    zombies
+}
+
+/// Waits at most [`WAIT`] until `condition` holds, checking every 20 ms; panics with
+/// `what` (and the condition's last state) otherwise.
+pub fn wait_until<T: std::fmt::Debug>(what: &str, mut probe: impl FnMut() -> T, condition: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let value = probe();
+        if condition(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {value:?} after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,237 @@
+//! `handoffctl run`: a supervisor that outlives every generation, as a container's PID 1
+//! (in a fresh PID namespace, where the machine allows it) and as a child subreaper.
+
+mod common;
+
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::Command;
+
+use common::{children, example, handoffctl, is_running, wait_until, zombie_children, Server};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Why a PID namespace cannot be made here, if it cannot.
+fn no_pid_namespace() -> Option<String> {
+    match Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .output()
+    {
+        Ok(output) if output.status.success() => None,
+        Ok(output) => Some(format!(
+            "`unshare --pid --fork --mount-proc` failed (needs root or CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )),
+        Err(error) => Some(format!("no `unshare` binary: {error}")),
+    }
+}
+
+fn signal(pid: u32, signal: Signal) {
+    kill(Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+/// The pid each generation logged in its ready line, by generation.
+fn ready_pid(server: &Server, generation: u64) -> String {
+    let line = server.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!(" generation={generation} ")));
+    let pid = line.split_whitespace().find_map(|w| w.strip_prefix("pid=")).unwrap();
+    pid.to_owned()
+}
+
+/// Waits until `supervisor` has one live child left, and no zombie; returns the child.
+fn settled(supervisor: u32) -> u32 {
+    let live = wait_until(
+        "one server left, no zombie",
+        || (children(supervisor), zombie_children(supervisor)),
+        |(live, zombies)| live.len() == 1 && zombies.is_empty(),
+    );
+    live.0[0]
+}
+
+#[test]
+fn as_pid_1_it_outlives_sixteen_upgrades_by_sigusr2_and_ends_with_the_servers_status() {
+    if let Some(why) = no_pid_namespace() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let (ctl, echo) = (handoffctl(), example("tcp_echo"));
+    let args = ["--pid", "--fork", "--mount-proc", "--kill-child"]
+        .into_iter()
+        .map(String::from)
+        .chain([
+            ctl.display().to_string(),
+            "run".into(),
+            "--".into(),
+            echo.display().to_string(),
+        ])
+        .chain(["--listen".into(), "127.0.0.1:0".into()])
+        .collect::<Vec<_>>();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Server::start(Path::new("unshare"), &args);
+    let unshare = server.first_pid();
+    // The supervisor: unshare's only child, PID 1 inside.
+    let supervisor = wait_until("unshare forks", || children(unshare), |c| c.len() == 1)[0];
+    assert!(
+        server.log().contains("handoffctl[1]: started pid"),
+        "PID 1 in its namespace:\n{}",
+        server.log()
+    );
+
+    let mut pids = vec![ready_pid(&server, 1)];
+    for generation in 2..=17 {
+        signal(supervisor, Signal::SIGUSR2);
+        pids.push(ready_pid(&server, generation));
+        // The old generation has exited and its successor has seen it go: the next
+        // trigger is allowed.
+        server.wait_for_nth_log(generation as usize - 1, |l| l.contains("predecessor exited"));
+        settled(supervisor);
+    }
+    let mut distinct = pids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 17, "each upgrade answered by a new process: {pids:?}");
+    // Each trigger went through the supervisor (its line may follow the server's own).
+    let forwarded = server.wait_for_nth_log(16, |l| l.contains("forwarded SIGUSR2 to pid"));
+    assert!(forwarded.starts_with("handoffctl[1]:"), "{forwarded}");
+
+    // The one left serves: an echo through it.
+    use std::io::{Read, Write};
+    let mut client = std::net::TcpStream::connect(server.address("echo")).unwrap();
+    client.write_all(b"ping").unwrap();
+    let mut answer = [0u8; 4];
+    client.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"ping");
+    drop(client);
+
+    signal(supervisor, Signal::SIGTERM);
+    let status = server.wait_for_first_exit();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM drains and ends with 0:\n{}",
+        server.log()
+    );
+    assert!(
+        server.log().contains("generation=17 connections=0 forced=0"),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn as_a_subreaper_it_reaps_every_generation_and_follows_the_serving_one() {
+    let args = [
+        "run",
+        "--",
+        example("tcp_echo").to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    .map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Server::start(&handoffctl(), &args);
+    let supervisor = server.first_pid();
+    // The server runs in a process group of its own, which the Server's cleanup misses.
+    let _cleanup = KillChildrenOnDrop(supervisor);
+    for _ in 0..3 {
+        let old = server.pid();
+        let new = server.upgrade_and_settle();
+        server.wait_for_log(|l| l.contains(&format!("reaped pid {old} (status 0)")));
+        assert_eq!(
+            settled(supervisor),
+            new,
+            "the successor, orphaned, is the supervisor's child"
+        );
+    }
+    // SIGUSR2 to the supervisor reaches the serving generation.
+    let serving = server.pid();
+    signal(supervisor, Signal::SIGUSR2);
+    server.wait_for_log(|l| l.contains(" ready ") && l.contains(" generation=5 "));
+    server.wait_for_log(|l| l.contains(&format!("reaped pid {serving} (status 0)")));
+
+    signal(supervisor, Signal::SIGINT);
+    assert_eq!(server.wait_for_first_exit().code(), Some(0), "{}", server.log());
+}
+
+/// A stand-in for a server that speaks the notify protocol: the first process (A) writes the
+/// socket's address, starts its "successor" (B), and exits once told to (its drain over). Each
+/// records the signals it receives. The test sends the notifications in their place (the same
+/// uid: trusted).
+const FAKE_SERVER: &str = r#"
+echo "$NOTIFY_SOCKET" > "$DIR/notify"
+sh -c 'trap "echo USR2 >> \"$DIR/b.log\"" USR2; trap "exit 7" TERM; echo $$ > "$DIR/b.pid"; while :; do sleep 0.05; done' &
+trap 'echo USR2 >> "$DIR/a.log"' USR2
+trap 'echo TERM >> "$DIR/a.log"' TERM
+while [ ! -e "$DIR/a.exit" ]; do sleep 0.05; done
+"#;
+
+#[test]
+fn notifications_name_the_process_that_gets_the_signals_and_whose_status_ends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut supervisor = Command::new(handoffctl())
+        .args(["run", "--", "sh", "-c", FAKE_SERVER])
+        .env("DIR", dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _cleanup = KillChildrenOnDrop(supervisor.id());
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+    let b = wait_until("B starts", || read("b.pid"), |s| s.ends_with('\n'));
+    let b: u32 = b.trim().parse().unwrap();
+    let address = read("notify");
+    let name = address.trim().strip_prefix('@').expect("an abstract address");
+    let to = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let notify = |message: String| {
+        UnixDatagram::unbound()
+            .unwrap()
+            .send_to_addr(message.as_bytes(), &to)
+            .unwrap()
+    };
+    notify(format!("MAINPID={b}\nREADY=1\n"));
+
+    // Sent until B reports it: the notification may not have been read yet.
+    wait_until(
+        "SIGUSR2 reaches the process MAINPID named",
+        || {
+            signal(supervisor.id(), Signal::SIGUSR2);
+            read("b.log")
+        },
+        |log| log.contains("USR2"),
+    );
+    assert_eq!(read("a.log"), "", "the first process heard nothing");
+
+    // A ends (its drain done): not the end, B serves, and is now the supervisor's child.
+    std::fs::write(dir.path().join("a.exit"), "").unwrap();
+    wait_until(
+        "B is adopted",
+        || children(supervisor.id()).contains(&b),
+        |adopted| *adopted,
+    );
+    assert!(is_running(supervisor.id()), "A's exit is not the end");
+
+    notify("STOPPING=1\n".into());
+    signal(supervisor.id(), Signal::SIGTERM); // B exits 7
+    let status = wait_until(
+        "the supervisor exits",
+        || supervisor.try_wait().unwrap(),
+        Option::is_some,
+    )
+    .unwrap();
+    assert_eq!(status.code(), Some(7), "the serving process's status");
+    assert!(
+        !read("a.log").contains("TERM"),
+        "SIGTERM went to the serving process only"
+    );
+}
+
+/// Kills the process groups of a supervisor's children, and the supervisor, when dropped.
+struct KillChildrenOnDrop(u32);
+
+impl Drop for KillChildrenOnDrop {
+    fn drop(&mut self) {
+        for child in children(self.0) {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(child as i32), Signal::SIGKILL);
+        }
+        let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
+    }
+}
