@@ -11,6 +11,7 @@ pub(crate) mod accept;
 mod connection;
 pub mod http;
 mod listener;
+mod migrate;
 mod serve;
 mod strategy;
 pub mod tcp;
@@ -19,5 +20,6 @@ pub mod websocket;
 
 pub use connection::TrackedConnection;
 pub use listener::Listener;
+pub use migrate::Turn;
 pub use strategy::DrainStrategy;
 pub use tracker::{Builder, Drain, DrainReport};

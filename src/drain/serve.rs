@@ -116,7 +116,8 @@ impl Drain {
         S: DrainStrategy<L::Io>,
     {
         let reason = self.accept(listener, strategy, handoff.shutdown_signal()).await;
-        tracing::info!(?reason, connections = self.open(), "draining");
+        let migrating = matches!(reason, crate::Shutdown::Upgraded { .. }) && self.migrate_with(handoff);
+        tracing::info!(?reason, connections = self.open(), migrating, "draining");
         let report = tokio::select! {
             biased;
             report = self.drain() => report,
@@ -130,6 +131,7 @@ impl Drain {
             pid = std::process::id(),
             generation = handoff.generation(),
             connections = report.connections,
+            migrated = report.migrated,
             forced = report.forced,
             aborted = report.aborted,
             drain_ms = report.elapsed.as_millis() as u64,

@@ -48,6 +48,8 @@ struct Inner {
     /// How far `ready()` has got: its work runs in a task of its own.
     readiness: tokio::sync::Mutex<Readiness>,
     predecessor_pid: Option<u32>,
+    /// Established connections: sent to a committed successor, received from a predecessor.
+    migration: crate::migration::Endpoints,
 }
 
 impl Handoff {
@@ -84,11 +86,17 @@ impl Handoff {
                 readiness: tokio::sync::Mutex::new(Readiness::NotStarted),
                 predecessor_pid,
                 config,
+                migration: Default::default(),
             }),
         };
         tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");
         signals.serve(&handoff);
         Ok(handoff)
+    }
+
+    /// The two ends of live migration (see [`crate::migration`]).
+    pub(crate) fn migration(&self) -> &crate::migration::Endpoints {
+        &self.inner.migration
     }
 
     /// The registry of this process's named sockets.
@@ -255,7 +263,7 @@ impl Handoff {
         let handoff = self.clone();
         tokio::spawn(async move {
             if !vanished {
-                channel.closed().await;
+                handoff.inner.migration.inbound().receive(&mut channel).await;
             }
             drop(channel);
             // The next upgrade is allowed before anyone can read that it is.
@@ -342,7 +350,7 @@ impl Handoff {
             Ok(Ok(effect)) => {
                 self.carry_out(effect);
                 let report = successor.report().clone();
-                successor.keep_until_exit();
+                self.inner.migration.start_outbound(successor.keep_until_exit());
                 Ok(report)
             }
             Ok(Err(source)) => {
