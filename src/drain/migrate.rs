@@ -113,7 +113,7 @@ impl Drain {
     {
         let drain = self.clone();
         let receiver: Arc<Receiver> = Arc::new(move |stream, entry| {
-            let state: S = serde_json::from_str(entry.state.json())
+            let state = S::deserialize(&entry.state.0)
                 .map_err(|e| format!("a state this process cannot read: {e}"))?;
             let resumed = Resumed {
                 stream,

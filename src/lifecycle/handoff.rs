@@ -346,11 +346,12 @@ impl Handoff {
     async fn commit(&self, successor: ReadySuccessor) -> Result<UpgradeReport, UpgradeError> {
         let pid = successor.report().successor_pid;
         let event = Event::Commit { successor_pid: pid };
+        let migration = self.inner.migration.prepare_outbound();
         match self.inner.lifecycle.apply_with(event, |_| successor.commit()) {
             Ok(Ok(effect)) => {
                 self.carry_out(effect);
                 let report = successor.report().clone();
-                self.inner.migration.start_outbound(successor.keep_until_exit());
+                migration.start(successor.keep_until_exit());
                 Ok(report)
             }
             Ok(Err(source)) => {

@@ -63,7 +63,7 @@ impl Inbound {
         let taken = resumes.len();
         match channel.send(&Message::Migrated { index, refused }, &[]).await {
             Ok(()) => {
-                tracing::debug!(batch = index, connections = taken, "migrated connections received");
+                tracing::info!(batch = index, connections = taken, "migrated connections received");
                 for resume in resumes {
                     resume();
                 }

@@ -80,7 +80,7 @@ mod error;
 mod inbound;
 mod outbound;
 
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -89,7 +89,7 @@ pub use crate::drain::Turn;
 pub use crate::wire::Protocol;
 pub use error::{MigrationError, Returned};
 pub(crate) use inbound::{Inbound, Receiver};
-pub(crate) use outbound::Outbound;
+pub(crate) use outbound::{Outbound, PendingOutbound};
 
 use crate::wire::migration::{State, MAX_LEFTOVER_BYTES, MAX_STATE_BYTES};
 use crate::wire::{Bounded, ConnectionEntry};
@@ -129,8 +129,7 @@ impl<T: Serialize + ?Sized> Handover<'_, T> {
                 MigrationError::StateMalformed(e)
             });
         }
-        let text = String::from_utf8(json.bytes).expect("serde_json writes UTF-8");
-        let state = serde_json::value::RawValue::from_string(text).map_err(MigrationError::StateMalformed)?;
+        let state = serde_json::from_slice(&json.bytes).map_err(MigrationError::StateMalformed)?;
         Ok(ConnectionEntry {
             listener: self.listener.to_owned(),
             protocol: self.protocol,
@@ -158,23 +157,26 @@ pub struct Resumed<S> {
 /// A checked connection's resumption, started once its batch is acknowledged.
 pub(crate) type Resume = Box<dyn FnOnce() + Send>;
 
-/// This process's ends of the migration: the outbound one once it has committed to a
-/// successor, the receivers of what a predecessor sends.
+/// This process's ends of the migration: the outbound one once it commits to a successor,
+/// the receivers of what a predecessor sends.
 #[derive(Debug, Default)]
 pub(crate) struct Endpoints {
-    outbound: OnceLock<Outbound>,
+    outbound: Mutex<Option<Outbound>>,
     inbound: Inbound,
 }
 
 impl Endpoints {
-    /// After our commit: the channel to the successor carries migrations from now on.
-    pub(crate) fn start_outbound(&self, channel: crate::wire::Channel) {
-        let _ = self.outbound.set(Outbound::start(channel));
+    /// Just before a commit: the way to that successor, in place before anyone can learn of
+    /// the commit. Start the engine once committed; dropped, the way is closed.
+    pub(crate) fn prepare_outbound(&self) -> PendingOutbound {
+        let (outbound, pending) = Outbound::new();
+        *self.outbound.lock().unwrap_or_else(|p| p.into_inner()) = Some(outbound);
+        pending
     }
 
     /// The way to the committed successor, if any.
     pub(crate) fn outbound(&self) -> Option<Outbound> {
-        self.outbound.get().cloned()
+        self.outbound.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The receivers of migrated connections.

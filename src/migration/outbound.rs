@@ -26,6 +26,12 @@ pub(crate) struct Outbound {
 }
 
 /// One connection on its way.
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request").field("entry", &self.entry).finish_non_exhaustive()
+    }
+}
+
 struct Request {
     entry: ConnectionEntry,
     /// Its encoded size, to fill batches up to the message limit.
@@ -34,13 +40,19 @@ struct Request {
     reply: oneshot::Sender<Result<(), Returned>>,
 }
 
+/// The engine of an [`Outbound`], not started yet: the handle exists before the commit (so
+/// that every connection told of the commit finds it), the engine only after. Dropped
+/// unstarted (the commit failed), the handle answers [`MigrationError::NotMigrating`].
+#[derive(Debug)]
+pub(crate) struct PendingOutbound {
+    queue: mpsc::UnboundedReceiver<Request>,
+}
+
 impl Outbound {
-    /// Takes over the channel to the committed successor, for the rest of this process's
-    /// life: the successor reads its close as our exit.
-    pub(crate) fn start(channel: Channel) -> Self {
+    /// A handle, and its engine to start after the commit.
+    pub(crate) fn new() -> (Self, PendingOutbound) {
         let (requests, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(channel, queue));
-        Self { requests }
+        (Self { requests }, PendingOutbound { queue })
     }
 
     /// Sends `stream` to the successor; returns once the successor has taken it (our copy is
@@ -70,6 +82,14 @@ impl Outbound {
         }
         // The engine always answers: it drops a request only by replying to it.
         answer.await.unwrap_or(Ok(()))
+    }
+}
+
+impl PendingOutbound {
+    /// Takes over the channel to the committed successor, for the rest of this process's
+    /// life: the successor reads its close as our exit.
+    pub(crate) fn start(self, channel: Channel) {
+        tokio::spawn(run(channel, self.queue));
     }
 }
 

@@ -15,7 +15,6 @@ use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use socket2::{Domain, Protocol as IpProtocol, SockRef, Type};
 
 use super::verify::describe_non_socket;
@@ -81,25 +80,19 @@ impl fmt::Display for ConnectionEntry {
     }
 }
 
-/// An application's state for one connection: JSON text, carried as it is.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An application's state for one connection, as JSON. (A JSON value rather than its raw
+/// text: messages are internally tagged, which buffers them, and raw text does not survive
+/// the buffering.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct State(pub Box<RawValue>);
+pub struct State(pub serde_json::Value);
 
 impl State {
     /// The JSON text.
-    pub fn json(&self) -> &str {
-        self.0.get()
+    pub fn json(&self) -> String {
+        self.0.to_string()
     }
 }
-
-impl PartialEq for State {
-    fn eq(&self, other: &Self) -> bool {
-        self.json() == other.json()
-    }
-}
-
-impl Eq for State {}
 
 /// A connection of a batch that the successor did not take; the predecessor drains it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +183,7 @@ mod tests {
             protocol: Protocol::RawTcp,
             local,
             peer,
-            state: State(RawValue::from_string(r#"{"echoed":3}"#.into()).unwrap()),
+            state: State(serde_json::json!({"echoed": 3})),
             leftover: b"\x00abc\xff".to_vec(),
         }
     }
@@ -279,7 +272,7 @@ mod tests {
         let state = format!("\"{}\"", "x".repeat(MAX_STATE_BYTES - 2));
         let mut entry = entry(address, address);
         entry.listener = "a-listener-with-a-long-name".repeat(10);
-        entry.state = State(RawValue::from_string(state).unwrap());
+        entry.state = State(serde_json::from_str(&state).unwrap());
         entry.leftover = vec![0xff; MAX_LEFTOVER_BYTES];
         let message = Message::Migrate {
             index: u64::MAX,
