@@ -17,7 +17,12 @@ fn drained_line(server: &Server, pid: u32) -> String {
 /// Sends numbered chunks and checks each comes back exactly, until told to stop; publishes
 /// how many chunks went round. Returns the bytes that went round; panics on any EOF, reset
 /// or byte out of place.
-async fn ping_pong(mut stream: TcpStream, client: usize, rounds: watch::Sender<u64>, mut stop: watch::Receiver<bool>) -> u64 {
+async fn ping_pong(
+    mut stream: TcpStream,
+    client: usize,
+    rounds: watch::Sender<u64>,
+    mut stop: watch::Receiver<bool>,
+) -> u64 {
     let mut round: u64 = 0;
     let mut total = 0;
     let mut echoed = vec![0; 4096];
@@ -175,6 +180,9 @@ async fn a_successor_killed_mid_migration_leaves_every_connection_migrated_or_dr
         "{drained}"
     );
     let returned = server.wait_for_log(|l| l.contains("connection not migrated; draining it"));
-    assert!(returned.contains("the successor did not take the connection"), "{returned}");
+    assert!(
+        returned.contains("the successor did not take the connection"),
+        "{returned}"
+    );
     server.wait_for_exit(old, Duration::from_secs(20));
 }

@@ -113,8 +113,7 @@ impl Drain {
     {
         let drain = self.clone();
         let receiver: Arc<Receiver> = Arc::new(move |stream, entry| {
-            let state = S::deserialize(&entry.state.0)
-                .map_err(|e| format!("a state this process cannot read: {e}"))?;
+            let state = S::deserialize(&entry.state.0).map_err(|e| format!("a state this process cannot read: {e}"))?;
             let resumed = Resumed {
                 stream,
                 state,
@@ -124,5 +123,175 @@ impl Drain {
             Ok(Box::new(move || drain.spawn(strategy, resumed)))
         });
         handoff.migration().inbound().register(listener, protocol, receiver);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+    use serde::Deserialize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::migration::{Inbound, Outbound};
+    use crate::wire::{pair, Channel, Message};
+
+    #[derive(Debug, PartialEq, Deserialize)]
+    struct Count {
+        n: u64,
+    }
+
+    type Taken = (TcpStream, Count, Vec<u8>);
+
+    /// An accepted connection and its client.
+    async fn connection() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        (listener.accept().await.unwrap().0, client)
+    }
+
+    /// A drain migrating over a channel; the channel's other end.
+    fn migrating_drain() -> (Drain, Channel) {
+        let (ours, theirs) = pair().unwrap();
+        let (outbound, pending) = Outbound::new();
+        pending.start(Channel::new(ours).unwrap());
+        let drain = Drain::builder().build();
+        drain.shared.migration.set(outbound).unwrap();
+        (drain, Channel::new(theirs).unwrap())
+    }
+
+    /// A successor resuming `echo` connections whose state is a `Count`.
+    fn successor(mut channel: Channel) -> mpsc::UnboundedReceiver<Taken> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inbound = Arc::new(Inbound::default());
+        let receiver: Arc<Receiver> = Arc::new(move |stream, entry| {
+            let state =
+                Count::deserialize(&entry.state.0).map_err(|e| format!("a state this process cannot read: {e}"))?;
+            let (tx, leftover) = (tx.clone(), entry.leftover.clone());
+            Ok(Box::new(move || drop(tx.send((stream, state, leftover)))))
+        });
+        inbound.register("echo", Protocol::RawTcp, receiver);
+        tokio::spawn(async move { inbound.receive(&mut channel).await });
+        rx
+    }
+
+    fn handover<'a, T: ?Sized>(state: &'a T, leftover: &'a [u8]) -> Handover<'a, T> {
+        Handover {
+            listener: "echo",
+            protocol: Protocol::RawTcp,
+            state,
+            leftover,
+        }
+    }
+
+    /// The client's next bytes reach `stream`: it is still the same live connection.
+    async fn still_connected(stream: &mut TcpStream, client: &mut TcpStream) {
+        client.write_all(b"ok").await.unwrap();
+        let mut got = [0; 2];
+        stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ok");
+    }
+
+    #[tokio::test]
+    async fn a_connection_moves_with_its_state_and_leftover_bytes() {
+        let (drain, channel) = migrating_drain();
+        let mut taken = successor(channel);
+        let (stream, mut client) = connection().await;
+        let tracked = drain.track();
+        assert_eq!(
+            tracked.turn_to_close_or_migrate().now_or_never(),
+            None,
+            "not before the drain"
+        );
+        drain.shared.draining.cancel();
+        assert_eq!(tracked.turn_to_close_or_migrate().await, Turn::Migrate);
+        tracked
+            .migrate(stream, handover(&serde_json::json!({"n": 3}), b"abc"))
+            .await
+            .unwrap();
+        let (mut stream, state, leftover) = taken.recv().await.unwrap();
+        assert_eq!((state, leftover), (Count { n: 3 }, b"abc".to_vec()));
+        still_connected(&mut stream, &mut client).await;
+        drop(tracked);
+        assert_eq!(drain.drain().await.migrated, 1);
+    }
+
+    #[tokio::test]
+    async fn a_state_the_successor_cannot_read_is_refused_and_the_stream_comes_back() {
+        let (drain, channel) = migrating_drain();
+        let mut taken = successor(channel);
+        let (stream, mut client) = connection().await;
+        let tracked = drain.track();
+        let returned = tracked.migrate(stream, handover("not a count", &[])).await.unwrap_err();
+        let MigrationError::Refused { reason } = &returned.error else {
+            panic!("{:?}", returned.error)
+        };
+        assert!(
+            reason.contains("`echo`") && reason.contains("a state this process cannot read"),
+            "{reason}"
+        );
+        let mut stream = returned.stream;
+        still_connected(&mut stream, &mut client).await;
+        assert!(taken.try_recv().is_err(), "the successor resumed nothing");
+        drop(tracked);
+        assert_eq!(drain.drain().await.migrated, 0);
+    }
+
+    #[tokio::test]
+    async fn a_state_too_large_or_unserializable_is_refused_before_sending() {
+        let (drain, channel) = migrating_drain();
+        let mut taken = successor(channel);
+        let (stream, _client) = connection().await;
+        let tracked = drain.track();
+        let huge = "x".repeat(crate::wire::migration::MAX_STATE_BYTES);
+        let returned = tracked.migrate(stream, handover(&huge, &[])).await.unwrap_err();
+        assert!(
+            matches!(returned.error, MigrationError::StateTooLarge { .. }),
+            "{:?}",
+            returned.error
+        );
+        let map: std::collections::HashMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        let returned = tracked.migrate(returned.stream, handover(&map, &[])).await.unwrap_err();
+        assert!(
+            matches!(returned.error, MigrationError::StateMalformed(_)),
+            "{:?}",
+            returned.error
+        );
+        let leftover = vec![0; crate::wire::migration::MAX_LEFTOVER_BYTES + 1];
+        let returned = tracked
+            .migrate(returned.stream, handover(&0, &leftover))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(returned.error, MigrationError::LeftoverTooLarge { .. }),
+            "{:?}",
+            returned.error
+        );
+        assert!(taken.try_recv().is_err());
+    }
+
+    /// A successor that takes the descriptors but does not answer in time: the connection
+    /// comes back, and its late answer cannot be sent, so it knows not to serve its copy.
+    #[tokio::test(start_paused = true)]
+    async fn without_an_acknowledgement_in_time_the_connection_comes_back_and_the_late_one_fails() {
+        let (drain, mut successor) = migrating_drain();
+        let (stream, mut client) = connection().await;
+        let tracked = drain.track();
+        let migrating = tracked.migrate(stream, handover(&0, &[]));
+        let (returned, batch) = tokio::join!(migrating, successor.recv("migrate"));
+        let returned = returned.unwrap_err();
+        assert!(
+            matches!(returned.error, MigrationError::SuccessorGone { .. }),
+            "{:?}",
+            returned.error
+        );
+        let Message::Migrate { index, .. } = batch.unwrap().message else {
+            panic!("a batch")
+        };
+        let mut stream = returned.stream;
+        still_connected(&mut stream, &mut client).await;
+        let late = successor.send(&Message::Migrated { index, refused: vec![] }, &[]).await;
+        assert!(late.unwrap_err().is_peer_gone());
     }
 }

@@ -28,7 +28,9 @@ pub(crate) struct Outbound {
 /// One connection on its way.
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Request").field("entry", &self.entry).finish_non_exhaustive()
+        f.debug_struct("Request")
+            .field("entry", &self.entry)
+            .finish_non_exhaustive()
     }
 }
 
