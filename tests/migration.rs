@@ -82,7 +82,7 @@ async fn tcp_streams_stay_byte_exact_through_ten_upgrades() {
         let new = tokio::task::block_in_place(|| server.upgrade_and_settle());
         let drained = drained_line(&server, old);
         assert!(
-            drained.contains(&format!("connections={CLIENTS} migrated={CLIENTS} forced=0")),
+            drained.contains(&format!("connections={CLIENTS} forced=0 aborted=0 migrated={CLIENTS} ")),
             "{drained}"
         );
         for rounds in &mut progress {
@@ -176,7 +176,7 @@ async fn a_successor_killed_mid_migration_leaves_every_connection_migrated_or_dr
 
     let drained = drained_line(&server, old);
     assert!(
-        drained.contains(&format!("connections={} migrated={IDLE} forced=0", IDLE + 1)),
+        drained.contains(&format!("connections={} forced=0 aborted=0 migrated={IDLE} ", IDLE + 1)),
         "{drained}"
     );
     let returned = server.wait_for_log(|l| l.contains("connection not migrated; draining it"));

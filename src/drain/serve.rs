@@ -131,9 +131,9 @@ impl Drain {
             pid = std::process::id(),
             generation = handoff.generation(),
             connections = report.connections,
-            migrated = report.migrated,
             forced = report.forced,
             aborted = report.aborted,
+            migrated = report.migrated,
             drain_ms = report.elapsed.as_millis() as u64,
             "drained"
         );
