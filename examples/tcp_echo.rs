@@ -1,10 +1,13 @@
 //! Raw TCP echo, drained by half-close: once a successor serves, each client reads every byte
-//! already echoed, then EOF, and never a reset.
+//! already echoed, then EOF, and never a reset. With `--migrate`, each connection moves to
+//! the successor instead (with how many bytes it has echoed, its state): the client sees
+//! neither EOF nor a reconnect, and not a byte lost, duplicated or reordered.
 //!
 //! ```text
-//! cargo run --example tcp_echo -- --pid-file /tmp/tcp_echo.pid &
+//! cargo run --example tcp_echo -- --pid-file /tmp/tcp_echo.pid [--migrate] &
 //! socat - TCP:127.0.0.1:8082         # type lines; they come back
 //! kill -USR2 $(cat /tmp/tcp_echo.pid) # socat sees EOF; a new socat reaches the successor
+//!                                     # (with --migrate: socat goes on, served by the successor)
 //! ```
 
 mod common;
@@ -12,7 +15,9 @@ mod common;
 use std::sync::Arc;
 
 use clap::Parser;
-use handoff::drain::{tcp, DrainStrategy, TrackedConnection};
+use handoff::drain::{tcp, DrainStrategy, TrackedConnection, Turn};
+use handoff::migration::{Handover, Protocol, Resumed};
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -21,7 +26,13 @@ use tokio::net::TcpStream;
 struct Args {
     #[command(flatten)]
     server: common::ServerFlags,
+    /// Move established connections to the successor instead of draining them.
+    #[arg(long)]
+    migrate: bool,
 }
+
+/// The name of the listener, under which connections also migrate.
+const LISTENER: &str = "echo";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -30,38 +41,84 @@ async fn main() -> anyhow::Result<()> {
     let handoff = args.server.builder().start().await?;
     let listener = handoff
         .registry()
-        .tcp("echo", args.server.listen_or("127.0.0.1:8082"))?;
+        .tcp(LISTENER, args.server.listen_or("127.0.0.1:8082"))?;
+    let drain = args.server.drain();
+    let echo = Arc::new(Echo { migrate: args.migrate });
+    if args.migrate {
+        // Before ready(): the predecessor migrates as soon as it has committed.
+        drain.resume_migrated::<EchoState, _>(&handoff, LISTENER, Protocol::RawTcp, echo.clone());
+    }
     handoff.ready().await?;
-    tracing::info!(address = %listener.local_addr()?, generation = handoff.generation(), "serving tcp_echo");
-    args.server.drain().serve(&handoff, listener, Arc::new(Echo)).await;
+    tracing::info!(address = %listener.local_addr()?, generation = handoff.generation(), migrate = args.migrate, "serving tcp_echo");
+    drain.serve(&handoff, listener, echo).await;
     common::log_exit(&handoff);
     Ok(())
 }
 
-/// Echoes until the drain reaches this connection, then half-closes.
-struct Echo;
+/// Echoes until the drain reaches this connection; then migrates it (`--migrate`), or
+/// half-closes.
+struct Echo {
+    migrate: bool,
+}
+
+/// What a connection carries to the successor.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct EchoState {
+    /// Bytes echoed so far, over every generation.
+    echoed: u64,
+}
 
 impl DrainStrategy<TcpStream> for Echo {
-    async fn serve(&self, mut stream: TcpStream, connection: TrackedConnection) {
-        let mut buf = vec![0; 16 * 1024];
-        loop {
-            tokio::select! {
-                // A chunk read is echoed whole before the drain is looked at again: the client
-                // gets an exact prefix of its bytes back.
-                read = stream.read(&mut buf) => match read {
-                    Ok(0) | Err(_) => return,
-                    // A client that does not read cannot hold the write past the deadline.
-                    Ok(n) => match connection.until_deadline(stream.write_all(&buf[..n])).await {
-                        Some(Ok(())) => {}
-                        Some(Err(_)) | None => return,
-                    },
+    async fn serve(&self, stream: TcpStream, connection: TrackedConnection) {
+        echo(stream, EchoState::default(), self.migrate, connection).await;
+    }
+}
+
+impl DrainStrategy<Resumed<EchoState>> for Echo {
+    async fn serve(&self, resumed: Resumed<EchoState>, connection: TrackedConnection) {
+        tracing::debug!(echoed = resumed.state.echoed, "connection resumed");
+        // This echo hands over only between chunks, so `resumed.leftover` is empty.
+        echo(resumed.stream, resumed.state, self.migrate, connection).await;
+    }
+}
+
+async fn echo(mut stream: TcpStream, mut state: EchoState, migrate: bool, connection: TrackedConnection) {
+    let mut buf = vec![0; 16 * 1024];
+    let turn = loop {
+        tokio::select! {
+            // A chunk read is echoed whole before the drain is looked at again: the client
+            // gets an exact prefix of its bytes back, and the turn comes at a safe point
+            // (nothing read and not echoed, nothing half-written).
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                // A client that does not read cannot hold the write past the deadline.
+                Ok(n) => match connection.until_deadline(stream.write_all(&buf[..n])).await {
+                    Some(Ok(())) => state.echoed += n as u64,
+                    Some(Err(_)) | None => return,
                 },
-                () = connection.turn_to_close() => break,
+            },
+            turn = connection.turn_to_close_or_migrate(), if migrate => break turn,
+            () = connection.turn_to_close(), if !migrate => break Turn::Close,
+        }
+    };
+    if turn == Turn::Migrate {
+        drop(buf);
+        let handover = Handover {
+            listener: LISTENER,
+            protocol: Protocol::RawTcp,
+            state: &state,
+            leftover: &[],
+        };
+        match connection.migrate(stream, handover).await {
+            Ok(()) => return,
+            Err(returned) => {
+                tracing::info!(error = %returned.error, "connection not migrated; draining it");
+                stream = returned.stream;
             }
         }
-        match tcp::finish(stream, &connection).await {
-            Ok(finished) => tracing::debug!(?finished, "connection drained"),
-            Err(error) => tracing::debug!(%error, "connection ended with an error while draining"),
-        }
+    }
+    match tcp::finish(stream, &connection).await {
+        Ok(finished) => tracing::debug!(?finished, "connection drained"),
+        Err(error) => tracing::debug!(%error, "connection ended with an error while draining"),
     }
 }

@@ -62,6 +62,7 @@ pub mod control;
 pub mod drain;
 mod error;
 mod lifecycle;
+pub mod migration;
 mod registry;
 mod systemd;
 pub mod wire;

@@ -14,7 +14,7 @@ const NO_SLOT: u64 = u64::MAX;
 /// One open connection's view of the drain. Dropping it marks the connection closed.
 #[derive(Debug)]
 pub struct TrackedConnection {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     /// This connection's close slot when closes are spread, assigned on first use.
     slot: AtomicU64,
 }

@@ -15,6 +15,7 @@ pub mod http;
 #[cfg(feature = "http")]
 mod linger;
 mod listener;
+mod migrate;
 mod serve;
 mod shared_connection;
 mod strategy;
@@ -25,6 +26,7 @@ pub mod websocket;
 
 pub use connection::TrackedConnection;
 pub use listener::Listener;
+pub use migrate::Turn;
 pub use shared_connection::SharedConnection;
 pub use strategy::DrainStrategy;
 pub use tracker::{Builder, Drain, DrainReport};

@@ -117,7 +117,8 @@ impl Drain {
     {
         handoff.count_connections::<S>(self);
         let reason = self.accept(listener, strategy, handoff.shutdown_signal()).await;
-        tracing::info!(?reason, connections = self.open(), "draining");
+        let migrating = matches!(reason, crate::Shutdown::Upgraded { .. }) && self.migrate_with(handoff);
+        tracing::info!(?reason, connections = self.open(), migrating, "draining");
         let report = tokio::select! {
             biased;
             report = self.drain() => report,
@@ -133,6 +134,7 @@ impl Drain {
             connections = report.connections,
             forced = report.forced,
             aborted = report.aborted,
+            migrated = report.migrated,
             drain_ms = report.elapsed.as_millis() as u64,
             "drained"
         );

@@ -75,6 +75,10 @@ pub(super) struct Shared {
     aborted: OnceLock<usize>,
     /// Close spreading: the next free close slot, in nanoseconds after the drain started.
     pub(super) next_slot: AtomicU64,
+    /// The way to a committed successor, once connections are to migrate.
+    pub(super) migration: OnceLock<crate::migration::Outbound>,
+    /// Connections the successor has taken.
+    pub(super) migrated: AtomicUsize,
 }
 
 /// The start of the drain, recorded once (a second `drain()` call reports the same drain).
@@ -148,6 +152,8 @@ impl Builder {
                 reached: OnceLock::new(),
                 aborted: OnceLock::new(),
                 next_slot: AtomicU64::new(0),
+                migration: OnceLock::new(),
+                migrated: AtomicUsize::new(0),
             }),
         }
     }
@@ -168,6 +174,9 @@ pub struct DrainReport {
     /// From the start of the drain to its end.
     #[serde(rename = "elapsed_ms", serialize_with = "millis")]
     pub elapsed: Duration,
+    /// Of the connections open when the drain started, the ones migrated to the successor
+    /// ([`TrackedConnection::migrate`]) rather than drained.
+    pub migrated: usize,
 }
 
 impl Drain {
@@ -274,6 +283,7 @@ impl Drain {
             forced: self.forced(),
             aborted: shared.aborted.get().copied().unwrap_or(0),
             elapsed: started.at.elapsed(),
+            migrated: shared.migrated.load(Ordering::Relaxed),
         }
     }
 

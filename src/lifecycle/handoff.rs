@@ -63,6 +63,8 @@ struct Inner {
     connections: Connections,
     /// The phase of the upgrade under way, if any.
     progress: Phases,
+    /// Established connections: sent to a committed successor, received from a predecessor.
+    migration: crate::migration::Endpoints,
 }
 
 impl Handoff {
@@ -107,11 +109,17 @@ impl Handoff {
                 counters: Counters::default(),
                 connections: Connections::default(),
                 progress: Phases::default(),
+                migration: Default::default(),
             }),
         };
         tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");
         signals.serve(&handoff);
         Ok(handoff)
+    }
+
+    /// The two ends of live migration (see [`crate::migration`]).
+    pub(crate) fn migration(&self) -> &crate::migration::Endpoints {
+        &self.inner.migration
     }
 
     /// The registry of this process's named sockets.
@@ -316,7 +324,7 @@ impl Handoff {
         let handoff = self.clone();
         tokio::spawn(async move {
             if !vanished {
-                channel.closed().await;
+                handoff.inner.migration.inbound().receive(&mut channel).await;
             }
             drop(channel);
             // The next upgrade is allowed before anyone can read that it is.
@@ -451,11 +459,12 @@ impl Handoff {
     async fn commit(&self, successor: ReadySuccessor) -> Result<UpgradeReport, UpgradeError> {
         let pid = successor.report().successor_pid;
         let event = Event::Commit { successor_pid: pid };
+        let migration = self.inner.migration.prepare_outbound();
         match self.inner.lifecycle.apply_with(event, |_| successor.commit()) {
             Ok(Ok(effect)) => {
                 self.carry_out(effect);
                 let report = successor.report().clone();
-                successor.keep_until_exit();
+                migration.start(successor.keep_until_exit());
                 Ok(report)
             }
             Ok(Err(source)) => {

@@ -189,9 +189,10 @@ impl ReadySuccessor {
             .unwrap_or_else(|| Err(WireError::Io(std::io::ErrorKind::WouldBlock.into())))
     }
 
-    /// After the commit: keeps our end of the channel open until this process exits (the
-    /// successor reads our exit as EOF) and reaps the successor should it die first.
-    pub fn keep_until_exit(self) {
+    /// After the commit: reaps the successor should it die first, and returns our end of the
+    /// channel, which the caller keeps open until this process exits (the successor reads
+    /// our exit as EOF).
+    pub fn keep_until_exit(self) -> Channel {
         let Self {
             mut child,
             channel,
@@ -199,11 +200,11 @@ impl ReadySuccessor {
         } = self;
         let mut child = child.disarm();
         tokio::spawn(async move {
-            let _channel = channel;
             if let Ok(status) = child.wait().await {
                 tracing::error!(successor_pid = report.successor_pid, %status, "successor exited while this process drains");
             }
         });
+        channel
     }
 
     /// Instead of the commit: tells the successor why, gives it a moment to exit on its own

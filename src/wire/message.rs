@@ -19,15 +19,18 @@
 //! on anything else it received; `Hello` keeps its shape in every protocol version.
 //!
 //! Either side may send `Abort` instead of its next message and close the channel.
+//!
+//! After the commit, the predecessor may migrate established connections on the same
+//! channel (`Migrate`, answered by `Migrated`; see [`migration`](super::migration)).
 
 use serde::{Deserialize, Serialize};
 
-use super::{SocketEntry, WireError};
+use super::{ConnectionEntry, RefusedConnection, SocketEntry, WireError};
 
 /// The version of this protocol. Both sides refuse a peer that speaks another one.
 ///
-/// 3 added `ExtendStartup`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 3 added `ExtendStartup`; 4 added `Migrate` and `Migrated`.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest message either side sends or accepts. A batch of 200 entries with long names
 /// and Unix paths stays well under it, and it fits the default `SO_SNDBUF` of a Unix socket.
@@ -96,6 +99,22 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// After the commit, from the predecessor: established connections, their descriptors
+    /// attached in the same order (see [`wire::migration`](super::migration)).
+    Migrate {
+        /// The position of this batch, from 0.
+        index: u64,
+        /// One entry per attached descriptor.
+        connections: Vec<ConnectionEntry>,
+    },
+    /// The successor's answer to `Migrate`: it took every connection of batch `index` but the
+    /// refused ones, which the predecessor drains.
+    Migrated {
+        /// The batch answered.
+        index: u64,
+        /// The connections not taken.
+        refused: Vec<RefusedConnection>,
+    },
 }
 
 impl Message {
@@ -111,6 +130,8 @@ impl Message {
             Self::Ready { .. } => "ready",
             Self::Commit => "commit",
             Self::Abort { .. } => "abort",
+            Self::Migrate { .. } => "migrate",
+            Self::Migrated { .. } => "migrated",
         }
     }
 
@@ -122,10 +143,12 @@ impl Message {
     /// the rest is not encoded, so a huge message costs no huge buffer (`bytes` then says
     /// how far the encoding got, not the full size).
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
-        let mut out = Bounded(Vec::new());
+        let mut out = Bounded::new(MAX_MESSAGE_BYTES);
         match serde_json::to_writer(&mut out, self) {
-            Ok(()) => Ok(out.0),
-            Err(e) if e.is_io() => Err(WireError::MessageTooLarge { bytes: out.0.len() + 1 }),
+            Ok(()) => Ok(out.bytes),
+            Err(e) if e.is_io() => Err(WireError::MessageTooLarge {
+                bytes: out.bytes.len() + 1,
+            }),
             Err(e) => Err(WireError::Malformed(e)),
         }
     }
@@ -145,15 +168,27 @@ impl Message {
     }
 }
 
-/// A buffer that refuses to grow past [`MAX_MESSAGE_BYTES`].
-struct Bounded(Vec<u8>);
+/// A buffer that refuses to grow past a limit: a huge value costs no huge buffer.
+pub(crate) struct Bounded {
+    pub(crate) bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl Bounded {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            bytes: Vec::new(),
+            limit,
+        }
+    }
+}
 
 impl std::io::Write for Bounded {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(std::io::Error::other("message too large"));
+        if self.bytes.len() + bytes.len() > self.limit {
+            return Err(std::io::Error::other("over the limit"));
         }
-        self.0.extend_from_slice(bytes);
+        self.bytes.extend_from_slice(bytes);
         Ok(bytes.len())
     }
 
@@ -236,10 +271,10 @@ mod tests {
 
     #[test]
     fn another_version_is_refused_with_both_numbers() {
-        // Protocol 2 had no `ExtendStartup`: a peer speaking it would take one for garbage.
-        let err = check_version(2).unwrap_err();
-        assert!(matches!(err, WireError::UnsupportedVersion { ours: 3, theirs: 2 }));
-        assert_eq!(err.to_string(), "peer speaks handoff protocol 2, this process speaks 3");
+        // Protocol 3 had no migration: a peer speaking it would take a `Migrate` for garbage.
+        let err = check_version(3).unwrap_err();
+        assert!(matches!(err, WireError::UnsupportedVersion { ours: 4, theirs: 3 }));
+        assert_eq!(err.to_string(), "peer speaks handoff protocol 3, this process speaks 4");
         check_version(PROTOCOL_VERSION).unwrap();
     }
 

@@ -80,7 +80,7 @@ fn show(address: Option<std::net::SocketAddr>) -> String {
 }
 
 /// Names what a descriptor is when it is not a socket, for the error message.
-fn describe_non_socket(fd: std::os::fd::BorrowedFd<'_>) -> &'static str {
+pub(super) fn describe_non_socket(fd: std::os::fd::BorrowedFd<'_>) -> &'static str {
     let Ok(stat) = fstat(fd) else {
         return "an invalid descriptor";
     };

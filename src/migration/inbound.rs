@@ -1,0 +1,133 @@
+//! The successor's side: receivers registered by listener name, and the loop that checks each
+//! batch, acknowledges it, and only then resumes its connections.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpStream;
+
+use super::Resume;
+use crate::wire::migration::{MAX_LEFTOVER_BYTES, MAX_STATE_BYTES};
+use crate::wire::{verify_connection, Channel, ConnectionEntry, Message, Protocol, Received, RefusedConnection};
+
+/// Turns a checked connection into its resumption (not started yet), or says why not.
+pub(crate) type Receiver = dyn Fn(TcpStream, &ConnectionEntry) -> Result<Resume, String> + Send + Sync;
+
+/// The receivers of migrated connections, by listener name.
+#[derive(Default)]
+pub(crate) struct Inbound {
+    receivers: Mutex<HashMap<String, (Protocol, Arc<Receiver>)>>,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let receivers = self.receivers.lock().unwrap_or_else(|p| p.into_inner());
+        let names: Vec<(&String, &Protocol)> = receivers.iter().map(|(name, (p, _))| (name, p)).collect();
+        f.debug_struct("Inbound").field("receivers", &names).finish()
+    }
+}
+
+impl Inbound {
+    /// Connections of `listener` speaking `protocol` go to `receiver` from now on (replacing
+    /// an earlier one).
+    pub(crate) fn register(&self, listener: &str, protocol: Protocol, receiver: Arc<Receiver>) {
+        let mut receivers = self.receivers.lock().unwrap_or_else(|p| p.into_inner());
+        receivers.insert(listener.to_owned(), (protocol, receiver));
+    }
+
+    /// Receives batches until the predecessor closes the channel (it exited). Other messages
+    /// are ignored; a message that cannot be read is skipped (its descriptors closed): the
+    /// predecessor, without an acknowledgement, drains that batch.
+    pub(crate) async fn receive(&self, channel: &mut Channel) {
+        loop {
+            match channel.recv_or_eof().await {
+                Ok(None) => return,
+                Ok(Some(Received {
+                    message: Message::Migrate { index, connections },
+                    fds,
+                    ..
+                })) => self.take_batch(channel, index, connections, fds).await,
+                Ok(Some(_)) => {}
+                Err(error) if error.is_peer_gone() || matches!(error, crate::wire::WireError::Io(_)) => return,
+                Err(error) => tracing::warn!(%error, "unreadable message from the predecessor; ignored"),
+            }
+        }
+    }
+
+    /// Checks every connection, answers, and resumes the ones taken only if the answer left:
+    /// if it could not (the predecessor gave up waiting and stopped receiving), our copies
+    /// close unused and the predecessor drains them.
+    async fn take_batch(&self, channel: &Channel, index: u64, entries: Vec<ConnectionEntry>, fds: Vec<OwnedFd>) {
+        let (resumes, refused) = self.check_batch(entries, fds);
+        let taken = resumes.len();
+        match channel.send(&Message::Migrated { index, refused }, &[]).await {
+            Ok(()) => {
+                tracing::info!(batch = index, connections = taken, "migrated connections received");
+                for resume in resumes {
+                    resume();
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, batch = index, "could not acknowledge migrated connections; the predecessor drains them")
+            }
+        }
+    }
+
+    fn check_batch(&self, entries: Vec<ConnectionEntry>, fds: Vec<OwnedFd>) -> (Vec<Resume>, Vec<RefusedConnection>) {
+        let mut refused = Vec::new();
+        let mut resumes = Vec::with_capacity(fds.len());
+        if entries.len() != fds.len() {
+            let reason = format!(
+                "{} connections described, {} descriptors attached",
+                entries.len(),
+                fds.len()
+            );
+            refused.extend((0..entries.len()).map(|position| RefusedConnection {
+                position,
+                reason: reason.clone(),
+            }));
+            return (resumes, refused);
+        }
+        for (position, (entry, fd)) in entries.into_iter().zip(fds).enumerate() {
+            match self.check_one(&entry, fd) {
+                Ok(resume) => resumes.push(resume),
+                Err(problem) => {
+                    let reason = format!("{entry}: {problem}");
+                    tracing::warn!(%reason, "refused a migrated connection");
+                    refused.push(RefusedConnection { position, reason });
+                }
+            }
+        }
+        (resumes, refused)
+    }
+
+    fn check_one(&self, entry: &ConnectionEntry, fd: OwnedFd) -> Result<Resume, String> {
+        verify_connection(entry, fd.as_fd()).map_err(|e| match e {
+            crate::wire::WireError::SocketMismatch { problem, .. } => problem,
+            other => other.to_string(),
+        })?;
+        let state = entry.state.json().len();
+        if state > MAX_STATE_BYTES {
+            return Err(format!("a state of {state} bytes, more than {MAX_STATE_BYTES}"));
+        }
+        let leftover = entry.leftover.len();
+        if leftover > MAX_LEFTOVER_BYTES {
+            return Err(format!("{leftover} unconsumed bytes, more than {MAX_LEFTOVER_BYTES}"));
+        }
+        let receiver = {
+            let receivers = self.receivers.lock().unwrap_or_else(|p| p.into_inner());
+            match receivers.get(&entry.listener) {
+                Some((protocol, receiver)) if *protocol == entry.protocol => receiver.clone(),
+                Some((protocol, _)) => {
+                    return Err(format!("this process resumes {protocol} connections of that listener"))
+                }
+                None => return Err("no receiver for migrated connections of that listener".into()),
+            }
+        };
+        let stream = std::net::TcpStream::from(fd);
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let stream = TcpStream::from_std(stream).map_err(|e| e.to_string())?;
+        receiver(stream, entry)
+    }
+}

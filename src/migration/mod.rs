@@ -1,0 +1,186 @@
+//! Live migration: established connections move to the successor with their state and the
+//! bytes read but not consumed, instead of being drained. Opt-in, per connection.
+//!
+//! After the commit, the old process's drain starts as usual; a connection whose task asks
+//! with [`TrackedConnection::turn_to_close_or_migrate`] is told [`Turn::Migrate`], stops at a
+//! safe point of its own loop (nothing half-written, nothing read that is not in its state or
+//! its leftover bytes), and hands its stream over with
+//! [`TrackedConnection::migrate`]. The library sends it (descriptor, protocol, listener
+//! name, state, leftover) in batches over the handoff channel; the old process keeps its copy
+//! until the successor acknowledges the batch. A connection the successor refuses, or that
+//! it never acknowledges (it died, or did not answer within 5 s), comes back as a
+//! [`Returned`] to be drained the old way: every connection ends migrated or drained, never
+//! both, never neither.
+//!
+//! The successor registers, before [`Handoff::ready`](crate::Handoff::ready), what resumes
+//! the connections of a listener: [`Drain::resume_migrated`](crate::drain::Drain::resume_migrated)
+//! with a [`DrainStrategy`](crate::drain::DrainStrategy) for [`Resumed`] connections. A
+//! resumed connection is tracked by that drain like an accepted one, so it migrates again at
+//! the next upgrade.
+//!
+//! # Examples
+//!
+//! An echo that migrates its connections (see `examples/tcp_echo.rs` for the whole server):
+//!
+//! ```no_run
+//! use handoff::drain::{tcp, DrainStrategy, TrackedConnection};
+//! use handoff::migration::{Handover, Protocol, Resumed, Turn};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! use tokio::net::TcpStream;
+//!
+//! struct Echo;
+//!
+//! async fn echo(mut stream: TcpStream, mut echoed: u64, connection: TrackedConnection) {
+//!     let mut buf = [0; 4096];
+//!     let turn = loop {
+//!         tokio::select! {
+//!             read = stream.read(&mut buf) => match read {
+//!                 Ok(0) | Err(_) => return,
+//!                 // Echoed whole before the turn is looked at again: a safe point.
+//!                 Ok(n) => match connection.until_deadline(stream.write_all(&buf[..n])).await {
+//!                     Some(Ok(())) => echoed += n as u64,
+//!                     Some(Err(_)) | None => return,
+//!                 },
+//!             },
+//!             turn = connection.turn_to_close_or_migrate() => break turn,
+//!         }
+//!     };
+//!     if turn == Turn::Migrate {
+//!         let handover = Handover { listener: "echo", protocol: Protocol::RawTcp, state: &echoed, leftover: &[] };
+//!         match connection.migrate(stream, handover).await {
+//!             Ok(()) => return, // the successor serves it now
+//!             Err(returned) => stream = returned.stream, // drain it as before
+//!         }
+//!     }
+//!     let _ = tcp::finish(stream, &connection).await;
+//! }
+//!
+//! impl DrainStrategy<TcpStream> for Echo {
+//!     async fn serve(&self, stream: TcpStream, connection: TrackedConnection) {
+//!         echo(stream, 0, connection).await
+//!     }
+//! }
+//!
+//! impl DrainStrategy<Resumed<u64>> for Echo {
+//!     async fn serve(&self, resumed: Resumed<u64>, connection: TrackedConnection) {
+//!         // `resumed.leftover` is empty: this echo hands over only at a safe point.
+//!         echo(resumed.stream, resumed.state, connection).await
+//!     }
+//! }
+//! ```
+//!
+//! # Limits
+//!
+//! Raw TCP connections (IPv4 and IPv6) move; TLS connections are drained (their session keys
+//! do not move). The state is at most [`MAX_STATE_BYTES`]
+//! of JSON, the leftover at most [`MAX_LEFTOVER_BYTES`].
+//! A connection handed to the successor after it has started to stop is drained there.
+
+mod error;
+mod inbound;
+mod outbound;
+
+use std::sync::Mutex;
+
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+pub use crate::drain::Turn;
+pub use crate::wire::Protocol;
+pub use error::{MigrationError, Returned};
+pub(crate) use inbound::{Inbound, Receiver};
+pub(crate) use outbound::{Outbound, PendingOutbound};
+
+use crate::wire::migration::{State, MAX_LEFTOVER_BYTES, MAX_STATE_BYTES};
+use crate::wire::{Bounded, ConnectionEntry};
+
+#[doc(no_inline)]
+pub use crate::drain::TrackedConnection;
+
+/// What a connection hands over with its stream: see [`TrackedConnection::migrate`].
+#[derive(Debug, Clone, Copy)]
+pub struct Handover<'a, T: ?Sized> {
+    /// The name of the listener it was accepted from: the successor resumes it with what it
+    /// registered for that name.
+    pub listener: &'a str,
+    /// The protocol it speaks.
+    pub protocol: Protocol,
+    /// The application's state for it, serialized as JSON (at most
+    /// [`MAX_STATE_BYTES`]).
+    pub state: &'a T,
+    /// The bytes read from the stream but not consumed, which the successor consumes first.
+    pub leftover: &'a [u8],
+}
+
+impl<T: Serialize + ?Sized> Handover<'_, T> {
+    /// The entry that travels for `stream`, after every check this side can make.
+    pub(crate) fn entry(&self, stream: &TcpStream) -> Result<ConnectionEntry, MigrationError> {
+        if self.leftover.len() > MAX_LEFTOVER_BYTES {
+            return Err(MigrationError::LeftoverTooLarge {
+                bytes: self.leftover.len(),
+                limit: MAX_LEFTOVER_BYTES,
+            });
+        }
+        let mut json = Bounded::new(MAX_STATE_BYTES);
+        if let Err(e) = serde_json::to_writer(&mut json, self.state) {
+            return Err(if e.is_io() {
+                MigrationError::StateTooLarge { limit: MAX_STATE_BYTES }
+            } else {
+                MigrationError::StateMalformed(e)
+            });
+        }
+        let state = serde_json::from_slice(&json.bytes).map_err(MigrationError::StateMalformed)?;
+        Ok(ConnectionEntry {
+            listener: self.listener.to_owned(),
+            protocol: self.protocol,
+            local: stream.local_addr()?,
+            peer: stream.peer_addr()?,
+            state: State(state),
+            leftover: self.leftover.to_vec(),
+        })
+    }
+}
+
+/// A connection migrated from the predecessor, as the successor resumes it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Resumed<S> {
+    /// The stream: the same kernel socket, with every byte the predecessor did not read still
+    /// in its receive buffer.
+    pub stream: TcpStream,
+    /// The state the predecessor handed over.
+    pub state: S,
+    /// The bytes the predecessor had read but not consumed: consume them first.
+    pub leftover: Vec<u8>,
+}
+
+/// A checked connection's resumption, started once its batch is acknowledged.
+pub(crate) type Resume = Box<dyn FnOnce() + Send>;
+
+/// This process's ends of the migration: the outbound one once it commits to a successor,
+/// the receivers of what a predecessor sends.
+#[derive(Debug, Default)]
+pub(crate) struct Endpoints {
+    outbound: Mutex<Option<Outbound>>,
+    inbound: Inbound,
+}
+
+impl Endpoints {
+    /// Just before a commit: the way to that successor, in place before anyone can learn of
+    /// the commit. Start the engine once committed; dropped, the way is closed.
+    pub(crate) fn prepare_outbound(&self) -> PendingOutbound {
+        let (outbound, pending) = Outbound::new();
+        *self.outbound.lock().unwrap_or_else(|p| p.into_inner()) = Some(outbound);
+        pending
+    }
+
+    /// The way to the committed successor, if any.
+    pub(crate) fn outbound(&self) -> Option<Outbound> {
+        self.outbound.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The receivers of migrated connections.
+    pub(crate) fn inbound(&self) -> &Inbound {
+        &self.inbound
+    }
+}

@@ -1,0 +1,188 @@
+//! Live migration with real clients across real upgrades: `tcp_echo --migrate`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{example, Server, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// The drain's report, as the process `pid` logged it.
+fn drained_line(server: &Server, pid: u32) -> String {
+    server.wait_for_log(|l| l.contains(" drained ") && l.contains(&format!("pid={pid} ")))
+}
+
+/// Sends numbered chunks and checks each comes back exactly, until told to stop; publishes
+/// how many chunks went round. Returns the bytes that went round; panics on any EOF, reset
+/// or byte out of place.
+async fn ping_pong(
+    mut stream: TcpStream,
+    client: usize,
+    rounds: watch::Sender<u64>,
+    mut stop: watch::Receiver<bool>,
+) -> u64 {
+    let mut round: u64 = 0;
+    let mut total = 0;
+    let mut echoed = vec![0; 4096];
+    while !*stop.borrow_and_update() {
+        // Chunk sizes vary, so that chunks straddle the server's reads.
+        let len = 1 + (round as usize * 7919 + client * 31) % 4000;
+        let chunk: Vec<u8> = (0..len).map(|i| (round as usize + i + client) as u8).collect();
+        tokio::time::timeout(WAIT, stream.write_all(&chunk))
+            .await
+            .expect("a write in time")
+            .expect("writes never fail: no reset");
+        let got = &mut echoed[..len];
+        tokio::time::timeout(WAIT, stream.read_exact(got))
+            .await
+            .expect("an echo in time")
+            .unwrap_or_else(|e| panic!("client {client}, round {round}: {e} (an EOF or a reset)"));
+        assert_eq!(got, &chunk[..], "client {client}, round {round}: the echo differs");
+        total += len as u64;
+        round += 1;
+        rounds.send_replace(round);
+    }
+    total
+}
+
+/// Waits until the client behind `rounds` has gone round once more than it had now.
+async fn progresses(rounds: &mut watch::Receiver<u64>) {
+    let now = *rounds.borrow_and_update();
+    tokio::time::timeout(WAIT, rounds.wait_for(|r| *r > now))
+        .await
+        .expect("the client goes on being echoed")
+        .expect("the client runs");
+}
+
+/// Four TCP streams, echoing all the while, go through ten upgrades: each stays the same
+/// connection (no EOF, no reconnect), every byte comes back exactly once and in order, and
+/// each old process reports all four migrated, none drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_streams_stay_byte_exact_through_ten_upgrades() {
+    const CLIENTS: usize = 4;
+    let server = Server::start(&example("tcp_echo"), &["--listen", "127.0.0.1:0", "--migrate"]);
+    let address = server.address("echo");
+    let (stop_tx, stop) = watch::channel(false);
+    let mut clients = Vec::new();
+    let mut progress = Vec::new();
+    for client in 0..CLIENTS {
+        let stream = TcpStream::connect(address).await.unwrap();
+        let local = stream.local_addr().unwrap();
+        let (rounds_tx, rounds) = watch::channel(0);
+        clients.push((local, tokio::spawn(ping_pong(stream, client, rounds_tx, stop.clone()))));
+        progress.push(rounds);
+    }
+    for rounds in &mut progress {
+        progresses(rounds).await;
+    }
+    for _ in 0..10 {
+        let old = server.pid();
+        let new = tokio::task::block_in_place(|| server.upgrade_and_settle());
+        let drained = drained_line(&server, old);
+        assert!(
+            drained.contains(&format!("connections={CLIENTS} forced=0 aborted=0 migrated={CLIENTS} ")),
+            "{drained}"
+        );
+        for rounds in &mut progress {
+            progresses(rounds).await;
+        }
+        assert_eq!(server.pid(), new);
+    }
+    stop_tx.send_replace(true);
+    for (local, client) in clients {
+        let total = client.await.unwrap();
+        assert!(total > 0, "client on {local} went round");
+    }
+}
+
+/// Writes to `stream` without reading until the kernel takes no more: the server, which
+/// echoes, is then blocked writing to us, away from any safe point. Returns what was sent.
+fn fill(stream: &TcpStream) -> Vec<u8> {
+    let mut sent = Vec::new();
+    let chunk: Vec<u8> = (0..8192).map(|i| (i % 253) as u8).collect();
+    // Bounded: a few MiB at most, far more than the buffers on both sides hold.
+    for _ in 0..1024 {
+        match stream.try_write(&chunk) {
+            Ok(n) => sent.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return sent,
+            Err(e) => panic!("filling: {e}"),
+        }
+    }
+    panic!("the server never stopped reading");
+}
+
+/// The successor is killed after it took some connections, while another is still on its
+/// way (its task is held before its safe point): the one not acknowledged comes back to the
+/// old process and is drained (an exact prefix of its bytes echoed, then EOF), the migrated ones end with the
+/// successor (EOF), none is reset, none is left open, and the old process counts each one
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_killed_mid_migration_leaves_every_connection_migrated_or_drained() {
+    const IDLE: usize = 5;
+    let server = Server::start(
+        &example("tcp_echo"),
+        &["--listen", "127.0.0.1:0", "--migrate", "--drain-timeout", "60"],
+    );
+    let address = server.address("echo");
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(b"ping").await.unwrap();
+        let mut answer = [0; 4];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        idle.push(stream);
+    }
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut held = socket.connect(address).await.unwrap();
+    let sent = fill(&held);
+
+    let old = server.pid();
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let successor = reply["successor_pid"].as_u64().unwrap() as u32;
+    let received = server.wait_for_log(|l| l.contains("migrated connections received"));
+    assert!(received.contains(&format!("connections={IDLE}")), "{received}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(successor as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    server.wait_for_log(|l| l.contains("successor exited while this process drains"));
+
+    // The migrated connections died with the successor: a clean EOF.
+    for mut stream in idle {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+        assert_eq!(read.expect("closed, not left open").expect("no reset"), 0);
+    }
+    // The held one comes back to the old process, which echoes the rest and drains it.
+    let mut echoed = Vec::new();
+    let read = tokio::time::timeout(WAIT, held.read_to_end(&mut echoed)).await;
+    read.expect("closed, not left open").expect("no reset");
+    // Drained as without migration: an exact prefix of its bytes back, then EOF.
+    assert!(
+        !echoed.is_empty() && sent.starts_with(&echoed),
+        "the held connection got {} bytes back, not a prefix of the {} it sent",
+        echoed.len(),
+        sent.len()
+    );
+    drop(held);
+
+    let drained = drained_line(&server, old);
+    assert!(
+        drained.contains(&format!("connections={} forced=0 aborted=0 migrated={IDLE} ", IDLE + 1)),
+        "{drained}"
+    );
+    let returned = server.wait_for_log(|l| l.contains("connection not migrated; draining it"));
+    assert!(
+        returned.contains("the successor did not take the connection"),
+        "{returned}"
+    );
+    server.wait_for_exit(old, Duration::from_secs(20));
+}
