@@ -29,4 +29,4 @@ pub use listener::Listener;
 pub use migrate::Turn;
 pub use shared_connection::SharedConnection;
 pub use strategy::DrainStrategy;
-pub use tracker::{Builder, Drain, DrainReport};
+pub use tracker::{Drain, DrainBuilder, DrainReport};

@@ -14,7 +14,7 @@ use super::TrackedConnection;
 /// How a half-closed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Finished {
+pub enum TcpFinish {
     /// The client closed its side: a clean close, no RST.
     ClientClosed,
     /// The drain deadline came first; the connection was closed anyway.
@@ -33,14 +33,14 @@ pub enum Finished {
 pub fn finish<'a, S>(
     stream: S,
     connection: &'a TrackedConnection,
-) -> impl Future<Output = std::io::Result<Finished>> + 'a
+) -> impl Future<Output = std::io::Result<TcpFinish>> + 'a
 where
     S: AsyncRead + AsyncWrite + Unpin + 'a,
 {
     Box::pin(half_close(stream, connection))
 }
 
-async fn half_close<S>(mut stream: S, connection: &TrackedConnection) -> std::io::Result<Finished>
+async fn half_close<S>(mut stream: S, connection: &TrackedConnection) -> std::io::Result<TcpFinish>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -52,13 +52,13 @@ where
         .transpose()?
         .is_none()
     {
-        return Ok(Finished::Deadline);
+        return Ok(TcpFinish::Deadline);
     }
     let mut discard = [0u8; 4096];
     loop {
         tokio::select! {
-            read = stream.read(&mut discard) => if read? == 0 { return Ok(Finished::ClientClosed) },
-            () = connection.deadline() => return Ok(Finished::Deadline),
+            read = stream.read(&mut discard) => if read? == 0 { return Ok(TcpFinish::ClientClosed) },
+            () = connection.deadline() => return Ok(TcpFinish::Deadline),
         }
     }
 }

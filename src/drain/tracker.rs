@@ -58,7 +58,7 @@ pub struct Drain {
 
 #[derive(Debug)]
 pub(super) struct Shared {
-    pub(super) config: Builder,
+    pub(super) config: DrainBuilder,
     /// Cancelled when the drain starts: connections wind down.
     pub(super) draining: CancellationToken,
     /// Cancelled at the deadline: connections close at once.
@@ -97,13 +97,13 @@ struct Reached {
 
 /// Configures a [`Drain`]. Each option states its default.
 #[derive(Debug, Clone)]
-pub struct Builder {
+pub struct DrainBuilder {
     deadline: Duration,
     pub(super) idle_grace: Duration,
     pub(super) spread: Option<f64>,
 }
 
-impl Default for Builder {
+impl Default for DrainBuilder {
     fn default() -> Self {
         Self {
             deadline: Duration::from_secs(30),
@@ -113,7 +113,7 @@ impl Default for Builder {
     }
 }
 
-impl Builder {
+impl DrainBuilder {
     /// How long connections have to finish once the drain starts; what is left then is told
     /// to close, and counted. Default: 30 seconds.
     pub fn deadline(mut self, deadline: Duration) -> Self {
@@ -184,9 +184,9 @@ impl Drain {
     /// ends without them and the library drops the connection tasks it spawned.
     pub const GRACE_AFTER_DEADLINE: Duration = Duration::from_secs(1);
 
-    /// A [`Builder`] with the defaults.
-    pub fn builder() -> Builder {
-        Builder::default()
+    /// A [`DrainBuilder`] with the defaults.
+    pub fn builder() -> DrainBuilder {
+        DrainBuilder::default()
     }
 
     /// Registers a connection; it counts as open until the returned value is dropped.

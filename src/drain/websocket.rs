@@ -19,7 +19,7 @@ use super::TrackedConnection;
 /// How a WebSocket connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Finished {
+pub enum WebSocketFinish {
     /// The client answered our Close: the handshake completed.
     Handshake,
     /// The connection ended without the client's Close (it went away or broke).
@@ -41,7 +41,7 @@ pub fn finish<'a, S, F>(
     ws: WebSocketStream<S>,
     connection: &'a TrackedConnection,
     deliver: F,
-) -> impl Future<Output = Finished> + 'a
+) -> impl Future<Output = WebSocketFinish> + 'a
 where
     S: AsyncRead + AsyncWrite + Unpin + 'a,
     F: FnMut(Message) + 'a,
@@ -71,7 +71,7 @@ where
 /// use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 /// use handoff::drain::{websocket, SharedConnection};
 ///
-/// async fn wind_down(socket: WebSocket, connection: SharedConnection) -> websocket::Finished {
+/// async fn wind_down(socket: WebSocket, connection: SharedConnection) -> websocket::WebSocketFinish {
 ///     let close = Message::Close(Some(CloseFrame {
 ///         code: close_code::AWAY,
 ///         reason: websocket::GOING_AWAY.into(),
@@ -86,7 +86,7 @@ pub fn finish_with<'a, W, M, E, F>(
     close: M,
     is_close: fn(&M) -> bool,
     deliver: F,
-) -> impl Future<Output = Finished> + 'a
+) -> impl Future<Output = WebSocketFinish> + 'a
 where
     W: Sink<M> + Stream<Item = Result<M, E>> + Unpin + 'a,
     M: 'a,
@@ -102,15 +102,15 @@ async fn go_away<W, M, E>(
     close: M,
     is_close: fn(&M) -> bool,
     mut deliver: impl FnMut(M),
-) -> Finished
+) -> WebSocketFinish
 where
     W: Sink<M> + Stream<Item = Result<M, E>> + Unpin,
 {
     // Every write is under the deadline: a client that does not read would hold it forever.
     match connection.until_deadline(ws.send(close)).await {
         Some(Ok(())) => {}
-        Some(Err(_)) => return Finished::Dropped,
-        None => return Finished::Deadline,
+        Some(Err(_)) => return WebSocketFinish::Dropped,
+        None => return WebSocketFinish::Deadline,
     }
     loop {
         tokio::select! {
@@ -118,14 +118,14 @@ where
                 Some(Ok(message)) if is_close(&message) => {
                     // The WebSocket has queued the reply; flush it, then the TCP close follows.
                     return match connection.until_deadline(ws.flush()).await {
-                        Some(_) => Finished::Handshake,
-                        None => Finished::Deadline,
+                        Some(_) => WebSocketFinish::Handshake,
+                        None => WebSocketFinish::Deadline,
                     };
                 }
                 Some(Ok(message)) => deliver(message),
-                Some(Err(_)) | None => return Finished::Dropped,
+                Some(Err(_)) | None => return WebSocketFinish::Dropped,
             },
-            () = connection.deadline() => return Finished::Deadline,
+            () = connection.deadline() => return WebSocketFinish::Deadline,
         }
     }
 }
