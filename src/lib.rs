@@ -73,3 +73,8 @@ pub use lifecycle::{
     UpgradeError, UpgradeFailure, UpgradeReport, CHANNEL_FD_VAR,
 };
 pub use registry::ListenerRegistry;
+
+/// The README's Rust code, compiled by `cargo test` so that it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
