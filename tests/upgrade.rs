@@ -170,3 +170,26 @@ async fn three_hundred_listeners_are_adopted_by_name() {
     std::io::Read::read_to_string(&mut unix, &mut answer).unwrap();
     assert_eq!(answer, "2\n");
 }
+
+/// `status` counts across generations: the commit carries the predecessor's counters, so the
+/// serving process reports every upgrade of the chain and the timings of the one that brought
+/// it in, trigger → ready → commit.
+#[test]
+fn status_counts_upgrades_across_generations() {
+    let server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0"]);
+    let first = server.pid();
+    let second = server.upgrade_and_settle();
+    let third = server.upgrade_and_settle();
+    let status = server.control("status");
+    let upgrades = &status["upgrades"];
+    assert_eq!(upgrades["succeeded"], 2, "{status}");
+    assert_eq!(upgrades["attempted"], 2, "{status}");
+    assert_eq!(upgrades["last_handoff"]["successor_pid"], third, "{status}");
+    assert_eq!(upgrades["last_handoff"]["generation"], 3, "{status}");
+    assert!(
+        upgrades["last_handoff"]["trigger_to_ready_ms"].as_f64().unwrap() > 0.0,
+        "{status}"
+    );
+    assert_eq!(upgrades["arrival"]["predecessor_pid"], second, "{status}");
+    assert_ne!(first, third);
+}

@@ -1,18 +1,20 @@
 //! What a process counts of its upgrades, for `status`: attempts and their outcomes, the last
 //! failure with its reason and phase, and the timings of the last handoff on either side.
 //!
-//! The counts are this process's, since it started: a successor starts from zero (the
-//! process that committed to it has its own, and its `upgrade` reply carries the timings).
+//! The counts run across generations: the commit carries the predecessor's counters (this
+//! upgrade counted, with its trigger → ready → commit timings) to the successor, which goes
+//! on from them.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 
 /// The upgrade counters of one process: the `upgrades` object of `status`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct UpgradeCounters {
     /// Upgrades started (a trigger that was not refused).
@@ -26,14 +28,14 @@ pub struct UpgradeCounters {
     pub refused: u64,
     /// The most recent failure, if any.
     pub last_failure: Option<UpgradeFailure>,
-    /// The most recent upgrade this process committed to, if any.
+    /// The most recent committed upgrade (this process's, or the one that brought it in).
     pub last_handoff: Option<HandoffTimings>,
     /// How this process took over from its predecessor (absent for a first generation).
     pub arrival: Option<ArrivalTimings>,
 }
 
 /// Why the last upgrade failed.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct UpgradeFailure {
     /// The error, as the trigger was told.
@@ -46,7 +48,7 @@ pub struct UpgradeFailure {
 
 /// The predecessor's side of a handoff: from the trigger to the successor's ready, and on to
 /// the commit.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct HandoffTimings {
     /// The successor's pid.
@@ -61,7 +63,7 @@ pub struct HandoffTimings {
 
 /// The successor's side of a handoff: its own start-up, and the wait for its predecessor's
 /// commit.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ArrivalTimings {
     /// The predecessor's pid.
@@ -113,6 +115,28 @@ impl Counters {
                 });
             }
         }
+    }
+
+    /// What the commit carries to the successor: these counters with the upgrade now
+    /// committing counted as a success, `ready` after the trigger, and committed now.
+    pub fn handed_over(&self, successor: &UpgradeReport, trigger: Instant) -> UpgradeCounters {
+        let mut carried = self.snapshot();
+        carried.succeeded += 1;
+        carried.last_handoff = Some(HandoffTimings {
+            successor_pid: successor.successor_pid,
+            generation: successor.generation,
+            trigger_to_ready_ms: millis(successor.elapsed),
+            ready_to_commit_ms: millis(trigger.elapsed().saturating_sub(successor.elapsed)),
+        });
+        carried.arrival = None;
+        carried
+    }
+
+    /// Goes on from the counters the predecessor carried in its commit.
+    pub fn inherit(&self, carried: UpgradeCounters) {
+        let mut counters = self.lock();
+        let arrival = counters.arrival.take();
+        *counters = UpgradeCounters { arrival, ..carried };
     }
 
     /// Records this process's arrival: committed to by `predecessor_pid`.

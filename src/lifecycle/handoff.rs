@@ -302,6 +302,12 @@ impl Handoff {
         let startup = inner.started.elapsed();
         let verdict = await_commit(&mut channel, startup.as_millis() as u64, inner.config.upgrade_timeout).await?;
         let commit_wait = inner.started.elapsed().saturating_sub(startup);
+        if let Verdict::Committed(Some(carried)) = &verdict {
+            match serde_json::from_value(carried.clone()) {
+                Ok(counters) => inner.counters.inherit(counters),
+                Err(error) => tracing::debug!(%error, "the predecessor's counters were unreadable; counting from zero"),
+            }
+        }
         inner.counters.arrived(inner.predecessor_pid, startup, commit_wait);
         let vanished = verdict == Verdict::Vanished;
         if vanished {
@@ -403,7 +409,7 @@ impl Handoff {
         inner.counters.attempted();
         let span = tracing::info_span!("upgrade", pid = std::process::id(), generation = inner.generation);
         span.in_scope(|| tracing::info!("upgrade triggered"));
-        let result = self.launch_and_commit().instrument(span).await;
+        let result = self.launch_and_commit(trigger).instrument(span).await;
         revert.finish(&result);
         inner.counters.finished(&result, trigger);
         match &result {
@@ -423,7 +429,7 @@ impl Handoff {
         result
     }
 
-    async fn launch_and_commit(&self) -> Result<UpgradeReport, UpgradeError> {
+    async fn launch_and_commit(&self, trigger: Instant) -> Result<UpgradeReport, UpgradeError> {
         let inner = &self.inner;
         let next_generation = inner
             .generation
@@ -451,16 +457,17 @@ impl Handoff {
         )
         .await?;
         progress.enter(Phase::Commit);
-        self.commit(successor).await
+        self.commit(successor, trigger).await
     }
 
     /// The point of no return: the commit message leaves in the same critical section as
     /// the change to `Draining`, and only if nothing (a stop) has changed the state first.
-    async fn commit(&self, successor: ReadySuccessor) -> Result<UpgradeReport, UpgradeError> {
+    async fn commit(&self, successor: ReadySuccessor, trigger: Instant) -> Result<UpgradeReport, UpgradeError> {
         let pid = successor.report().successor_pid;
         let event = Event::Commit { successor_pid: pid };
         let migration = self.inner.migration.prepare_outbound();
-        match self.inner.lifecycle.apply_with(event, |_| successor.commit()) {
+        let carried = serde_json::to_value(self.inner.counters.handed_over(successor.report(), trigger)).ok();
+        match self.inner.lifecycle.apply_with(event, |_| successor.commit(carried)) {
             Ok(Ok(effect)) => {
                 self.carry_out(effect);
                 let report = successor.report().clone();

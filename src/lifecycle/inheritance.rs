@@ -188,10 +188,11 @@ async fn handshake(channel: &mut Channel) -> Result<(u32, u64, Vec<(SocketEntry,
 }
 
 /// How the predecessor answered our ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Verdict {
-    /// It committed: it has stopped accepting and drains.
-    Committed,
+    /// It committed: it has stopped accepting and drains. With its upgrade counters, if it
+    /// sent them, for ours to go on from.
+    Committed(Option<serde_json::Value>),
     /// It closed the channel without a word (it died): we hold every socket and serve alone.
     Vanished,
 }
@@ -224,7 +225,7 @@ pub(crate) async fn await_commit(channel: &mut Channel, startup_ms: u64, timeout
     };
     match answer {
         Ok(Some(received)) => match received.message {
-            Message::Commit => Ok(Verdict::Committed),
+            Message::Commit { counters } => Ok(Verdict::Committed(counters)),
             Message::Abort { reason } => Err(Error::Ready(WireError::Refused(reason))),
             other => Err(Error::Ready(WireError::Unexpected {
                 expected: "commit",

@@ -182,9 +182,11 @@ impl ReadySuccessor {
     /// Sends the commit without waiting: a few bytes into an empty socket buffer, done at
     /// once, so that it can happen inside the lifecycle's critical section. Anything else (the
     /// successor gone: a broken pipe; or a full buffer) is an error and nothing was sent.
-    pub fn commit(&self) -> Result<(), WireError> {
+    /// `counters` travel with it, for the successor's `status`.
+    pub fn commit(&self, counters: Option<serde_json::Value>) -> Result<(), WireError> {
+        let commit = Message::Commit { counters };
         // Unconstrained: tokio's cooperative budget must not turn "ready now" into "pending".
-        let send = tokio::task::unconstrained(self.channel.send(&Message::Commit, &[]));
+        let send = tokio::task::unconstrained(self.channel.send(&commit, &[]));
         send.now_or_never()
             .unwrap_or_else(|| Err(WireError::Io(std::io::ErrorKind::WouldBlock.into())))
     }

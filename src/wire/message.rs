@@ -93,7 +93,13 @@ pub enum Message {
     /// The predecessor has stopped accepting and hands the successor every path and the PID
     /// file: from here on the upgrade cannot be undone. Sent only in answer to `Ready`, and
     /// only if the predecessor has not given up (timeout, cancel, stop) first.
-    Commit,
+    Commit {
+        /// The predecessor's upgrade counters, this upgrade and its timings included, for the
+        /// successor's `status` to go on from (opaque to the protocol; absent from a peer that
+        /// keeps none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        counters: Option<serde_json::Value>,
+    },
     /// The sender gives up; the channel closes after this.
     Abort {
         /// Why.
@@ -128,7 +134,7 @@ impl Message {
             Self::Rejected { .. } => "rejected",
             Self::ExtendStartup { .. } => "extend_startup",
             Self::Ready { .. } => "ready",
-            Self::Commit => "commit",
+            Self::Commit { .. } => "commit",
             Self::Abort { .. } => "abort",
             Self::Migrate { .. } => "migrate",
             Self::Migrated { .. } => "migrated",
@@ -245,7 +251,7 @@ mod tests {
             Message::Rejected { reason: "no".into() },
             Message::ExtendStartup { more_ms: 1500 },
             Message::Ready { startup_ms: 7 },
-            Message::Commit,
+            Message::Commit { counters: None },
             Message::Abort { reason: "bye".into() },
         ];
         for message in messages {
