@@ -53,8 +53,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The parts, one module each: [`ListenerRegistry`] (named sockets), [`wire`] (the handoff
-//! protocol), the lifecycle ([`Handoff`], [`Builder`], [`State`]), [`drain`] (connection
+//! The parts, one module each: [`ListenerRegistry`] (named sockets), `wire` (the handoff
+//! protocol; private, public with the `unstable-wire` feature), the lifecycle ([`Handoff`], [`Builder`], [`State`]), [`drain`] (connection
 //! tracking and the per-protocol strategies) and [`control`] (the control socket).
 #![deny(missing_docs)]
 
@@ -65,7 +65,12 @@ mod lifecycle;
 pub mod migration;
 mod registry;
 mod systemd;
+/// The wire protocol's plumbing: public only with the `unstable-wire` feature (for tests,
+/// benchmarks and tools that speak the protocol), with no stability promise.
+#[cfg(feature = "unstable-wire")]
 pub mod wire;
+#[cfg(not(feature = "unstable-wire"))]
+mod wire;
 
 pub use error::Error;
 pub use lifecycle::{
@@ -73,6 +78,7 @@ pub use lifecycle::{
     UpgradeError, UpgradeFailure, UpgradeReport, CHANNEL_FD_VAR,
 };
 pub use registry::ListenerRegistry;
+pub use wire::{Inode, SocketEntry, SocketKind, WireError};
 
 /// The README's Rust code, compiled by `cargo test` so that it cannot rot.
 #[cfg(doctest)]

@@ -12,7 +12,7 @@ pub enum MigrationError {
     #[error("no successor takes migrated connections")]
     NotMigrating,
     /// The application's state is larger than
-    /// [`MAX_STATE_BYTES`](crate::wire::migration::MAX_STATE_BYTES) once serialized.
+    /// [`MAX_STATE_BYTES`](crate::migration::MAX_STATE_BYTES) once serialized.
     #[error("the connection's state is larger than {limit} bytes of JSON")]
     StateTooLarge {
         /// The limit.
@@ -22,7 +22,7 @@ pub enum MigrationError {
     #[error("the connection's state cannot be serialized: {0}")]
     StateMalformed(#[source] serde_json::Error),
     /// More unconsumed bytes than
-    /// [`MAX_LEFTOVER_BYTES`](crate::wire::migration::MAX_LEFTOVER_BYTES).
+    /// [`MAX_LEFTOVER_BYTES`](crate::migration::MAX_LEFTOVER_BYTES).
     #[error("{bytes} unconsumed bytes, more than the limit of {limit}")]
     LeftoverTooLarge {
         /// How many were handed over.

@@ -91,7 +91,8 @@ pub use error::{MigrationError, Returned};
 pub(crate) use inbound::{Inbound, Receiver};
 pub(crate) use outbound::{Outbound, PendingOutbound};
 
-use crate::wire::migration::{State, MAX_LEFTOVER_BYTES, MAX_STATE_BYTES};
+use crate::wire::migration::State;
+pub use crate::wire::migration::{MAX_LEFTOVER_BYTES, MAX_STATE_BYTES};
 use crate::wire::{Bounded, ConnectionEntry};
 
 #[doc(no_inline)]

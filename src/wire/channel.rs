@@ -102,11 +102,6 @@ impl Channel {
         }
     }
 
-    /// Waits until the peer has closed its end (it exited), discarding anything it sends.
-    pub async fn closed(&mut self) {
-        while let Ok(Some(_)) = self.recv_or_eof().await {}
-    }
-
     /// Asks the kernel to attach the sender's credentials to every message we receive.
     pub fn receive_credentials(&self) -> io::Result<()> {
         Ok(setsockopt(&self.fd, sockopt::PassCred, &true)?)

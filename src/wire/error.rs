@@ -19,7 +19,7 @@ pub enum WireError {
     /// A message was not valid JSON for this protocol.
     #[error("malformed handoff message: {0}")]
     Malformed(#[source] serde_json::Error),
-    /// A message is larger than [`MAX_MESSAGE_BYTES`](super::MAX_MESSAGE_BYTES).
+    /// A message is larger than the protocol allows (128 KiB).
     #[error(
         "handoff message of {bytes} bytes exceeds the limit of {} bytes",
         super::MAX_MESSAGE_BYTES

@@ -25,7 +25,7 @@ pub const MAX_STATE_BYTES: usize = 16 * 1024;
 
 /// The most bytes read from a migrated connection but not yet consumed that may travel
 /// with it. With the state and the base64 encoding (4/3), one connection always fits in a
-/// message of [`MAX_MESSAGE_BYTES`](super::MAX_MESSAGE_BYTES).
+/// message of `MAX_MESSAGE_BYTES` (128 KiB).
 pub const MAX_LEFTOVER_BYTES: usize = 64 * 1024;
 
 /// The protocol a migrated connection speaks: the successor resumes it only with a receiver
