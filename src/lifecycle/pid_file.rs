@@ -1,4 +1,8 @@
 //! The PID file: always names a live process that serves, never a half-written file.
+//!
+//! Not `tempfile`'s `NamedTempFile::persist`, which does the same write-then-rename: its
+//! random names would hide whose a leftover is, and the predecessor removes the temporary of
+//! a successor it killed before the commit by its pid-derived name.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
