@@ -74,14 +74,8 @@ fn a_stop_racing_an_upgrade_either_cancels_it_or_follows_its_commit() {
             // The listener may outlive both processes for a moment: descriptors the old one
             // sent and the killed successor never read are released by the kernel after the
             // successor's exit (a deferred close). Then nothing listens.
-            let deadline = std::time::Instant::now() + WAIT;
-            while std::net::TcpStream::connect(address).is_ok() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "after {delay_us} µs: still listening"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            let refused = || std::net::TcpStream::connect(address).is_err().then_some(());
+            common::poll_until(WAIT, refused, || format!("after {delay_us} µs: still listening"));
         }
         assert_settled_consistently(&server);
     }

@@ -35,6 +35,25 @@ struct Log {
     grew: Condvar,
 }
 
+impl Log {
+    fn joined(&self) -> String {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+    }
+}
+
+/// Polls `check` (for a state the kernel reports but does not signal: a process gone) every
+/// 10 ms until it yields, for at most `within`; then fails with `why`.
+pub fn poll_until<T>(within: Duration, mut check: impl FnMut() -> Option<T>, why: impl Fn() -> String) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(found) = check() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 impl Server {
     /// Starts `binary` with `args`, plus `--control` and `--pid-file` in a fresh directory,
     /// and waits until it serves.
@@ -88,18 +107,13 @@ impl Server {
 
     /// Waits until the first generation has exited; returns its status.
     pub fn wait_for_first_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the first generation still runs after {WAIT:?}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let child = &mut self.child;
+        let log = &self.log;
+        poll_until(
+            WAIT,
+            || child.try_wait().unwrap(),
+            || format!("the first generation still runs after {WAIT:?}; log:\n{}", log.joined()),
+        )
     }
 
     pub fn pid_file(&self) -> PathBuf {
@@ -153,7 +167,7 @@ impl Server {
 
     /// Every log line so far.
     pub fn log(&self) -> String {
-        self.log.lines.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+        self.log.joined()
     }
 
     pub fn control_path(&self) -> PathBuf {
@@ -187,15 +201,11 @@ impl Server {
 
     /// Waits at most `within` until process `pid` has exited (gone, or a zombie).
     pub fn wait_for_exit(&self, pid: u32, within: Duration) {
-        let deadline = Instant::now() + within;
-        while is_running(pid) {
-            assert!(
-                Instant::now() < deadline,
-                "process {pid} still running after {within:?}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll_until(
+            within,
+            || (!is_running(pid)).then_some(()),
+            || format!("process {pid} still running after {within:?}; log:\n{}", self.log()),
+        );
     }
 
     /// The pid of the serving generation.
