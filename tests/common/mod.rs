@@ -259,21 +259,7 @@ pub fn fd_count(pid: u32) -> usize {
 
 /// The pids of the live (not zombie) children of `pid`.
 pub fn children(pid: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // Fields after the command name (which is in parentheses and may hold spaces).
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, rest)| rest) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.get(1) == Some(&pid.to_string().as_str()) && fields[0] != "Z" {
-            children.push(entry.file_name().to_string_lossy().parse().unwrap());
-        }
-    }
-    children
+    children_where(pid, |state| state != "Z")
 }
 
 /// An HTTP/1.1 response as a client sees it.
@@ -378,32 +364,44 @@ pub fn handoffctl() -> PathBuf {
 
 /// The pids of the zombie children of `pid`: exited, not reaped.
 pub fn zombie_children(pid: u32) -> Vec<u32> {
-    let mut zombies = Vec::new();
+    children_where(pid, |state| state == "Z")
+}
+
+/// The pids of the children of `pid` whose state (`/proc/PID/stat`'s third field) `keep`s.
+fn children_where(pid: u32, keep: impl Fn(&str) -> bool) -> Vec<u32> {
+    let mut children = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
+        // Fields after the command name (which is in parentheses and may hold spaces).
         let Some(rest) = stat.rsplit_once(") ").map(|(_, rest)| rest) else {
             continue;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.get(1) == Some(&pid.to_string().as_str()) && fields[0] == "Z" {
-            zombies.push(entry.file_name().to_string_lossy().parse().unwrap());
+        if fields.get(1) == Some(&pid.to_string().as_str()) && keep(fields[0]) {
+            children.push(entry.file_name().to_string_lossy().parse().unwrap());
         }
     }
-    zombies
+    children
 }
 
-/// Waits at most [`WAIT`] until `condition` holds, checking every 20 ms; panics with
-/// `what` (and the condition's last state) otherwise.
+/// Waits at most [`WAIT`] until `condition` holds of what `probe` returns, and returns it;
+/// panics with `what` and the last value otherwise.
 pub fn wait_until<T: std::fmt::Debug>(what: &str, mut probe: impl FnMut() -> T, condition: impl Fn(&T) -> bool) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    let last = std::cell::RefCell::new(None);
+    let check = || {
         let value = probe();
         if condition(&value) {
-            return value;
+            return Some(value);
         }
-        assert!(Instant::now() < deadline, "{what}: still {value:?} after {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        *last.borrow_mut() = Some(format!("{value:?}"));
+        None
+    };
+    poll_until(WAIT, check, || {
+        format!(
+            "{what}: still {} after {WAIT:?}",
+            last.borrow().as_deref().unwrap_or("?")
+        )
+    })
 }
