@@ -6,13 +6,18 @@
 //!    and the TCP and WebSocket wind-downs, as `tcp_echo` and `ws_chat` use them) and once
 //!    without (the same loops, untracked), and reports heap bytes (a counting allocator) and
 //!    RSS per connection.
-//! 2. **Scale**: `tcp_echo` and `ws_chat`, half the clients each, upgraded at once. Every
-//!    client must see a clean end (TCP: EOF, never a reset; WebSocket: Close 1001, then the
-//!    close handshake). Reports how long the old processes took to drain, closing everything
-//!    at once and with close spreading.
+//! 2. **Scale**: `tcp_echo` and `ws_chat`, half the clients each, upgraded at once. Drained,
+//!    every client must see a clean end (TCP: EOF, never a reset; WebSocket: Close 1001, then
+//!    the close handshake). Reports how long the old processes took to drain, closing
+//!    everything at once and with close spreading.
+//! 3. **Migration**: the same, with both servers run with `--migrate`: every client must still
+//!    be connected after the upgrade, and answered by the successor (TCP: an echo; WebSocket:
+//!    a pong), with no end seen. Reports the time from the successor's ready to the old
+//!    processes' exit, against the drains.
 //!
 //! `cargo bench --bench idle_connections` (`-- --connections N --spread R`: R closes per
-//! second per server; by default what spreads each server's share over about 2 s)
+//! second per server; by default what spreads each server's share over about 2 s;
+//! `--only-migration`: the migration run alone)
 
 mod common;
 #[path = "../examples/demo/servers.rs"]
@@ -79,13 +84,27 @@ fn main() {
     }
     let connections = common::arg("--connections", 10_000) as usize;
     let spread = common::arg("--spread", (connections / 4).max(1) as u64) as f64;
+    let only_migration = args.iter().any(|a| a == "--only-migration");
     runtime.block_on(async {
-        let tracked = memory_run(true, connections).await;
-        let untracked = memory_run(false, connections).await;
+        let memory = if only_migration {
+            None
+        } else {
+            Some((
+                memory_run(true, connections).await,
+                memory_run(false, connections).await,
+            ))
+        };
         let examples = common::build_examples(&["tcp_echo", "ws_chat"]);
-        let at_once = scale_run(&examples, connections, None).await;
-        let spread_out = scale_run(&examples, connections, Some(spread)).await;
-        report(connections, &tracked, &untracked, &[at_once, spread_out]);
+        let mut scale = Vec::new();
+        if !only_migration {
+            scale.push(scale_run(&examples, connections, Upgrade::Drain { spread: None }).await);
+            scale.push(scale_run(&examples, connections, Upgrade::Drain { spread: Some(spread) }).await);
+        }
+        scale.push(scale_run(&examples, connections, Upgrade::Migrate).await);
+        if let Some((tracked, untracked)) = &memory {
+            report_memory(connections, tracked, untracked);
+        }
+        report_scale(&scale);
     });
 }
 
@@ -322,6 +341,9 @@ async fn open_clients(tcp: SocketAddr, ws: SocketAddr, connections: usize, greet
 enum End {
     /// TCP: EOF after every byte. WebSocket: Close 1001, then the close handshake.
     Clean,
+    /// Still connected after the upgrade, and answered by the successor: TCP, an echo;
+    /// WebSocket, a pong.
+    Migrated,
     /// Connection reset by peer.
     Reset,
     /// Bytes we never sent (TCP), or a close that was not 1001 (WebSocket).
@@ -363,32 +385,99 @@ async fn ws_end(mut socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite
     tokio::time::timeout(TIMEOUT, ended).await.unwrap_or(End::Other)
 }
 
+/// After the old process has exited: a byte sent comes back, from the successor.
+async fn tcp_still_served(mut stream: TcpStream) -> End {
+    let mut buf = [0u8; 1];
+    let answered = async {
+        stream.write_all(b"?").await?;
+        stream.read(&mut buf).await
+    };
+    match tokio::time::timeout(TIMEOUT, answered).await {
+        Ok(Ok(1)) if buf == *b"?" => End::Migrated,
+        Ok(Ok(0)) => tcp_end(stream).await, // drained instead: EOF, then our close
+        Ok(Ok(_)) => End::Unexpected,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => End::Reset,
+        Ok(Err(_)) | Err(_) => End::Other,
+    }
+}
+
+/// After the old process has exited: a ping is answered by a pong, from the successor, and
+/// nothing closes the connection first.
+async fn ws_still_served(
+    mut socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+) -> End {
+    use futures_util::SinkExt;
+    if socket.send(Message::Ping(b"still there?"[..].into())).await.is_err() {
+        return End::Other;
+    }
+    let answered = async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Pong(payload))) if payload == b"still there?"[..] => return None,
+                Some(Ok(Message::Close(_))) => return Some(socket),
+                Some(Ok(_)) => {} // another member's message
+                Some(Err(_)) | None => return Some(socket),
+            }
+        }
+    };
+    match tokio::time::timeout(TIMEOUT, answered).await {
+        Ok(None) => End::Migrated,
+        Ok(Some(socket)) => match ws_end(socket).await {
+            End::Other => End::Unexpected,
+            end => end,
+        },
+        Err(_) => End::Other,
+    }
+}
+
+/// How the old processes are to let go of their connections.
+#[derive(Debug, Clone, Copy)]
+enum Upgrade {
+    /// Drained: everything closed at once, or `spread` closes per second.
+    Drain { spread: Option<f64> },
+    /// Migrated to the successor (`--migrate`).
+    Migrate,
+}
+
+impl std::fmt::Display for Upgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Upgrade::Drain { spread: None } => write!(f, "drain, all at once"),
+            Upgrade::Drain { spread: Some(r) } => write!(f, "drain, {r:.0}/s"),
+            Upgrade::Migrate => write!(f, "migrate"),
+        }
+    }
+}
+
 /// One server's drain, as it logged it and as seen from outside.
 struct Drained {
     name: &'static str,
     connections: u64,
     forced: u64,
+    migrated: u64,
     drain_ms: u64,
+    old_exit_ms: f64,
     ready_ms: f64,
     rss_per_connection: f64,
     peak_rss_kib: u64,
 }
 
 struct ScaleOutcome {
-    spread: Option<f64>,
+    upgrade: Upgrade,
     servers: Vec<Drained>,
     ends: std::collections::HashMap<End, usize>,
 }
 
-async fn scale_run(examples: &std::path::Path, connections: usize, spread: Option<f64>) -> ScaleOutcome {
-    let how = spread.map_or("all at once".to_owned(), |r| format!("spread at {r}/s"));
-    eprintln!("scale, {how}: tcp_echo and ws_chat with {connections} idle clients between them…");
+async fn scale_run(examples: &std::path::Path, connections: usize, upgrade: Upgrade) -> ScaleOutcome {
+    eprintln!("scale, {upgrade}: tcp_echo and ws_chat with {connections} idle clients between them…");
     let dir = tempfile::tempdir().expect("temporary directory");
-    let rate = spread.map(|r| r.to_string());
-    let mut extra = vec!["--drain-timeout", "60"];
-    if let Some(rate) = &rate {
-        extra.extend(["--spread-closes", rate]);
+    let mut extra = vec!["--drain-timeout".to_owned(), "60".to_owned()];
+    match upgrade {
+        Upgrade::Drain { spread: Some(rate) } => extra.extend(["--spread-closes".to_owned(), rate.to_string()]),
+        Upgrade::Drain { spread: None } => {}
+        Upgrade::Migrate => extra.push("--migrate".to_owned()),
     }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let start = |binary: &str, name, listener| {
         servers::ServerProcess::start(&examples.join(binary), name, listener, dir.path(), &extra)
             .unwrap_or_else(|e| panic!("{e:#}"))
@@ -409,12 +498,18 @@ async fn scale_run(examples: &std::path::Path, connections: usize, spread: Optio
         .map(|(pid, base)| (servers::rss_kib(*pid) - base) as f64 * 1024.0 / share as f64)
         .collect();
 
+    // Drained, every client waits for its end from the start; migrated, it looks once the
+    // old process has gone.
     let mut ends = tokio::task::JoinSet::new();
-    for stream in clients.tcp {
-        ends.spawn(tcp_end(stream));
-    }
-    for socket in clients.ws {
-        ends.spawn(ws_end(socket));
+    let mut migrating = Some(clients);
+    if let Upgrade::Drain { .. } = upgrade {
+        let clients = migrating.take().expect("clients");
+        for stream in clients.tcp {
+            ends.spawn(tcp_end(stream));
+        }
+        for socket in clients.ws {
+            ends.spawn(ws_end(socket));
+        }
     }
     let upgrades: Vec<_> = (0..2)
         .map(|i| {
@@ -430,6 +525,14 @@ async fn scale_run(examples: &std::path::Path, connections: usize, spread: Optio
                 .expect("upgrade task")
                 .unwrap_or_else(|e| panic!("upgrade failed: {e}")),
         );
+    }
+    if let Some(clients) = migrating {
+        for stream in clients.tcp {
+            ends.spawn(tcp_still_served(stream));
+        }
+        for socket in clients.ws {
+            ends.spawn(ws_still_served(socket));
+        }
     }
     let mut counts = std::collections::HashMap::new();
     while let Some(end) = ends.join_next().await {
@@ -451,7 +554,9 @@ async fn scale_run(examples: &std::path::Path, connections: usize, spread: Optio
                 name: servers[i].name,
                 connections: field("connections="),
                 forced: field("forced="),
+                migrated: field("migrated="),
                 drain_ms: field("drain_ms="),
+                old_exit_ms: samples[i].old_exit_ms,
                 ready_ms: samples[i].ready_ms,
                 rss_per_connection: rss_per_connection[i],
                 peak_rss_kib: samples[i].peak_rss_kib,
@@ -459,7 +564,7 @@ async fn scale_run(examples: &std::path::Path, connections: usize, spread: Optio
         })
         .collect();
     ScaleOutcome {
-        spread,
+        upgrade,
         servers: drained,
         ends: counts,
     }
@@ -467,7 +572,7 @@ async fn scale_run(examples: &std::path::Path, connections: usize, spread: Optio
 
 // ── report ─────────────────────────────────────────────────────────────────────────────
 
-fn report(connections: usize, tracked: &MemoryOutcome, untracked: &MemoryOutcome, scale: &[ScaleOutcome]) {
+fn report_memory(connections: usize, tracked: &MemoryOutcome, untracked: &MemoryOutcome) {
     println!("\n{connections} idle connections, half raw TCP, half WebSocket\n");
     println!("memory, one server process holding them all");
     println!(
@@ -490,30 +595,44 @@ fn report(connections: usize, tracked: &MemoryOutcome, untracked: &MemoryOutcome
         tracked.heap_per_connection() - untracked.heap_per_connection(),
         tracked.rss_per_connection() - untracked.rss_per_connection()
     );
-    println!("scale: both servers upgraded at once");
+}
+
+fn report_scale(scale: &[ScaleOutcome]) {
+    println!("scale: both servers upgraded at once (old exit: from the successor's ready)");
     println!(
-        "{:<16} {:<10} {:>8} {:>7} {:>10} {:>9} {:>12} {:>14}",
-        "closes", "server", "drained", "forced", "drain ms", "ready ms", "RSS B/conn", "old+new RSS"
+        "{:<19} {:<10} {:>6} {:>8} {:>7} {:>9} {:>9} {:>11} {:>11} {:>14}",
+        "upgrade",
+        "server",
+        "conns",
+        "migrated",
+        "forced",
+        "drain ms",
+        "ready ms",
+        "old exit ms",
+        "RSS B/conn",
+        "old+new RSS"
     );
     for run in scale {
-        let how = run.spread.map_or("all at once".to_owned(), |r| format!("{r:.0}/s"));
         for d in &run.servers {
             println!(
-                "{:<16} {:<10} {:>8} {:>7} {:>10} {:>9.1} {:>12.0} {:>11} MiB",
-                how,
+                "{:<19} {:<10} {:>6} {:>8} {:>7} {:>9} {:>9.1} {:>11.0} {:>11.0} {:>10} MiB",
+                run.upgrade.to_string(),
                 d.name,
                 d.connections,
+                d.migrated,
                 d.forced,
                 d.drain_ms,
                 d.ready_ms,
+                d.old_exit_ms,
                 d.rss_per_connection,
                 d.peak_rss_kib / 1024
             );
         }
         let count = |end| run.ends.get(&end).copied().unwrap_or(0);
         println!(
-            "{:<16} clients: {} clean, {} reset, {} unexpected, {} other",
+            "{:<19} clients: {} still connected and served by the successor, {} cleanly ended (they reconnect), {} reset, {} unexpected, {} other",
             "",
+            count(End::Migrated),
             count(End::Clean),
             count(End::Reset),
             count(End::Unexpected),
@@ -523,7 +642,7 @@ fn report(connections: usize, tracked: &MemoryOutcome, untracked: &MemoryOutcome
     let errors: usize = scale
         .iter()
         .flat_map(|r| r.ends.iter())
-        .filter(|(end, _)| **end != End::Clean)
+        .filter(|(end, _)| !matches!(end, End::Clean | End::Migrated))
         .map(|(_, n)| n)
         .sum();
     if errors > 0 {

@@ -100,10 +100,13 @@ pub async fn http_keep_alive(address: SocketAddr, stats: Arc<Counters>, stop: Ar
 }
 
 /// A chat member: sends a message, waits for its own echo through the room, again; rejoins
-/// after Close 1001.
+/// after Close 1001. Checks what the room says: each other member's messages arrive once and
+/// in order (a gap is counted as missed, a repeat or a step back as corrupted), and the
+/// welcome comes once per connection (a migrated member is not welcomed again).
 pub async fn websocket_member(id: usize, address: SocketAddr, stats: Arc<Counters>, stop: Arc<AtomicBool>) {
     let url = format!("ws://{address}/");
     let mut sequence = 0u64;
+    let mut heard = Heard::default();
     while !stop.load(Ordering::Relaxed) {
         let mut ws = match tokio_tungstenite::connect_async(&url).await {
             Ok((ws, _)) => ws,
@@ -116,6 +119,7 @@ pub async fn websocket_member(id: usize, address: SocketAddr, stats: Arc<Counter
                 continue;
             }
         };
+        let mut welcomes = 0;
         'session: while !stop.load(Ordering::Relaxed) {
             sequence += 1;
             let text = format!("member {id} message {sequence}");
@@ -136,6 +140,13 @@ pub async fn websocket_member(id: usize, address: SocketAddr, stats: Arc<Counter
                         Counters::add(&stats.ok);
                         break;
                     }
+                    Some(Ok(Message::Text(got))) if got.starts_with("welcome") => {
+                        welcomes += 1;
+                        if welcomes > 1 {
+                            Counters::add(&stats.corrupted);
+                        }
+                    }
+                    Some(Ok(Message::Text(got))) => heard.other(&got, &stats),
                     Some(Ok(Message::Close(Some(frame)))) if frame.code == CloseCode::Away => {
                         // Going away: finish the close handshake, then rejoin.
                         while let Ok(Some(Ok(_))) = tokio::time::timeout(ANSWER_TIMEOUT, ws.next()).await {}
@@ -146,13 +157,42 @@ pub async fn websocket_member(id: usize, address: SocketAddr, stats: Arc<Counter
                         Counters::add(&stats.abnormal_close);
                         break 'session;
                     }
-                    Some(Ok(_)) => {} // the welcome, and other members' messages
+                    Some(Ok(_)) => {}
                 }
             }
         }
         if stop.load(Ordering::Relaxed) {
             let _ = ws.close(None).await;
             while let Ok(Some(Ok(_))) = tokio::time::timeout(ANSWER_TIMEOUT, ws.next()).await {}
+        }
+    }
+}
+
+/// The last number heard from each other member.
+#[derive(Default)]
+struct Heard {
+    last: std::collections::HashMap<usize, u64>,
+}
+
+impl Heard {
+    /// Checks `text` (`member N message S`) against what member N said before. The first
+    /// message heard from a member sets where it starts: it may have spoken before we joined.
+    fn other(&mut self, text: &str, stats: &Counters) {
+        let mut words = text.split(' ');
+        let (Some("member"), Some(sender), Some("message"), Some(sequence), None) =
+            (words.next(), words.next(), words.next(), words.next(), words.next())
+        else {
+            return Counters::add(&stats.corrupted);
+        };
+        let (Ok(sender), Ok(sequence)) = (sender.parse::<usize>(), sequence.parse::<u64>()) else {
+            return Counters::add(&stats.corrupted);
+        };
+        match self.last.insert(sender, sequence) {
+            Some(last) if sequence <= last => Counters::add(&stats.corrupted),
+            Some(last) => {
+                stats.missed.fetch_add(sequence - last - 1, Ordering::Relaxed);
+            }
+            None => {}
         }
     }
 }

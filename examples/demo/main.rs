@@ -8,13 +8,14 @@
 //! ```text
 //! cargo run --release --example demo                          # 20 upgrades, one every 500 ms
 //! cargo run --release --example demo -- --upgrades 500 --interval-ms 200 --json
+//! cargo run --release --example demo -- --migrate             # drained, then migrated: compared
 //! ```
 
 mod load;
 mod servers;
 mod stats;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,9 +49,13 @@ struct Args {
     /// Stop (and fail) after this many seconds whatever happens.
     #[arg(long, default_value_t = 600)]
     max_seconds: u64,
-    /// Print the results as JSON on stdout as well.
+    /// Print the results as JSON on stdout as well (a line per run).
     #[arg(long)]
     json: bool,
+    /// Run the schedule twice, drained then with every server started with `--migrate`
+    /// (connections move to the successor), and compare the two.
+    #[arg(long)]
+    migrate: bool,
 }
 
 struct Protocol {
@@ -58,21 +63,81 @@ struct Protocol {
     counters: Arc<Counters>,
 }
 
+/// How the servers let go of their connections at an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Drained in the way of each protocol: clients reconnect.
+    Drain,
+    /// Migrated to the successor (`--migrate`): clients keep their connections.
+    Migrate,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Drain => "drain",
+            Mode::Migrate => "migrate",
+        }
+    }
+}
+
+/// One run of the schedule, measured.
+struct Run {
+    mode: Mode,
+    protocols: [Protocol; 4],
+    /// Each server's name and upgrades.
+    samples: Vec<(&'static str, Vec<Result<UpgradeSample, String>>)>,
+    elapsed: Duration,
+    /// Open descriptors of each serving process, at the start and at the end.
+    fds: Vec<(usize, usize)>,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let binaries = build_examples()?;
+    let mut modes = vec![Mode::Drain];
+    if args.migrate {
+        modes.push(Mode::Migrate);
+    }
+    let mut runs = Vec::new();
+    for mode in modes {
+        let run = run(&args, &binaries, mode).await?;
+        report(&args, &run);
+        if args.json {
+            println!("{}", json(&run));
+        }
+        runs.push(run);
+    }
+    if runs.len() > 1 {
+        compare(&runs);
+    }
+    let errors: u64 = runs.iter().map(Run::errors).sum();
+    if errors > 0 {
+        eprintln!("FAILED: {errors} client-visible errors");
+        std::process::exit(1);
+    }
+    println!("zero client-visible errors");
+    Ok(())
+}
+
+/// Starts the servers (with `--migrate` in that mode), loads them, upgrades them on the
+/// schedule, and stops the clients.
+async fn run(args: &Args, binaries: &Path, mode: Mode) -> anyhow::Result<Run> {
     let dir = tempfile::tempdir()?;
-    let extra = ["--drain-timeout", "10"];
+    let mut extra = vec!["--drain-timeout", "10"];
+    if mode == Mode::Migrate {
+        extra.push("--migrate");
+    }
     let servers = Arc::new([
         ServerProcess::start(&binaries.join("http_uuid"), "http_uuid", "http", dir.path(), &extra)?,
         ServerProcess::start(&binaries.join("tcp_echo"), "tcp_echo", "echo", dir.path(), &extra)?,
         ServerProcess::start(&binaries.join("ws_chat"), "ws_chat", "ws", dir.path(), &extra)?,
     ]);
-    let first_pids: Vec<u32> = servers.iter().filter_map(ServerProcess::pid).collect();
-    let fds_at_start: Vec<usize> = first_pids.iter().map(|p| servers::fd_count(*p)).collect();
+    let fds_at_start: Vec<usize> = servers.iter().map(|s| s.pid().map_or(0, servers::fd_count)).collect();
     eprintln!(
-        "servers: http_uuid {} | tcp_echo {} | ws_chat {} (logs in {})",
+        "{}: http_uuid {} | tcp_echo {} | ws_chat {} (logs in {})",
+        mode.name(),
         servers[0].address,
         servers[1].address,
         servers[2].address,
@@ -124,7 +189,7 @@ async fn main() -> anyhow::Result<()> {
         args.upgrades,
         started,
     ));
-    let schedule = run_schedule(&args, servers.clone(), done);
+    let schedule = run_schedule(args, servers.clone(), done);
     let outcome = tokio::select! {
         samples = schedule => Ok(samples),
         _ = tokio::signal::ctrl_c() => Err("interrupted"),
@@ -146,51 +211,38 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(130);
         }
     };
+    let fds_at_end = servers.iter().map(|s| s.pid().map_or(0, servers::fd_count));
+    Ok(Run {
+        mode,
+        protocols,
+        samples: servers.iter().map(|s| s.name).zip(samples).collect(),
+        elapsed: started.elapsed(),
+        fds: fds_at_start.into_iter().zip(fds_at_end).collect(),
+    })
+}
 
-    let last_pids: Vec<u32> = servers.iter().filter_map(ServerProcess::pid).collect();
-    let fds_at_end: Vec<usize> = last_pids.iter().map(|p| servers::fd_count(*p)).collect();
-    let errors = report(&args, &protocols, &servers[..], &samples, started.elapsed());
-    println!(
-        "open fds of the serving process, start → end: {}",
-        servers
+impl Run {
+    /// Client-visible errors and failed upgrades; with migration, a chat message a member
+    /// missed too (one room: every member receives every message).
+    fn errors(&self) -> u64 {
+        let mut clients: u64 = self.protocols.iter().map(|p| p.counters.errors()).sum();
+        if self.mode == Mode::Migrate {
+            clients += self
+                .protocols
+                .iter()
+                .map(|p| Counters::get(&p.counters.missed))
+                .sum::<u64>();
+        }
+        let failed = self.samples.iter().flat_map(|(_, s)| s).filter(|s| s.is_err()).count();
+        clients + failed as u64
+    }
+
+    /// The successful upgrades of each server.
+    fn upgrades(&self) -> impl Iterator<Item = (&'static str, Vec<&UpgradeSample>)> + '_ {
+        self.samples
             .iter()
-            .zip(fds_at_start.iter().zip(&fds_at_end))
-            .map(|(s, (a, b))| format!("{} {a} → {b}", s.name))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let memory: Vec<String> = servers
-        .iter()
-        .zip(&samples)
-        .map(|(s, samples)| {
-            let ok: Vec<&UpgradeSample> = samples.iter().filter_map(|r| r.as_ref().ok()).collect();
-            let worst = |peak: fn(&UpgradeSample) -> u64, alone: fn(&UpgradeSample) -> u64| {
-                ok.iter()
-                    .map(|u| peak(u) as f64 / alone(u).max(1) as f64)
-                    .fold(0.0, f64::max)
-            };
-            let pss = worst(|u| u.peak_pss_kib, |u| u.serving_pss_kib);
-            let rss = worst(|u| u.peak_rss_kib, |u| u.serving_rss_kib);
-            let peak = ok.iter().map(|u| u.peak_pss_kib).max().unwrap_or(0);
-            format!("{} {:.1} MiB, {pss:.2}× (RSS {rss:.2}×)", s.name, peak as f64 / 1024.0)
-        })
-        .collect();
-    println!(
-        "peak memory of old + new during an upgrade (PSS: shared pages counted once), against the process serving alone: {}",
-        memory.join(", ")
-    );
-    if args.json {
-        println!(
-            "{}",
-            json(&protocols, &servers[..], &samples, &fds_at_start, &fds_at_end)
-        );
+            .map(|(name, samples)| (*name, samples.iter().filter_map(|s| s.as_ref().ok()).collect()))
     }
-    if errors > 0 {
-        eprintln!("FAILED: {errors} client-visible errors");
-        std::process::exit(1);
-    }
-    println!("zero client-visible errors");
-    Ok(())
 }
 
 /// Builds the three servers (and handoffctl) with the profile this demo was built with, and
@@ -278,33 +330,27 @@ async fn show_progress(counters: Vec<Arc<Counters>>, done: Arc<AtomicUsize>, upg
     }
 }
 
-/// Prints the tables; returns the number of client-visible errors.
-fn report(
-    args: &Args,
-    protocols: &[Protocol],
-    servers: &[ServerProcess],
-    samples: &[Vec<Result<UpgradeSample, String>>],
-    elapsed: Duration,
-) -> u64 {
+/// Prints a run's tables: what the clients saw, the upgrades, descriptors and memory.
+fn report(args: &Args, run: &Run) {
     println!(
-        "\n{} upgrades of each server, one round every {} ms, {:.1} s in all\n",
+        "\n{}: {} upgrades of each server, one round every {} ms, {:.1} s in all\n",
+        run.mode.name(),
         args.upgrades,
         args.interval_ms,
-        elapsed.as_secs_f64()
+        run.elapsed.as_secs_f64()
     );
     println!(
-        "{:<22} {:>10} {:>10} {:>7} {:>7} {:>6} {:>9} {:>9} {:>6} {:>7}",
-        "protocol", "ok", "reconnects", "refused", "reset", "5xx", "abnormal", "corrupted", "other", "errors"
+        "{:<22} {:>10} {:>10} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>6} {:>7}",
+        "protocol", "ok", "reconnects", "missed", "refused", "reset", "5xx", "abnormal", "corrupted", "other", "errors"
     );
-    let mut errors = 0;
-    for p in protocols {
+    for p in &run.protocols {
         let c = &p.counters;
-        errors += c.errors();
         println!(
-            "{:<22} {:>10} {:>10} {:>7} {:>7} {:>6} {:>9} {:>9} {:>6} {:>7}",
+            "{:<22} {:>10} {:>10} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>6} {:>7}",
             p.name,
             Counters::get(&c.ok),
             Counters::get(&c.reconnects),
+            Counters::get(&c.missed),
             Counters::get(&c.refused),
             Counters::get(&c.reset),
             Counters::get(&c.server_error),
@@ -318,17 +364,14 @@ fn report(
         "\n{:<10} {:>9} {:>7} {:>24} {:>28}",
         "server", "upgrades", "failed", "trigger→ready p50/p99/max", "old exit after ready p50/max"
     );
-    for (server, samples) in servers.iter().zip(samples) {
-        let ok: Vec<&UpgradeSample> = samples.iter().filter_map(|s| s.as_ref().ok()).collect();
-        let failed = samples.len() - ok.len();
-        errors += failed as u64;
+    for ((name, ok), (_, samples)) in run.upgrades().zip(&run.samples) {
         let ready: Vec<f64> = ok.iter().map(|s| s.ready_ms).collect();
         let exit: Vec<f64> = ok.iter().map(|s| s.old_exit_ms).collect();
         println!(
             "{:<10} {:>9} {:>7} {:>24} {:>28}",
-            server.name,
+            name,
             ok.len(),
-            failed,
+            samples.len() - ok.len(),
             format!(
                 "{:.2}/{:.2}/{:.2} ms",
                 percentile(&ready, 50.0),
@@ -338,38 +381,102 @@ fn report(
             format!("{:.1}/{:.1} ms", percentile(&exit, 50.0), percentile(&exit, 100.0))
         );
     }
-    println!();
-    errors
+    println!(
+        "\nopen fds of the serving process, start → end: {}",
+        run.samples
+            .iter()
+            .zip(&run.fds)
+            .map(|((name, _), (start, end))| format!("{name} {start} → {end}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let memory: Vec<String> = run
+        .upgrades()
+        .map(|(name, ok)| {
+            let worst = |peak: fn(&UpgradeSample) -> u64, alone: fn(&UpgradeSample) -> u64| {
+                ok.iter()
+                    .map(|u| peak(u) as f64 / alone(u).max(1) as f64)
+                    .fold(0.0, f64::max)
+            };
+            let pss = worst(|u| u.peak_pss_kib, |u| u.serving_pss_kib);
+            let rss = worst(|u| u.peak_rss_kib, |u| u.serving_rss_kib);
+            let peak = ok.iter().map(|u| u.peak_pss_kib).max().unwrap_or(0);
+            format!("{name} {:.1} MiB, {pss:.2}× (RSS {rss:.2}×)", peak as f64 / 1024.0)
+        })
+        .collect();
+    println!(
+        "peak memory of old + new during an upgrade (PSS: shared pages counted once), against the process serving alone: {}\n",
+        memory.join(", ")
+    );
 }
 
-fn json(
-    protocols: &[Protocol],
-    servers: &[ServerProcess],
-    samples: &[Vec<Result<UpgradeSample, String>>],
-    fds_start: &[usize],
-    fds_end: &[usize],
-) -> serde_json::Value {
-    let protocols: Vec<_> = protocols
+/// Drain and migrate side by side: what a client pays for an upgrade in each mode.
+fn compare(runs: &[Run]) {
+    println!("drain against migrate, per protocol: reconnects / chat messages missed / client-visible errors");
+    print!("{:<22}", "protocol");
+    for run in runs {
+        print!(" {:>26}", run.mode.name());
+    }
+    println!();
+    for (i, protocol) in runs[0].protocols.iter().enumerate() {
+        print!("{:<22}", protocol.name);
+        for run in runs {
+            let c = &run.protocols[i].counters;
+            let figures = format!(
+                "{} / {} / {}",
+                Counters::get(&c.reconnects),
+                Counters::get(&c.missed),
+                c.errors()
+            );
+            print!(" {figures:>26}");
+        }
+        println!();
+    }
+    print!("{:<22}", "old exit after ready");
+    for run in runs {
+        let exits: Vec<f64> = run
+            .upgrades()
+            .flat_map(|(_, ok)| ok.into_iter().map(|s| s.old_exit_ms))
+            .collect();
+        let figures = format!(
+            "p50 {:.1} / max {:.1} ms",
+            percentile(&exits, 50.0),
+            percentile(&exits, 100.0)
+        );
+        print!(" {figures:>26}");
+    }
+    println!("\n");
+}
+
+/// A run as one line of JSON.
+fn json(run: &Run) -> serde_json::Value {
+    let protocols: Vec<_> = run
+        .protocols
         .iter()
-        .map(|p| serde_json::json!({"protocol": p.name, "ok": Counters::get(&p.counters.ok), "errors": p.counters.errors()}))
+        .map(|p| {
+            let c = &p.counters;
+            serde_json::json!({
+                "protocol": p.name, "ok": Counters::get(&c.ok), "reconnects": Counters::get(&c.reconnects),
+                "missed": Counters::get(&c.missed), "errors": c.errors(),
+            })
+        })
         .collect();
-    let servers: Vec<_> = servers
-        .iter()
-        .zip(samples)
-        .enumerate()
-        .map(|(i, (s, samples))| {
-            let ok: Vec<&UpgradeSample> = samples.iter().filter_map(|s| s.as_ref().ok()).collect();
+    let servers: Vec<_> = run
+        .upgrades()
+        .zip(&run.samples)
+        .zip(&run.fds)
+        .map(|(((name, ok), (_, samples)), (fds_start, fds_end))| {
             let ready: Vec<f64> = ok.iter().map(|s| s.ready_ms).collect();
             let exit: Vec<f64> = ok.iter().map(|s| s.old_exit_ms).collect();
             serde_json::json!({
-                "server": s.name, "upgrades": ok.len(), "failed": samples.len() - ok.len(),
+                "server": name, "upgrades": ok.len(), "failed": samples.len() - ok.len(),
                 "ready_ms": {"p50": percentile(&ready, 50.0), "p99": percentile(&ready, 99.0), "max": percentile(&ready, 100.0)},
                 "old_exit_ms": {"p50": percentile(&exit, 50.0), "max": percentile(&exit, 100.0)},
                 "peak_rss_kib": ok.iter().map(|s| s.peak_rss_kib).max(),
                 "peak_pss_kib": ok.iter().map(|s| s.peak_pss_kib).max(),
-                "fds": {"start": fds_start.get(i), "end": fds_end.get(i)},
+                "fds": {"start": fds_start, "end": fds_end},
             })
         })
         .collect();
-    serde_json::json!({"protocols": protocols, "servers": servers})
+    serde_json::json!({"mode": run.mode.name(), "protocols": protocols, "servers": servers})
 }

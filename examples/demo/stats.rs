@@ -11,6 +11,11 @@ pub struct Counters {
     /// Connections the server closed in the protocol's orderly way (Connection: close, Close
     /// 1001, half-close), after which the client reconnected: not errors.
     pub reconnects: AtomicU64,
+    /// Chat messages a member never received from another member (counted by the gaps in
+    /// each sender's numbers): a drained member misses what the room said while it
+    /// reconnected, and a room split between the old and the new process loses more. Not an
+    /// error when drained; with `--migrate`, every member receives every message, so any is.
+    pub missed: AtomicU64,
     pub refused: AtomicU64,
     pub reset: AtomicU64,
     pub server_error: AtomicU64,
