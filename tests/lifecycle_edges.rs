@@ -8,8 +8,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
-use common::{example, is_running, Server, WAIT};
-use handoff::wire::{self, Channel, Message, PROTOCOL_VERSION};
+use common::{example, fake_predecessor, is_running, Server, WAIT};
+use handoff::wire::{self, Channel, Message};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -176,28 +176,8 @@ fn signals_reaching_a_successor_before_it_handles_them_wait_for_it() {
 /// Starts http_uuid with `HANDOFF_FD` set to `value` and `fd` (if any) placed at descriptor
 /// `at` without close-on-exec, as a stray inheritance would leave it.
 fn start_with_stray_channel(value: &str, fd: Option<(OwnedFd, i32)>, upgrade_timeout: &str) -> Server {
-    let value = value.to_owned();
-    Server::spawn_with(
-        &example("http_uuid"),
-        &["--listen", "127.0.0.1:0", "--upgrade-timeout", upgrade_timeout],
-        move |command| {
-            command.env(handoff::CHANNEL_FD_VAR, value);
-            if let Some((fd, at)) = fd {
-                let raw = fd.as_raw_fd();
-                // SAFETY: dup2 is async-signal-safe; `fd` stays open in the parent until the
-                // command is dropped, so it is open in the child.
-                unsafe {
-                    command.pre_exec(move || {
-                        let _keep = &fd;
-                        if libc::dup2(raw, at) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
-            }
-        },
-    )
+    let args = ["--listen", "127.0.0.1:0", "--upgrade-timeout", upgrade_timeout];
+    fake_predecessor::spawn_with_channel(&example("http_uuid"), &args, value, fd)
 }
 
 /// `HANDOFF_FD` naming what no predecessor leaves (a standard stream, a pipe, a TCP socket,
@@ -319,23 +299,10 @@ fn a_successor_inherits_only_its_channel() {
     drop(file);
 }
 
-/// Plays the predecessor (this test) for a real http_uuid successor: hands over no socket,
-/// up to the successor's `accepted`. The successor is numbered `generation`.
+/// Plays the predecessor (this test) for a real http_uuid successor numbered `generation`.
 async fn fake_handover(generation: u64) -> (Server, Channel) {
-    let (ours, theirs) = wire::pair().unwrap();
-    let server = start_with_stray_channel("42", Some((theirs, 42)), "5");
-    let mut channel = Channel::new(ours).unwrap();
-    let hello = Message::Hello {
-        protocol: PROTOCOL_VERSION,
-        pid: std::process::id(),
-        generation: Some(generation),
-    };
-    channel.send(&hello, &[]).await.unwrap();
-    wire::send_sockets(&channel, generation - 1, &[]).await.unwrap();
-    for expected in ["hello", "accepted"] {
-        assert_eq!(channel.recv(expected).await.unwrap().message.kind(), expected);
-    }
-    (server, channel)
+    let args = ["--listen", "127.0.0.1:0", "--upgrade-timeout", "5"];
+    fake_predecessor::handover(&example("http_uuid"), &args, generation).await
 }
 
 /// Waits for the successor's ready; nothing is written before the commit.

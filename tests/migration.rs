@@ -4,7 +4,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{example, Server, WAIT};
+use std::os::fd::AsFd;
+
+use common::{example, fake_predecessor, Server, WAIT};
+use handoff::wire::migration::State;
+use handoff::wire::{ConnectionEntry, Message, Protocol};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -208,4 +212,110 @@ async fn a_successor_killed_mid_migration_leaves_every_connection_migrated_or_dr
         "{returned}"
     );
     server.wait_for_exit(old, Duration::from_secs(20));
+}
+
+/// An accepted connection (this test's, as a predecessor's) and its client.
+async fn accepted(listener: &tokio::net::TcpListener) -> (TcpStream, TcpStream) {
+    let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    (listener.accept().await.unwrap().0, client)
+}
+
+/// What the predecessor would send for `stream`, with `state`.
+fn entry(stream: &TcpStream, state: serde_json::Value) -> ConnectionEntry {
+    ConnectionEntry {
+        listener: "echo".into(),
+        protocol: Protocol::RawTcp,
+        local: stream.local_addr().unwrap(),
+        peer: stream.peer_addr().unwrap(),
+        state: State(state),
+        leftover: Vec::new(),
+    }
+}
+
+/// The test plays the predecessor of a real `tcp_echo --migrate` and migrates three
+/// connections to it: one whose state is not what tcp_echo keeps, one whose state is over
+/// the limit, one sound. The successor refuses the first two, each with a reason naming the
+/// connection and what was wrong, takes the third (which it then echoes), and serves on; the
+/// refused connections are still whole in the predecessor's hands, to drain.
+#[tokio::test]
+async fn a_successor_refuses_a_malformed_or_oversized_state_and_keeps_serving() {
+    let args = ["--listen", "127.0.0.1:0", "--migrate", "--upgrade-timeout", "5"];
+    let (server, mut channel) = fake_predecessor::handover(&example("tcp_echo"), &args, 2).await;
+    assert_eq!(channel.recv("ready").await.unwrap().message.kind(), "ready");
+    channel.send(&Message::Commit { counters: None }, &[]).await.unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (malformed, mut malformed_client) = accepted(&listener).await;
+    let (oversized, mut oversized_client) = accepted(&listener).await;
+    let (sound, mut sound_client) = accepted(&listener).await;
+    let too_large = "x".repeat(handoff::migration::MAX_STATE_BYTES + 1);
+    let batch = Message::Migrate {
+        index: 0,
+        connections: vec![
+            entry(&malformed, serde_json::json!("not what tcp_echo keeps")),
+            entry(&oversized, serde_json::json!({ "echoed": 0, "padding": too_large })),
+            entry(&sound, serde_json::json!({ "echoed": 7 })),
+        ],
+    };
+    let fds = [malformed.as_fd(), oversized.as_fd(), sound.as_fd()];
+    channel.send(&batch, &fds).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, channel.recv("migrated"))
+        .await
+        .unwrap()
+        .unwrap();
+    let Message::Migrated { index: 0, refused } = answer.message else {
+        panic!("{:?}", answer.message)
+    };
+    let reasons: Vec<(usize, &str)> = refused.iter().map(|r| (r.position, r.reason.as_str())).collect();
+    let [(0, malformed_reason), (1, oversized_reason)] = reasons[..] else {
+        panic!("refused: {reasons:?}")
+    };
+    let named = format!(
+        "raw TCP connection of `echo` ({} from {})",
+        malformed.local_addr().unwrap(),
+        malformed.peer_addr().unwrap()
+    );
+    assert!(malformed_reason.contains(&named), "{malformed_reason}");
+    assert!(
+        malformed_reason.contains("a state this process cannot read"),
+        "{malformed_reason}"
+    );
+    assert!(
+        oversized_reason.contains(&format!("more than {}", handoff::migration::MAX_STATE_BYTES)),
+        "{oversized_reason}"
+    );
+
+    // The sound one is the successor's now: it echoes.
+    drop(sound);
+    sound_client.write_all(b"moved").await.unwrap();
+    let mut echoed = [0; 5];
+    tokio::time::timeout(WAIT, sound_client.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"moved");
+    // The refused ones are still ours, whole: drained here, each sees a clean EOF.
+    for (stream, client) in [(malformed, &mut malformed_client), (oversized, &mut oversized_client)] {
+        client.write_all(b"still ours").await.unwrap();
+        let mut stream = stream;
+        let mut got = [0; 10];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"still ours");
+        stream.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await.unwrap();
+        assert_eq!(read.expect("no reset"), 0);
+    }
+    // And the successor serves new clients too.
+    let mut fresh = TcpStream::connect(server.address("echo")).await.unwrap();
+    fresh.write_all(b"new").await.unwrap();
+    let mut got = [0; 3];
+    tokio::time::timeout(WAIT, fresh.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"new");
 }
