@@ -34,6 +34,7 @@
 //! | `sockets` | array | `{name, kind, address or path, origin}`: `origin` is `inherited` or `bound` |
 //! | `connections` | array | per protocol: `{protocol, active, draining, forced}` ([`ConnectionCounts`](crate::ConnectionCounts)) |
 //! | `upgrades` | object | `{attempted, succeeded, failed, refused, last_failure, last_handoff, arrival}` ([`UpgradeCounters`](crate::UpgradeCounters)) |
+//! | `migrated_in` | object | `{batches, connections, refused}`: connections live-migrated from the predecessor ([`crate::migration`]), taken and refused |
 //!
 //! New fields may appear; none changes meaning within a major version.
 //!
@@ -223,6 +224,7 @@ fn status(handoff: &Handoff) -> Value {
         "sockets": sockets,
         "connections": handoff.connections(),
         "upgrades": handoff.upgrade_counters(),
+        "migrated_in": handoff.migration().inbound().counts(),
     })
 }
 

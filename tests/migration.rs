@@ -93,6 +93,12 @@ async fn tcp_streams_stay_byte_exact_through_ten_upgrades() {
             progresses(rounds).await;
         }
         assert_eq!(server.pid(), new);
+        let migrated_in = &server.control("status")["migrated_in"];
+        assert_eq!(
+            (&migrated_in["connections"], &migrated_in["refused"]),
+            (&serde_json::json!(CLIENTS), &serde_json::json!(0)),
+            "{migrated_in}"
+        );
     }
     stop_tx.send_replace(true);
     for (local, client) in clients {
@@ -103,14 +109,23 @@ async fn tcp_streams_stay_byte_exact_through_ten_upgrades() {
 
 /// Writes to `stream` without reading until the kernel takes no more: the server, which
 /// echoes, is then blocked writing to us, away from any safe point. Returns what was sent.
-fn fill(stream: &TcpStream) -> Vec<u8> {
+///
+/// A write that would block only means the buffers are full for now; the server is blocked
+/// once they stay full (the server has stopped reading because its echo cannot be sent). The
+/// buffers between us hold up to the kernel's autotuning maxima (several MiB each way).
+async fn fill(stream: &TcpStream) -> Vec<u8> {
+    const STAYS_FULL: Duration = Duration::from_secs(1);
     let mut sent = Vec::new();
     let chunk: Vec<u8> = (0..8192).map(|i| (i % 253) as u8).collect();
-    // Bounded: a few MiB at most, far more than the buffers on both sides hold.
-    for _ in 0..1024 {
+    // Bounded: 64 MiB, far more than the buffers on both sides hold.
+    while sent.len() < 64 << 20 {
         match stream.try_write(&chunk) {
             Ok(n) => sent.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return sent,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if tokio::time::timeout(STAYS_FULL, stream.writable()).await.is_err() {
+                    return sent;
+                }
+            }
             Err(e) => panic!("filling: {e}"),
         }
     }
@@ -143,8 +158,9 @@ async fn a_successor_killed_mid_migration_leaves_every_connection_migrated_or_dr
     }
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
     let mut held = socket.connect(address).await.unwrap();
-    let sent = fill(&held);
+    let sent = fill(&held).await;
 
     let old = server.pid();
     let reply = server.upgrade();
@@ -309,6 +325,11 @@ async fn a_successor_refuses_a_malformed_or_oversized_state_and_keeps_serving() 
         let read = tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await.unwrap();
         assert_eq!(read.expect("no reset"), 0);
     }
+    let migrated_in = &server.control("status")["migrated_in"];
+    assert_eq!(
+        *migrated_in,
+        serde_json::json!({"batches": 1, "connections": 1, "refused": 2})
+    );
     // And the successor serves new clients too.
     let mut fresh = TcpStream::connect(server.address("echo")).await.unwrap();
     fresh.write_all(b"new").await.unwrap();

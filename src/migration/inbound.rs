@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
 
 use tokio::net::TcpStream;
 
@@ -18,6 +21,18 @@ pub(crate) type Receiver = dyn Fn(TcpStream, &ConnectionEntry) -> Result<Resume,
 #[derive(Default)]
 pub(crate) struct Inbound {
     receivers: Mutex<HashMap<String, (Protocol, Arc<Receiver>)>>,
+    counts: Counts,
+}
+
+/// What this process has received from its predecessor: the `migrated_in` object of `status`.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct Counts {
+    /// Batches acknowledged.
+    batches: AtomicU64,
+    /// Connections taken (and resumed).
+    connections: AtomicU64,
+    /// Connections refused (the predecessor drained them).
+    refused: AtomicU64,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -34,6 +49,11 @@ impl Inbound {
     pub(crate) fn register(&self, listener: &str, protocol: Protocol, receiver: Arc<Receiver>) {
         let mut receivers = self.receivers.lock().unwrap_or_else(|p| p.into_inner());
         receivers.insert(listener.to_owned(), (protocol, receiver));
+    }
+
+    /// What has been received so far.
+    pub(crate) fn counts(&self) -> &Counts {
+        &self.counts
     }
 
     /// Receives batches until the predecessor closes the channel (it exited). Other messages
@@ -60,10 +80,13 @@ impl Inbound {
     /// close unused and the predecessor drains them.
     async fn take_batch(&self, channel: &Channel, index: u64, entries: Vec<ConnectionEntry>, fds: Vec<OwnedFd>) {
         let (resumes, refused) = self.check_batch(entries, fds);
-        let taken = resumes.len();
+        let (taken, refused_count) = (resumes.len(), refused.len());
         match channel.send(&Message::Migrated { index, refused }, &[]).await {
             Ok(()) => {
                 tracing::info!(batch = index, connections = taken, "migrated connections received");
+                self.counts.batches.fetch_add(1, Ordering::Relaxed);
+                self.counts.connections.fetch_add(taken as u64, Ordering::Relaxed);
+                self.counts.refused.fetch_add(refused_count as u64, Ordering::Relaxed);
                 for resume in resumes {
                     resume();
                 }

@@ -52,6 +52,7 @@ pub fn status(reply: &Value) -> String {
     sockets(&mut out, reply);
     connections(&mut out, reply);
     upgrades(&mut out, &reply["upgrades"]);
+    migrated_in(&mut out, &reply["migrated_in"]);
     out
 }
 
@@ -131,6 +132,17 @@ fn upgrades(out: &mut String, upgrades: &Value) {
     }
 }
 
+/// Connections live-migrated from the predecessor, if any.
+fn migrated_in(out: &mut String, counts: &Value) {
+    if counts["batches"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            out,
+            "migrated in {} connections in {} batches, {} refused (drained by the predecessor)",
+            counts["connections"], counts["batches"], counts["refused"]
+        );
+    }
+}
+
 fn array(value: &Value) -> &[Value] {
     value.as_array().map_or(&[], Vec::as_slice)
 }
@@ -174,6 +186,7 @@ mod tests {
                 "last_failure": {"reason": "successor pid 9 timed out", "phase": "startup", "at_unix": 1},
                 "last_handoff": null,
                 "arrival": {"predecessor_pid": 4001, "adopted_to_ready_ms": 12.5, "ready_to_commit_ms": 0.31}},
+            "migrated_in": {"batches": 2, "connections": 300, "refused": 1},
         });
         let table = status(&reply);
         for expected in [
@@ -185,6 +198,7 @@ mod tests {
             "attempted 2, succeeded 0, failed 1, refused 1",
             "last failure (phase startup): successor pid 9 timed out",
             "arrived from pid 4001: adopted -> ready 12.5 ms, ready -> commit 0.3 ms",
+            "migrated in 300 connections in 2 batches, 1 refused (drained by the predecessor)",
         ] {
             assert!(table.contains(expected), "{expected:?} not in\n{table}");
         }
