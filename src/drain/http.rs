@@ -752,4 +752,133 @@ mod tests {
         drop(upgraded);
         assert_eq!(drain.open(), 0);
     }
+
+    mod migration {
+        use std::time::Duration;
+
+        use http_body_util::Full;
+        use tokio::sync::mpsc;
+
+        use super::*;
+        use crate::migration::{Inbound, Outbound, Receiver};
+        use crate::wire::{pair, Channel};
+
+        const WAIT: Duration = Duration::from_secs(10);
+
+        /// A drain whose connections migrate over a channel to a successor that resumes the
+        /// HTTP/1.1 connections of `listener` (if any) by sending them, leftover and all, to the
+        /// receiver returned.
+        fn migrating_drain(listener: Option<&str>) -> (Drain, mpsc::UnboundedReceiver<(TcpStream, Vec<u8>)>) {
+            let (ours, theirs) = pair().unwrap();
+            let (outbound, pending) = Outbound::new();
+            pending.start(Channel::new(ours).unwrap());
+            let drain = Drain::builder().idle_grace(Duration::from_millis(50)).build();
+            drain.shared.migration.set(outbound).unwrap();
+            let (tx, rx) = mpsc::unbounded_channel();
+            let inbound = Arc::new(Inbound::default());
+            if let Some(listener) = listener {
+                let receiver: Arc<Receiver> = Arc::new(move |stream, entry| {
+                    let (tx, leftover) = (tx.clone(), entry.leftover.clone());
+                    Ok(Box::new(move || drop(tx.send((stream, leftover)))))
+                });
+                inbound.register(listener, Protocol::Http1, receiver);
+            }
+            let mut channel = Channel::new(theirs).unwrap();
+            tokio::spawn(async move { inbound.receive(&mut channel).await });
+            (drain, rx)
+        }
+
+        fn hello() -> impl hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future = impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send,
+        > + Clone
+               + Send
+               + Sync
+               + 'static {
+            hyper::service::service_fn(|_request| async { Ok(Response::new(Full::new(Bytes::from("hello")))) })
+        }
+
+        /// A client connected to `server`, served by a task of `drain`'s.
+        async fn client_of<St: DrainStrategy<TcpStream>>(drain: &Drain, server: Arc<St>) -> TcpStream {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            drain.spawn(server, stream);
+            client
+        }
+
+        /// Reads one response head and its 5-byte body.
+        async fn answer(client: &mut TcpStream) -> String {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(client.read_u8().await.unwrap());
+            }
+            let mut body = [0; 5];
+            client.read_exact(&mut body).await.unwrap();
+            assert_eq!(&body, b"hello");
+            String::from_utf8(head).unwrap().to_ascii_lowercase()
+        }
+
+        const PARTIAL: &[u8] = b"GET /next HTTP/1.1\r\nHo";
+
+        #[tokio::test]
+        async fn an_idle_connection_moves_with_the_next_request_as_far_as_it_came() {
+            let (drain, mut taken) = migrating_drain(Some("http"));
+            let server = Arc::new(Server::new(hello()).migrate("http"));
+            let mut client = client_of(&drain, server).await;
+            client.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+            assert!(!answer(&mut client).await.contains("connection: close"));
+            client.write_all(PARTIAL).await.unwrap();
+            drain.shared.draining.cancel();
+            let (mut stream, leftover) = tokio::time::timeout(WAIT, taken.recv()).await.unwrap().unwrap();
+            // hyper may or may not have read the half request yet: what it read is the
+            // leftover, the rest is still in the socket.
+            let mut rest = vec![0; PARTIAL.len() - leftover.len()];
+            stream.read_exact(&mut rest).await.unwrap();
+            assert_eq!([leftover, rest].concat(), PARTIAL);
+            let report = tokio::time::timeout(WAIT, drain.drain()).await.unwrap();
+            assert_eq!((report.connections, report.migrated, report.forced), (1, 1, 0));
+        }
+
+        #[tokio::test]
+        async fn a_connection_the_successor_refuses_is_drained_with_its_next_request_answered() {
+            let (drain, mut taken) = migrating_drain(None);
+            let server = Arc::new(Server::new(hello()).migrate("http"));
+            let mut client = client_of(&drain, server).await;
+            client.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+            answer(&mut client).await;
+            client.write_all(PARTIAL).await.unwrap();
+            drain.shared.draining.cancel();
+            let drained = tokio::spawn({
+                let drain = drain.clone();
+                async move { drain.drain().await }
+            });
+            // The request completes after the refusal or before: either way this process
+            // answers it, says it closes, and closes.
+            client.write_all(b"st: t\r\n\r\n").await.unwrap();
+            let head = tokio::time::timeout(WAIT, answer(&mut client)).await.unwrap();
+            assert!(head.contains("connection: close"), "{head}");
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await.unwrap();
+            assert_eq!(read.unwrap(), 0, "a clean end of stream");
+            let report = tokio::time::timeout(WAIT, drained).await.unwrap().unwrap();
+            assert_eq!((report.connections, report.migrated, report.forced), (1, 0, 0));
+            assert!(taken.try_recv().is_err());
+        }
+
+        #[tokio::test]
+        async fn rewind_replays_its_bytes_before_the_socket() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            client.write_all(b" world").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut rewind = Rewind::new(Bytes::from_static(b"hello"), stream);
+            let mut got = String::new();
+            rewind.read_to_string(&mut got).await.unwrap();
+            assert_eq!(got, "hello world");
+        }
+    }
 }
