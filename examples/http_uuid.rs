@@ -6,6 +6,11 @@
 //! curl localhost:8081/uuid; curl localhost:8081/delayed & kill -USR2 $(cat /tmp/http_uuid.pid)
 //! curl localhost:8081/uuid     # a new UUID, while /delayed answers with the old one
 //! ```
+//!
+//! With `--migrate`, keep-alive connections move to the successor instead of being closed:
+//! a client keeps its connection, and `/uuid` on it answers the successor's UUID after the
+//! upgrade (`/delayed` in flight is answered first, by the old process, without
+//! `Connection: close`).
 
 mod common;
 
@@ -15,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
+use handoff::drain::http;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 
@@ -26,7 +32,13 @@ struct Args {
     /// How long `/delayed` waits before answering, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     delay_ms: u64,
+    /// Move keep-alive HTTP/1.1 connections to the successor instead of draining them.
+    #[arg(long)]
+    migrate: bool,
 }
+
+/// The name of the listener, under which connections also migrate.
+const LISTENER: &str = "http";
 
 struct App {
     uuid: String,
@@ -40,30 +52,27 @@ async fn main() -> anyhow::Result<()> {
     let handoff = args.server.builder().start().await?;
     let listener = handoff
         .registry()
-        .tcp("http", args.server.listen_or("127.0.0.1:8081"))?;
+        .tcp(LISTENER, args.server.listen_or("127.0.0.1:8081"))?;
     let app = Arc::new(App {
         uuid: uuid::Uuid::new_v4().to_string(),
         delay: Duration::from_millis(args.delay_ms),
     });
+    let uuid = app.uuid.clone();
+    let service = hyper::service::service_fn(move |request| handle(app.clone(), request));
+    let mut server = http::Server::new(service);
+    if args.migrate {
+        server = server.migrate(LISTENER);
+    }
+    let server = Arc::new(server);
+    let drain = args.server.drain();
+    // Before ready(): the predecessor migrates as soon as it has committed.
+    server.resume_migrated(&drain, &handoff);
     handoff.ready().await?;
-    tracing::info!(address = %listener.local_addr()?, uuid = %app.uuid, generation = handoff.generation(), "serving http_uuid");
+    tracing::info!(address = %listener.local_addr()?, uuid = %uuid, generation = handoff.generation(), migrate = args.migrate, "serving http_uuid");
 
-    args.server.drain().serve(&handoff, listener, Arc::new(Http(app))).await;
+    drain.serve(&handoff, listener, server).await;
     common::log_exit(&handoff);
     Ok(())
-}
-
-/// Serves HTTP/1.1 and HTTP/2 with hyper, drained by handoff's HTTP strategy.
-struct Http(Arc<App>);
-
-impl handoff::drain::DrainStrategy<tokio::net::TcpStream> for Http {
-    async fn serve(&self, stream: tokio::net::TcpStream, connection: handoff::drain::TrackedConnection) {
-        let app = self.0.clone();
-        let service = hyper::service::service_fn(move |request| handle(app.clone(), request));
-        if let Err(error) = handoff::drain::http::serve_connection(stream, service, connection).await {
-            tracing::debug!(%error, "connection ended with an error");
-        }
-    }
 }
 
 async fn handle(app: Arc<App>, request: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {

@@ -16,25 +16,32 @@
 //!
 //! Every close hyper makes (after `Connection: close`, say) is a lingering close too.
 
+use std::any::Any;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::body::{Body, Incoming};
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONNECTION};
+use hyper::server::conn::http1;
 use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use super::linger::Lingering;
-use super::{DrainStrategy, SharedConnection, TrackedConnection};
+use super::{Drain, DrainStrategy, SharedConnection, TrackedConnection};
+use crate::migration::http::{Migrating, Rewind};
+use crate::migration::{Protocol, Resumed};
+use crate::Handoff;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The connection builder [`serve_connection`] uses: hyper-util's defaults (HTTP/1.1 and
 /// HTTP/2, told apart by the client's first bytes), on tokio. Start from it to configure
@@ -128,24 +135,69 @@ where
     B::Error: Into<BoxError>,
 {
     let activity = Arc::new(Activity::new(SharedConnection::new(connection)));
-    let service = CloseOnDrain {
-        inner: service,
-        activity: activity.clone(),
-    };
     // The I/O holds the connection's tracking: an upgrade moves the I/O out of hyper, and
     // the upgraded connection stays tracked until it is dropped.
-    let io = TokioIo::new(Watched {
-        inner: Lingering::new(io),
-        activity: activity.clone(),
-    });
-    let served = builder.serve_connection_with_upgrades(io, service);
+    let io = TokioIo::new(Watched::new(io, activity.clone()));
+    let served = builder.serve_connection_with_upgrades(io, CloseOnDrain::new(service, activity.clone()));
     tokio::pin!(served);
-    let connection = &*activity.connection;
-
     tokio::select! {
         result = served.as_mut() => return result,
-        () = connection.draining() => {}
+        () = activity.connection.draining() => {}
     }
+    wind_down(served, &activity).await
+}
+
+/// A connection hyper serves that can be told to wind down: hyper-util's auto connection,
+/// and hyper's HTTP/1 connection (which migration uses, as it gives its I/O back).
+pub(crate) trait GracefulShutdown: Future<Output = Result<(), Self::Error>> {
+    /// The connection's error.
+    type Error: Into<BoxError>;
+
+    /// HTTP/2: GOAWAY. HTTP/1: keep-alive off, so idle closes now and busy after its
+    /// response.
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulShutdown for auto::UpgradeableConnection<'_, I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Error = BoxError;
+
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        auto::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B> GracefulShutdown for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Error = hyper::Error;
+
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+/// The drain of one connection, once it has started, as the module describes: HTTP/1 closes
+/// once quiet (or after its response in progress), HTTP/2 gets GOAWAY; at the deadline, what
+/// is left is dropped.
+pub(crate) async fn wind_down<C: GracefulShutdown>(
+    mut served: Pin<&mut C>,
+    activity: &Activity,
+) -> Result<(), BoxError> {
+    let connection = &*activity.connection;
     activity.draining.store(true, Ordering::Release);
     if !activity.http2.load(Ordering::Acquire) {
         // HTTP/1 (or no request yet): close only once quiet, as the module says.
@@ -153,7 +205,7 @@ where
             let quiet_since = activity.last_active();
             let wake = tokio::time::Instant::from_std(quiet_since + connection.idle_grace());
             tokio::select! {
-                result = served.as_mut() => return result,
+                result = served.as_mut() => return result.map_err(Into::into),
                 () = connection.deadline() => return Ok(()),
                 () = tokio::time::sleep_until(wake) => {}
             }
@@ -166,7 +218,7 @@ where
     // finish. Busy HTTP/1: keep-alive off, closed after the response in progress.
     served.as_mut().graceful_shutdown();
     tokio::select! {
-        result = served.as_mut() => result,
+        result = served.as_mut() => result.map_err(Into::into),
         () = connection.deadline() => Ok(()),
     }
 }
@@ -174,6 +226,9 @@ where
 /// A [`DrainStrategy`] serving HTTP/1.1 and HTTP/2 with a clone of one hyper service per
 /// connection, through [`serve_connection_with`]. An axum `Router` is such a service once
 /// wrapped in hyper-util's `TowerToHyperService` (`examples/axum_app.rs`).
+///
+/// With [`migrate`](Self::migrate), its HTTP/1.1 connections move to the successor after an
+/// upgrade instead of being closed (see [`crate::migration`]).
 ///
 /// # Examples
 ///
@@ -196,6 +251,9 @@ where
 pub struct Server<S> {
     service: S,
     builder: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    /// The listener name its connections migrate under, when they migrate.
+    migrate: Option<Arc<str>>,
 }
 
 impl<S> Server<S> {
@@ -206,7 +264,88 @@ impl<S> Server<S> {
 
     /// Serves with `service` and a connection builder of the caller's.
     pub fn with_builder(service: S, builder: auto::Builder<TokioExecutor>) -> Self {
-        Self { service, builder }
+        Self {
+            service,
+            builder,
+            http1: http1::Builder::new(),
+            migrate: None,
+        }
+    }
+
+    /// Moves this server's HTTP/1.1 connections to the successor after an upgrade, instead of
+    /// closing them, under the name `listener` (the successor resumes them with
+    /// [`resume_migrated`](Self::resume_migrated) on a server given the same name). Default:
+    /// off, the drain the module describes.
+    ///
+    /// An idle keep-alive connection moves between two requests; a request in flight is
+    /// answered first, in full and without `Connection: close`, and its connection moves once
+    /// the response is flushed. A next request already partly received moves with it and is
+    /// answered by the successor. The client keeps its TCP connection throughout.
+    ///
+    /// What does not move is drained as without migration: HTTP/2 connections (GOAWAY: their
+    /// HPACK and flow-control state stays here), connections that are not a plain
+    /// `TcpStream` (TLS), a connection the successor refused, a connection whose next request
+    /// had already been parsed when it was handed over (it is answered here with
+    /// `Connection: close`), a connection upgraded to another protocol.
+    ///
+    /// HTTP/1 connections that may move are served by hyper's own HTTP/1 connection, which
+    /// gives its I/O and read buffer back (hyper-util's `auto` connection does not): they are
+    /// configured by [`with_http1_builder`](Self::with_http1_builder), not by the `auto`
+    /// builder's HTTP/1 settings.
+    pub fn migrate(mut self, listener: &str) -> Self {
+        self.migrate = Some(listener.into());
+        self
+    }
+
+    /// The hyper HTTP/1 builder serving the connections that may migrate
+    /// ([`migrate`](Self::migrate)). Default: `hyper::server::conn::http1::Builder::new()`.
+    pub fn with_http1_builder(mut self, builder: http1::Builder) -> Self {
+        self.http1 = builder;
+        self
+    }
+
+    /// Resumes in this process the HTTP/1.1 connections that the predecessor migrates under
+    /// this server's [`migrate`](Self::migrate) name: each is served by this server like an
+    /// accepted one, tracked by `drain` (so it migrates again at the next upgrade), the bytes
+    /// the predecessor had read but not answered first. Does nothing without `migrate`.
+    ///
+    /// Call it before [`Handoff::ready`]: the predecessor migrates as soon as it has
+    /// committed.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(handoff: handoff::Handoff, listener: tokio::net::TcpListener) {
+    /// use std::sync::Arc;
+    /// use handoff::drain::{http, Drain};
+    /// use http_body_util::Full;
+    ///
+    /// let service = hyper::service::service_fn(|_request| async {
+    ///     Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(bytes::Bytes::from("hi"))))
+    /// });
+    /// let server = Arc::new(http::Server::new(service).migrate("http"));
+    /// let drain = Drain::builder().build();
+    /// server.resume_migrated(&drain, &handoff);
+    /// handoff.ready().await.unwrap();
+    /// drain.serve(&handoff, listener, server).await;
+    /// # }
+    /// ```
+    pub fn resume_migrated(self: &Arc<Self>, drain: &Drain, handoff: &Handoff)
+    where
+        Self: DrainStrategy<Resumed<()>>,
+    {
+        if let Some(listener) = &self.migrate {
+            drain.resume_migrated::<(), _>(handoff, listener, Protocol::Http1, self.clone());
+        }
+    }
+
+    /// What serves a connection that may migrate under `listener`.
+    fn migrating<'a>(&'a self, listener: &'a str) -> Migrating<'a> {
+        Migrating {
+            auto: &self.builder,
+            http1: &self.http1,
+            listener,
+        }
     }
 }
 
@@ -221,35 +360,104 @@ where
     B::Error: Into<BoxError>,
 {
     async fn serve(&self, io: I, connection: TrackedConnection) {
-        if let Err(error) = serve_connection_with(&self.builder, io, self.service.clone(), connection).await {
+        let service = self.service.clone();
+        let result = match &self.migrate {
+            // Only a plain TCP connection can be handed over.
+            Some(listener) => match downcast::<I, TcpStream>(io) {
+                Ok(stream) => {
+                    self.migrating(listener)
+                        .serve(stream, Bytes::new(), service, connection)
+                        .await
+                }
+                Err(io) => serve_connection_with(&self.builder, io, service, connection).await,
+            },
+            None => serve_connection_with(&self.builder, io, service, connection).await,
+        };
+        if let Err(error) = result {
             tracing::debug!(%error, "HTTP connection ended with an error");
         }
     }
 }
 
+impl<S, B> DrainStrategy<Resumed<()>> for Server<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    async fn serve(&self, resumed: Resumed<()>, connection: TrackedConnection) {
+        let (service, leftover) = (self.service.clone(), Bytes::from(resumed.leftover));
+        let result = match &self.migrate {
+            Some(listener) => {
+                self.migrating(listener)
+                    .serve(resumed.stream, leftover, service, connection)
+                    .await
+            }
+            None => {
+                serve_connection_with(
+                    &self.builder,
+                    Rewind::new(leftover, resumed.stream),
+                    service,
+                    connection,
+                )
+                .await
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "resumed HTTP connection ended with an error");
+        }
+    }
+}
+
+/// `value` as a `T`, if `I` is `T`: how a strategy generic over its I/O finds the TCP
+/// connections it can migrate.
+fn downcast<I: 'static, T: 'static>(value: I) -> Result<T, I> {
+    let mut slot = Some(value);
+    match (&mut slot as &mut dyn Any).downcast_mut::<Option<T>>() {
+        Some(same) => Ok(same.take().expect("just filled")),
+        None => Err(slot.expect("untouched")),
+    }
+}
+
 /// What the drain needs to know of one connection, shared by its I/O and its service.
-struct Activity {
+pub(crate) struct Activity {
     /// The connection's tracking: open while the I/O (in hyper or upgraded) or a request's
     /// clone lives.
-    connection: SharedConnection,
+    pub(crate) connection: SharedConnection,
     draining: AtomicBool,
+    /// Requests whose response has not been produced to its end.
     in_flight: AtomicUsize,
+    /// Requests seen: before the first, hyper's connection is not between two requests.
+    requests: AtomicU64,
     /// Nanoseconds after `epoch` of the last byte read or request finished.
     last_active: AtomicU64,
     epoch: Instant,
     /// Whether hyper-util found HTTP/2 (seen in the version of the requests it parsed).
     http2: AtomicBool,
+    /// Bytes written that no flush has completed since.
+    unflushed: AtomicBool,
+    /// The connection is being handed over: hyper closes it without touching the socket.
+    handing_over: AtomicBool,
+    /// hyper read or wrote after the hand-over began: it was not between two requests.
+    touched: AtomicBool,
 }
 
 impl Activity {
-    fn new(connection: SharedConnection) -> Self {
+    pub(crate) fn new(connection: SharedConnection) -> Self {
         Self {
             connection,
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
             last_active: AtomicU64::new(0),
             epoch: Instant::now(),
             http2: AtomicBool::new(false),
+            unflushed: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
+            touched: AtomicBool::new(false),
         }
     }
 
@@ -266,16 +474,60 @@ impl Activity {
     fn is_quiet_since(&self, since: Instant) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0 && self.last_active() == since
     }
+
+    /// At least one request answered, every response produced to its end and flushed: as
+    /// far as the service and the socket tell, hyper is between two requests.
+    pub(crate) fn is_between_requests(&self) -> bool {
+        self.requests.load(Ordering::Acquire) > 0
+            && self.in_flight.load(Ordering::Acquire) == 0
+            && !self.unflushed.load(Ordering::Acquire)
+    }
+
+    /// From now on the connection is handed over: hyper's close leaves the socket alone, and
+    /// a response it still produces (it was not between two requests after all) says
+    /// `Connection: close`, as in a drain.
+    pub(crate) fn begin_handover(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.handing_over.store(true, Ordering::Release);
+    }
+
+    /// Whether hyper closed without reading or writing after [`begin_handover`](Self::begin_handover):
+    /// it was between two requests, and what it read and did not parse is the next request.
+    pub(crate) fn closed_untouched(&self) -> bool {
+        !self.touched.load(Ordering::Acquire)
+    }
+
+    fn note_io(&self) {
+        if self.handing_over.load(Ordering::Acquire) {
+            self.touched.store(true, Ordering::Release);
+        }
+    }
 }
 
-/// The connection's I/O, noting when bytes arrive, and holding the connection's tracking.
-struct Watched<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
+/// The connection's I/O, noting when bytes arrive and when writes are flushed, and holding
+/// the connection's tracking.
+pub(crate) struct Watched<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
     inner: Lingering<I>,
     activity: Arc<Activity>,
 }
 
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Watched<I> {
+    pub(crate) fn new(io: I, activity: Arc<Activity>) -> Self {
+        Self {
+            inner: Lingering::new(io),
+            activity,
+        }
+    }
+
+    /// The I/O, to hand over: no close happens.
+    pub(crate) fn into_inner(self) -> I {
+        self.inner.into_inner()
+    }
+}
+
 impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Watched<I> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        self.activity.note_io();
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -287,12 +539,22 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Watched<I
 
 impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Watched<I> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.wrote();
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = poll {
+            self.activity.unflushed.store(false, Ordering::Release);
+        }
+        poll
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let activity = &self.activity;
+        if activity.handing_over.load(Ordering::Acquire) && activity.closed_untouched() {
+            // hyper's close of a connection handed over: the socket stays as it is.
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
     fn poll_write_vectored(
@@ -300,6 +562,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Watched<
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.wrote();
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -307,12 +570,30 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Watched<
     }
 }
 
-/// The application's service, counting requests under way, handing each request the
-/// connection's [`SharedConnection`], and adding `Connection: close` to HTTP/1 responses
-/// once the drain has started.
-struct CloseOnDrain<S> {
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Watched<I> {
+    fn wrote(&self) {
+        self.activity.note_io();
+        self.activity.unflushed.store(true, Ordering::Release);
+    }
+}
+
+/// The application's service, counting requests under way (until their response body ends),
+/// handing each request the connection's [`SharedConnection`], and adding
+/// `Connection: close` to HTTP/1 responses once the drain has started.
+pub(crate) struct CloseOnDrain<S> {
     inner: S,
     activity: Arc<Activity>,
+}
+
+impl<S> CloseOnDrain<S> {
+    pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Self { inner, activity }
+    }
+
+    /// The application's service back.
+    pub(crate) fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for CloseOnDrain<S>
@@ -320,9 +601,9 @@ where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
     S::Future: Send + 'static,
 {
-    type Response = Response<B>;
+    type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         let http1 = request.version() < Version::HTTP_2;
@@ -340,8 +621,10 @@ where
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
-            drop(in_flight);
-            Ok(response)
+            Ok(response.map(|inner| TrackedBody {
+                inner,
+                in_flight: Some(in_flight),
+            }))
         })
     }
 }
@@ -351,6 +634,7 @@ struct InFlight(Arc<Activity>);
 
 impl InFlight {
     fn start(activity: Arc<Activity>) -> Self {
+        activity.requests.fetch_add(1, Ordering::AcqRel);
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
         Self(activity)
     }
@@ -360,6 +644,38 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body whose request stays under way until the body has ended (or is
+    /// dropped): a connection is not between two requests while a response streams.
+    pub(crate) struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            *this.in_flight = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -435,5 +751,134 @@ mod tests {
         );
         drop(upgraded);
         assert_eq!(drain.open(), 0);
+    }
+
+    mod migration {
+        use std::time::Duration;
+
+        use http_body_util::Full;
+        use tokio::sync::mpsc;
+
+        use super::*;
+        use crate::migration::{Inbound, Outbound, Receiver};
+        use crate::wire::{pair, Channel};
+
+        const WAIT: Duration = Duration::from_secs(10);
+
+        /// A drain whose connections migrate over a channel to a successor that resumes the
+        /// HTTP/1.1 connections of `listener` (if any) by sending them, leftover and all, to the
+        /// receiver returned.
+        fn migrating_drain(listener: Option<&str>) -> (Drain, mpsc::UnboundedReceiver<(TcpStream, Vec<u8>)>) {
+            let (ours, theirs) = pair().unwrap();
+            let (outbound, pending) = Outbound::new();
+            pending.start(Channel::new(ours).unwrap());
+            let drain = Drain::builder().idle_grace(Duration::from_millis(50)).build();
+            drain.shared.migration.set(outbound).unwrap();
+            let (tx, rx) = mpsc::unbounded_channel();
+            let inbound = Arc::new(Inbound::default());
+            if let Some(listener) = listener {
+                let receiver: Arc<Receiver> = Arc::new(move |stream, entry| {
+                    let (tx, leftover) = (tx.clone(), entry.leftover.clone());
+                    Ok(Box::new(move || drop(tx.send((stream, leftover)))))
+                });
+                inbound.register(listener, Protocol::Http1, receiver);
+            }
+            let mut channel = Channel::new(theirs).unwrap();
+            tokio::spawn(async move { inbound.receive(&mut channel).await });
+            (drain, rx)
+        }
+
+        fn hello() -> impl hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future = impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send,
+        > + Clone
+               + Send
+               + Sync
+               + 'static {
+            hyper::service::service_fn(|_request| async { Ok(Response::new(Full::new(Bytes::from("hello")))) })
+        }
+
+        /// A client connected to `server`, served by a task of `drain`'s.
+        async fn client_of<St: DrainStrategy<TcpStream>>(drain: &Drain, server: Arc<St>) -> TcpStream {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            drain.spawn(server, stream);
+            client
+        }
+
+        /// Reads one response head and its 5-byte body.
+        async fn answer(client: &mut TcpStream) -> String {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(client.read_u8().await.unwrap());
+            }
+            let mut body = [0; 5];
+            client.read_exact(&mut body).await.unwrap();
+            assert_eq!(&body, b"hello");
+            String::from_utf8(head).unwrap().to_ascii_lowercase()
+        }
+
+        const PARTIAL: &[u8] = b"GET /next HTTP/1.1\r\nHo";
+
+        #[tokio::test]
+        async fn an_idle_connection_moves_with_the_next_request_as_far_as_it_came() {
+            let (drain, mut taken) = migrating_drain(Some("http"));
+            let server = Arc::new(Server::new(hello()).migrate("http"));
+            let mut client = client_of(&drain, server).await;
+            client.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+            assert!(!answer(&mut client).await.contains("connection: close"));
+            client.write_all(PARTIAL).await.unwrap();
+            drain.shared.draining.cancel();
+            let (mut stream, leftover) = tokio::time::timeout(WAIT, taken.recv()).await.unwrap().unwrap();
+            // hyper may or may not have read the half request yet: what it read is the
+            // leftover, the rest is still in the socket.
+            let mut rest = vec![0; PARTIAL.len() - leftover.len()];
+            stream.read_exact(&mut rest).await.unwrap();
+            assert_eq!([leftover, rest].concat(), PARTIAL);
+            let report = tokio::time::timeout(WAIT, drain.drain()).await.unwrap();
+            assert_eq!((report.connections, report.migrated, report.forced), (1, 1, 0));
+        }
+
+        #[tokio::test]
+        async fn a_connection_the_successor_refuses_is_drained_with_its_next_request_answered() {
+            let (drain, mut taken) = migrating_drain(None);
+            let server = Arc::new(Server::new(hello()).migrate("http"));
+            let mut client = client_of(&drain, server).await;
+            client.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+            answer(&mut client).await;
+            client.write_all(PARTIAL).await.unwrap();
+            drain.shared.draining.cancel();
+            let drained = tokio::spawn({
+                let drain = drain.clone();
+                async move { drain.drain().await }
+            });
+            // The request completes after the refusal or before: either way this process
+            // answers it, says it closes, and closes.
+            client.write_all(b"st: t\r\n\r\n").await.unwrap();
+            let head = tokio::time::timeout(WAIT, answer(&mut client)).await.unwrap();
+            assert!(head.contains("connection: close"), "{head}");
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await.unwrap();
+            assert_eq!(read.unwrap(), 0, "a clean end of stream");
+            let report = tokio::time::timeout(WAIT, drained).await.unwrap().unwrap();
+            assert_eq!((report.connections, report.migrated, report.forced), (1, 0, 0));
+            assert!(taken.try_recv().is_err());
+        }
+
+        #[tokio::test]
+        async fn rewind_replays_its_bytes_before_the_socket() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            client.write_all(b" world").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut rewind = Rewind::new(Bytes::from_static(b"hello"), stream);
+            let mut got = String::new();
+            rewind.read_to_string(&mut got).await.unwrap();
+            assert_eq!(got, "hello world");
+        }
     }
 }

@@ -57,6 +57,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Lingering<I> {
         }
     }
 
+    /// The I/O back, with no close: it is handed over, still open.
+    pub(crate) fn into_inner(mut self) -> I {
+        self.close = Close::Done;
+        self.inner.take().expect("the I/O is there until dropped")
+    }
+
     fn inner(&mut self) -> &mut I {
         self.inner.as_mut().expect("the I/O is there until dropped")
     }

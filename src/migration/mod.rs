@@ -77,6 +77,8 @@
 //! A connection handed to the successor after it has started to stop is drained there.
 
 mod error;
+#[cfg(feature = "http")]
+pub(crate) mod http;
 mod inbound;
 mod outbound;
 
