@@ -753,6 +753,36 @@ mod tests {
         assert_eq!(drain.open(), 0);
     }
 
+    /// During the drain, a request upgrading its connection is answered with 101 and
+    /// `Connection: upgrade`, as the protocol requires (RFC 9110, 7.8): not with a
+    /// `Connection: close` that makes the client reject the handshake.
+    #[tokio::test]
+    async fn an_upgrade_answered_during_the_drain_keeps_its_connection_header() {
+        let drain = Drain::builder().build();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let (tx, upgraded) = oneshot::channel();
+        let served = tokio::spawn(serve_connection(stream, upgrading(tx), drain.track()));
+        drain.shared.draining.cancel();
+        // Lets the connection see the drain before the request (the case this is about).
+        tokio::task::yield_now().await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: upgrade\r\nUpgrade: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(client.read_u8().await.unwrap());
+        }
+        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+        assert!(!head.contains("close"), "{head}");
+        drop(upgraded.await.unwrap());
+        served.await.unwrap().unwrap();
+    }
+
     mod migration {
         use std::time::Duration;
 
@@ -866,6 +896,75 @@ mod tests {
             let report = tokio::time::timeout(WAIT, drained).await.unwrap().unwrap();
             assert_eq!((report.connections, report.migrated, report.forced), (1, 0, 0));
             assert!(taken.try_recv().is_err());
+        }
+
+        /// A request that asks to close (`Connection: close`, HTTP/1.0) is answered, then hyper
+        /// closes: our FIN, and the lingering close waits for the client's. A migration turn
+        /// coming then finds a connection that is closing, not one between two requests: it is
+        /// closed here, not handed to the successor half shut.
+        #[tokio::test]
+        async fn a_connection_closing_after_its_last_response_is_not_handed_over() {
+            for request in [
+                &b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"[..],
+                b"GET / HTTP/1.0\r\n\r\n",
+            ] {
+                let (drain, mut taken) = migrating_drain(Some("http"));
+                let server = Arc::new(Server::new(hello()).migrate("http"));
+                let mut client = client_of(&drain, server).await;
+                client.write_all(request).await.unwrap();
+                answer(&mut client).await;
+                assert_eq!(client.read(&mut [0; 1]).await.unwrap(), 0, "the server's FIN");
+                // The client has not closed yet: the server lingers as the drain starts.
+                drain.shared.draining.cancel();
+                let report = tokio::time::timeout(WAIT, drain.drain()).await.unwrap();
+                assert_eq!((report.connections, report.migrated, report.forced), (1, 0, 0));
+                assert!(
+                    taken.try_recv().is_err(),
+                    "the successor was handed a closed connection"
+                );
+            }
+        }
+
+        /// The first request of a connection, partly received when the turn comes, moves as
+        /// far as it came, as a next request does: the old process does not wait for the rest
+        /// until its deadline.
+        #[tokio::test]
+        async fn a_first_request_partly_sent_moves_as_far_as_it_came() {
+            let (drain, mut taken) = migrating_drain(Some("http"));
+            let server = Arc::new(Server::new(hello()).migrate("http"));
+            let mut client = client_of(&drain, server).await;
+            client.write_all(PARTIAL).await.unwrap();
+            // Not needed for the outcome (the connection moves whoever reads first), but lets
+            // hyper read the half request before the turn, the case this is about.
+            tokio::task::yield_now().await;
+            drain.shared.draining.cancel();
+            let (mut stream, leftover) = tokio::time::timeout(WAIT, taken.recv()).await.unwrap().unwrap();
+            let mut rest = vec![0; PARTIAL.len() - leftover.len()];
+            stream.read_exact(&mut rest).await.unwrap();
+            assert_eq!([leftover, rest].concat(), PARTIAL);
+            let report = tokio::time::timeout(WAIT, drain.drain()).await.unwrap();
+            assert_eq!((report.connections, report.migrated, report.forced), (1, 1, 0));
+        }
+
+        /// A client that sends a request and never reads: the response cannot be flushed, so
+        /// the connection is never between two requests; the drain's deadline still holds.
+        #[tokio::test]
+        async fn a_client_that_never_reads_is_let_go_at_the_deadline() {
+            let (ours, _theirs) = pair().unwrap();
+            let (outbound, pending) = Outbound::new();
+            pending.start(Channel::new(ours).unwrap());
+            let drain = Drain::builder().deadline(Duration::from_millis(300)).build();
+            drain.shared.migration.set(outbound).unwrap();
+            let big = hyper::service::service_fn(|_request| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; 64 << 20]))))
+            });
+            let server = Arc::new(Server::new(big).migrate("http"));
+            let mut client = client_of(&drain, server).await;
+            client.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+            drain.shared.draining.cancel();
+            let report = tokio::time::timeout(WAIT, drain.drain()).await.unwrap();
+            assert_eq!((report.connections, report.migrated), (1, 0));
+            assert!(report.elapsed < Duration::from_secs(3), "{:?}", report.elapsed);
         }
 
         #[tokio::test]
