@@ -29,7 +29,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::http1;
-use hyper::{Request, Response, Version};
+use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -615,8 +615,11 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;
-            // Connection-specific headers are not allowed in HTTP/2 (RFC 9113, 8.2.2).
-            if http1 && in_flight.0.draining.load(Ordering::Acquire) {
+            // Connection-specific headers are not allowed in HTTP/2 (RFC 9113, 8.2.2). A 101
+            // must say `Connection: upgrade` (RFC 9110, 7.8): the upgraded connection is no
+            // longer HTTP, and its task winds it down.
+            let upgrades = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            if http1 && !upgrades && in_flight.0.draining.load(Ordering::Acquire) {
                 response
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
