@@ -430,7 +430,7 @@ pub(crate) struct Activity {
     draining: AtomicBool,
     /// Requests whose response has not been produced to its end.
     in_flight: AtomicUsize,
-    /// Requests seen: before the first, hyper's connection is not between two requests.
+    /// Requests seen: before the first, hyper has parsed nothing, and holds only bytes read.
     requests: AtomicU64,
     /// Nanoseconds after `epoch` of the last byte read or request finished.
     last_active: AtomicU64,
@@ -439,6 +439,9 @@ pub(crate) struct Activity {
     http2: AtomicBool,
     /// Bytes written that no flush has completed since.
     unflushed: AtomicBool,
+    /// hyper began a close of its own (our FIN is sent, the close lingers): the connection
+    /// ends here, it is not between two requests.
+    closing: AtomicBool,
     /// The connection is being handed over: hyper closes it without touching the socket.
     handing_over: AtomicBool,
     /// hyper read or wrote after the hand-over began: it was not between two requests.
@@ -456,6 +459,7 @@ impl Activity {
             epoch: Instant::now(),
             http2: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
             touched: AtomicBool::new(false),
         }
@@ -475,12 +479,17 @@ impl Activity {
         self.in_flight.load(Ordering::Acquire) == 0 && self.last_active() == since
     }
 
-    /// At least one request answered, every response produced to its end and flushed: as
-    /// far as the service and the socket tell, hyper is between two requests.
+    /// Every response produced to its end and flushed, and hyper not closing: as far as the
+    /// service and the socket tell, hyper is between two requests (or before the first).
     pub(crate) fn is_between_requests(&self) -> bool {
-        self.requests.load(Ordering::Acquire) > 0
-            && self.in_flight.load(Ordering::Acquire) == 0
+        self.in_flight.load(Ordering::Acquire) == 0
             && !self.unflushed.load(Ordering::Acquire)
+            && !self.closing.load(Ordering::Acquire)
+    }
+
+    /// No request parsed yet: hyper holds nothing but the bytes it has read.
+    pub(crate) fn is_before_first_request(&self) -> bool {
+        self.requests.load(Ordering::Acquire) == 0
     }
 
     /// From now on the connection is handed over: hyper's close leaves the socket alone, and
@@ -555,6 +564,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Watched<
             // hyper's close of a connection handed over: the socket stays as it is.
             return Poll::Ready(Ok(()));
         }
+        activity.closing.store(true, Ordering::Release);
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
     fn poll_write_vectored(

@@ -12,6 +12,11 @@
 //! 3. if hyper reads or writes after all (a pipelined request had been parsed), it was not
 //!    between two requests: it answers with `Connection: close` and closes, a drain.
 //!
+//! Before its first request is parsed, hyper holds nothing but the bytes it has read: its
+//! parts are taken at once, the first request moving as far as it came. A connection hyper
+//! is closing (after `Connection: close`, HTTP/1.0, an error) is not between two requests:
+//! it closes here.
+//!
 //! Before its first bytes a connection is not yet HTTP/1 or HTTP/2: the bytes that tell
 //! (hyper-util's auto builder reads the HTTP/2 preface the same way) are its leftover then.
 //! HTTP/2 connections are served and drained as without migration (GOAWAY).
@@ -234,6 +239,11 @@ where
         None => return Ok(None),
         Some(Some(result)) => return result.map(|()| None).map_err(Into::into),
         Some(None) => {}
+    }
+    if activity.is_before_first_request() {
+        // Nothing parsed, nothing written: hyper's parts are the bytes it read. (Told to
+        // close, it would not: before a first request, hyper closes only an empty buffer.)
+        return Ok(served.into_parts());
     }
     activity.begin_handover();
     Pin::new(&mut served).graceful_shutdown();
