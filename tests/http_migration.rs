@@ -225,3 +225,24 @@ async fn http2_is_still_drained_with_goaway_under_migrate() {
         "{drained}"
     );
 }
+
+/// A first request partly sent when the upgrade comes moves with its connection, as far as
+/// it came: the old process exits at once (not at its drain deadline, 30 s here) having
+/// migrated it, and the successor answers the request once complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_sent_first_request_moves_and_is_answered_by_the_successor() {
+    let server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0", "--migrate"]);
+    let mut client = Client::connect(server.address("http")).await;
+    let old_uuid = client.current_uuid().await;
+    let old = server.pid();
+    let request = Client::get("/uuid");
+    let (first, rest) = request.split_at(request.len() - 2);
+    client.send(first).await;
+    tokio::task::block_in_place(|| server.upgrade_and_settle());
+    assert_migrated_one(&server, old);
+    client.send(rest).await;
+    let answer = client.answer().await;
+    assert!(!answer.says_close(), "{answer:?}");
+    assert_ne!(answer.body, old_uuid);
+    assert_eq!(answer.body, client.current_uuid().await, "the successor answers");
+}
