@@ -79,6 +79,8 @@
 mod error;
 mod inbound;
 mod outbound;
+#[cfg(feature = "websocket")]
+pub mod websocket;
 
 use std::sync::Mutex;
 
