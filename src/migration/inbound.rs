@@ -18,6 +18,8 @@ pub(crate) type Receiver = dyn Fn(TcpStream, &ConnectionEntry) -> Result<Resume,
 #[derive(Default)]
 pub(crate) struct Inbound {
     receivers: Mutex<HashMap<String, (Protocol, Arc<Receiver>)>>,
+    /// How many connections were resumed, by listener name.
+    resumed: Mutex<HashMap<String, usize>>,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -34,6 +36,12 @@ impl Inbound {
     pub(crate) fn register(&self, listener: &str, protocol: Protocol, receiver: Arc<Receiver>) {
         let mut receivers = self.receivers.lock().unwrap_or_else(|p| p.into_inner());
         receivers.insert(listener.to_owned(), (protocol, receiver));
+    }
+
+    /// How many connections of `listener` were resumed so far.
+    pub(crate) fn resumed(&self, listener: &str) -> usize {
+        let resumed = self.resumed.lock().unwrap_or_else(|p| p.into_inner());
+        resumed.get(listener).copied().unwrap_or(0)
     }
 
     /// Receives batches until the predecessor closes the channel (it exited). Other messages
@@ -64,7 +72,13 @@ impl Inbound {
         match channel.send(&Message::Migrated { index, refused }, &[]).await {
             Ok(()) => {
                 tracing::info!(batch = index, connections = taken, "migrated connections received");
-                for resume in resumes {
+                for (listener, resume) in resumes {
+                    *self
+                        .resumed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(listener)
+                        .or_default() += 1;
                     resume();
                 }
             }
@@ -74,7 +88,11 @@ impl Inbound {
         }
     }
 
-    fn check_batch(&self, entries: Vec<ConnectionEntry>, fds: Vec<OwnedFd>) -> (Vec<Resume>, Vec<RefusedConnection>) {
+    fn check_batch(
+        &self,
+        entries: Vec<ConnectionEntry>,
+        fds: Vec<OwnedFd>,
+    ) -> (Vec<(String, Resume)>, Vec<RefusedConnection>) {
         let mut refused = Vec::new();
         let mut resumes = Vec::with_capacity(fds.len());
         if entries.len() != fds.len() {
@@ -91,7 +109,7 @@ impl Inbound {
         }
         for (position, (entry, fd)) in entries.into_iter().zip(fds).enumerate() {
             match self.check_one(&entry, fd) {
-                Ok(resume) => resumes.push(resume),
+                Ok(resume) => resumes.push((entry.listener, resume)),
                 Err(problem) => {
                     let reason = format!("{entry}: {problem}");
                     tracing::warn!(%reason, "refused a migrated connection");
