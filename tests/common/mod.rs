@@ -81,7 +81,7 @@ impl Server {
             .arg(dir.path().join("control.sock"))
             .arg("--pid-file")
             .arg(dir.path().join("server.pid"))
-            .env("RUST_LOG", "info,http_uuid=debug,ws_chat=debug")
+            .env("RUST_LOG", "info,http_uuid=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
