@@ -76,6 +76,7 @@ async fn chat(
                     Ok(Some(Ok(Message::Text(text)))) => text,
                     other => panic!("member {me}, {received:?} received: expected a line, got {other:?}"),
                 };
+                assert!(!text.starts_with("welcome"), "member {me} was welcomed again: {text}");
                 let (sender, n) = text.split_once(':').unwrap_or_else(|| panic!("member {me}: {text}"));
                 let (sender, n): (usize, u64) = (sender.parse().unwrap(), n.parse().unwrap());
                 assert_eq!(n, received[sender], "member {me}: line {text} out of place (lost or duplicated)");

@@ -43,8 +43,10 @@
 //!         }
 //!     };
 //!     if turn == Turn::Migrate {
-//!         // Messages already read are counted here; the rest reach the successor.
-//!         match websocket::migrate(ws, "ws", &seen, &connection, |_| seen += 1).await {
+//!         // Messages already read are counted here (before the state leaves); the rest
+//!         // reach the successor.
+//!         seen += websocket::stop_reading(&mut ws).iter().filter(|m| matches!(m, Ok(Message::Text(_)))).count() as u64;
+//!         match websocket::migrate(ws, "ws", &seen, &connection, |_| {}).await {
 //!             Ok(()) => return,
 //!             Err(returned) => ws = returned.ws,
 //!         }
@@ -205,8 +207,9 @@ pub async fn resume<S>(resumed: Resumed<S>, config: Option<WebSocketConfig>) -> 
 /// them). It answers the Pings among them, to be flushed with the next write or flush.
 ///
 /// Call it when a migration starts, to handle those messages while this process still can
-/// (broadcast them to its room, say); [`migrate`] does it too, and hands what is left to its
-/// `deliver`. [`MigratingIo::resume_reading`] undoes it.
+/// (broadcast them to its room, say), and before the state that depends on them is handed
+/// over; [`migrate`] does it too, and hands what is left to its `deliver`.
+/// [`MigratingIo::resume_reading`] undoes it.
 pub fn stop_reading(ws: &mut MigratingWebSocket) -> Vec<Result<Message, WsError>> {
     ws.get_mut().reading = false;
     buffered(ws)
@@ -258,6 +261,7 @@ impl From<Stuck> for WebSocketMigrationError {
     fn from(stuck: Stuck) -> Self {
         match stuck {
             Stuck::Compressed => Self::Compressed,
+            Stuck::Closed => Self::Closed,
             Stuck::TooLarge => Self::UnfinishedMessageTooLarge {
                 limit: super::MAX_LEFTOVER_BYTES,
             },
@@ -505,5 +509,10 @@ mod tests {
         let delivered = stop_reading(&mut ws);
         assert_eq!(delivered.len(), 1, "{delivered:?}");
         assert!(delivered[0].as_ref().unwrap().is_close());
+        // Handled, the Close still keeps the WebSocket from moving.
+        assert_eq!(
+            handover(&ws).unwrap_err().to_string(),
+            WebSocketMigrationError::Closed.to_string()
+        );
     }
 }

@@ -14,8 +14,8 @@ const MAX_HEADER: usize = 14;
 enum Position {
     /// Reading the header: `have` of its bytes so far.
     Header { bytes: [u8; MAX_HEADER], have: u8 },
-    /// Reading the payload of a frame whose header said `fin` and `control`.
-    Payload { remaining: u64, fin: bool, control: bool },
+    /// Reading the payload of a frame whose header said `fin` and `opcode`.
+    Payload { remaining: u64, fin: bool, opcode: u8 },
 }
 
 /// Follows the frames read from a client and keeps the bytes since the last message boundary.
@@ -39,6 +39,8 @@ pub(super) struct Frames {
     overflow: bool,
     /// A frame had RSV1 set: a compression extension, whose state does not move.
     compressed: bool,
+    /// The client's Close has been read: the connection is closing.
+    closed: bool,
 }
 
 impl Default for Frames {
@@ -53,6 +55,7 @@ impl Default for Frames {
             fragmented: false,
             overflow: false,
             compressed: false,
+            closed: false,
         }
     }
 }
@@ -64,13 +67,17 @@ pub(super) enum Stuck {
     Compressed,
     /// More than [`MAX_LEFTOVER_BYTES`] read of a message not complete yet.
     TooLarge,
+    /// The client's Close was read.
+    Closed,
 }
 
 impl Frames {
     /// The bytes read since the last complete message (control frames already handled cut
     /// out): exactly what a new parser must be given to go on where this one is.
     pub(super) fn leftover(&self) -> Result<&[u8], Stuck> {
-        if self.compressed {
+        if self.closed {
+            Err(Stuck::Closed)
+        } else if self.compressed {
             Err(Stuck::Compressed)
         } else if self.overflow {
             Err(Stuck::TooLarge)
@@ -105,7 +112,7 @@ impl Frames {
                     self.position = Position::Payload {
                         remaining: header.payload,
                         fin: header.fin,
-                        control: header.control,
+                        opcode: header.opcode,
                     };
                 }
                 Position::Payload { remaining, .. } => {
@@ -117,14 +124,16 @@ impl Frames {
             if let Position::Payload {
                 remaining: 0,
                 fin,
-                control,
+                opcode,
             } = self.position
             {
                 self.position = Position::Header {
                     bytes: [0; MAX_HEADER],
                     have: 0,
                 };
-                self.frame_ended(fin, control, data, &mut from, i);
+                self.closed |= opcode == OPCODE_CLOSE;
+                // Opcodes 0x8 to 0xF are control frames.
+                self.frame_ended(fin, opcode & 0x08 != 0, data, &mut from, i);
             }
         }
         self.keep(&data[from..]);
@@ -187,10 +196,13 @@ fn header_len(start: &[u8]) -> usize {
     2 + extended + mask
 }
 
+/// The opcode of a Close frame.
+const OPCODE_CLOSE: u8 = 0x8;
+
 struct Header {
     fin: bool,
     rsv1: bool,
-    control: bool,
+    opcode: u8,
     payload: u64,
 }
 
@@ -204,8 +216,7 @@ fn parse_header(bytes: &[u8]) -> Header {
     Header {
         fin: bytes[0] & 0x80 != 0,
         rsv1: bytes[0] & 0x40 != 0,
-        // Opcodes 0x8 to 0xF are control frames.
-        control: bytes[0] & 0x08 != 0,
+        opcode: bytes[0] & 0x0f,
         payload,
     }
 }
@@ -306,6 +317,12 @@ pub(super) mod tests {
         assert_eq!(frames.kept.capacity(), 0, "freed");
         frames.observe(&big[MAX_LEFTOVER_BYTES + 5..]);
         assert_eq!(frames.leftover(), Ok(&[][..]));
+    }
+
+    #[test]
+    fn a_close_is_remembered() {
+        let bytes = [frame(true, 1, b"bye"), frame(true, 8, &[0x03, 0xe8])].concat();
+        assert_eq!(fed(&bytes, 5).leftover(), Err(Stuck::Closed));
     }
 
     #[test]
