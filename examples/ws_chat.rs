@@ -25,7 +25,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
@@ -101,7 +101,12 @@ struct Room {
     joined: AtomicU64,
     /// Whether members may read (and so speak): see [`Room::open_when_migrated`].
     open: watch::Sender<bool>,
-    census: watch::Sender<Census>,
+    census: Mutex<Census>,
+    /// Whether every member here has stopped reading: the barrier of the migrate turn. A
+    /// watch of its own, changed only when it flips, so that each member is woken once.
+    everyone_stopped: watch::Sender<bool>,
+    /// How many members resumed from the predecessor have joined, ever.
+    resumed_joined: watch::Sender<usize>,
 }
 
 /// Who is in the room of this process.
@@ -139,7 +144,9 @@ impl Room {
             generation: handoff.generation(),
             joined: AtomicU64::new(0),
             open: watch::channel(false).0,
-            census: watch::channel(Census::default()).0,
+            census: Mutex::new(Census::default()),
+            everyone_stopped: watch::channel(true).0,
+            resumed_joined: watch::channel(0).0,
         }
     }
 
@@ -149,8 +156,8 @@ impl Room {
     async fn open_when_migrated(self: Arc<Self>, handoff: Handoff) {
         let everyone = async {
             let resumed = handoff.migration_ended(LISTENER).await;
-            let mut census = self.census.subscribe();
-            let _ = census.wait_for(|c| c.resumed >= resumed).await;
+            let mut joined = self.resumed_joined.subscribe();
+            let _ = joined.wait_for(|joined| *joined >= resumed).await;
             resumed
         };
         match tokio::time::timeout(ROOM_GATE_TIMEOUT, everyone).await {
@@ -162,6 +169,18 @@ impl Room {
 
     async fn opened(&self) {
         let _ = self.open.subscribe().wait_for(|open| *open).await;
+    }
+
+    /// Changes the census, and tells those who wait on it if what they wait for changed.
+    fn count(&self, change: impl FnOnce(&mut Census)) {
+        let mut census = self.census.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut census);
+        let stopped = census.stopped >= census.present;
+        self.everyone_stopped
+            .send_if_modified(|was| std::mem::replace(was, stopped) != stopped);
+        let joined = census.resumed;
+        self.resumed_joined
+            .send_if_modified(|was| std::mem::replace(was, joined) != joined);
     }
 
     fn say(&self, message: Message) {
@@ -276,8 +295,8 @@ impl Room {
             }
         }
         presence.stop_reading();
-        let mut census = self.census.subscribe();
-        let everyone = census.wait_for(|c| c.stopped >= c.present);
+        let mut everyone_stopped = self.everyone_stopped.subscribe();
+        let everyone = everyone_stopped.wait_for(|stopped| *stopped);
         if tokio::time::timeout(BARRIER_TIMEOUT, everyone).await.is_err() {
             tracing::warn!(id = state.id, "not every member stopped reading in time; moving on");
         }
@@ -317,7 +336,7 @@ struct Presence<'a> {
 
 impl<'a> Presence<'a> {
     fn new(room: &'a Room, resumed: bool) -> Self {
-        room.census.send_modify(|c| {
+        room.count(|c| {
             c.present += 1;
             c.resumed += usize::from(resumed);
         });
@@ -326,14 +345,14 @@ impl<'a> Presence<'a> {
 
     fn stop_reading(&mut self) {
         self.stopped = true;
-        self.room.census.send_modify(|c| c.stopped += 1);
+        self.room.count(|c| c.stopped += 1);
     }
 }
 
 impl Drop for Presence<'_> {
     fn drop(&mut self) {
         let stopped = self.stopped;
-        self.room.census.send_modify(|c| {
+        self.room.count(|c| {
             c.present -= 1;
             c.stopped -= usize::from(stopped);
         });
