@@ -120,11 +120,18 @@ struct Census {
     resumed: usize,
 }
 
-/// What a member carries to the successor.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What a member carries to the successor: its id, unique across generations (the
+/// generation it joined in, and its rank there; no allocation per member).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct MemberState {
-    /// Unique across generations: the generation it joined in, and its rank there.
-    id: String,
+    joined_in: u64,
+    rank: u64,
+}
+
+impl std::fmt::Display for MemberState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.joined_in, self.rank)
+    }
 }
 
 /// A state no member has: a successor started with `--refuse-migrated` cannot read any.
@@ -198,22 +205,12 @@ fn config() -> Option<WebSocketConfig> {
 
 impl DrainStrategy<TcpStream> for Room {
     async fn serve(&self, stream: TcpStream, connection: TrackedConnection) {
-        let Ok(mut ws) = websocket::accept(stream, config()).await else {
+        let Ok(ws) = websocket::accept(stream, config()).await else {
             return;
         };
-        // A new joiner joins after every message of the predecessor's room.
-        self.opened().await;
-        let room = self.messages.subscribe();
-        let presence = Presence::new(self, false);
-        // Every send is under the deadline: a member that does not read cannot hold it.
-        let welcome = Message::text(self.welcome.clone());
-        if !matches!(connection.until_deadline(ws.send(welcome)).await, Some(Ok(()))) {
-            return;
-        }
-        let id = format!("{}-{}", self.generation, self.joined.fetch_add(1, Ordering::Relaxed));
         // The member's session in an async fn of its own: its state then shares memory with
         // the handshake's, instead of sitting beside it for the whole life of the connection.
-        self.member(ws, MemberState { id }, room, presence, &connection).await;
+        self.member(ws, None, &connection).await;
     }
 }
 
@@ -221,12 +218,8 @@ impl DrainStrategy<Resumed<MemberState>> for Room {
     async fn serve(&self, resumed: Resumed<MemberState>, connection: TrackedConnection) {
         let leftover = resumed.leftover.len();
         let (ws, state) = websocket::resume(resumed, config()).await;
-        // In the room before it opens, so as to receive its first message.
-        let room = self.messages.subscribe();
-        let presence = Presence::new(self, true);
-        tracing::debug!(id = state.id, leftover, "member resumed");
-        self.opened().await;
-        self.member(ws, state, room, presence, &connection).await;
+        tracing::debug!(id = %state, leftover, "member resumed");
+        self.member(ws, Some(state), &connection).await;
     }
 }
 
@@ -237,20 +230,41 @@ impl DrainStrategy<Resumed<Unreadable>> for Room {
 }
 
 impl Room {
-    async fn member(
-        &self,
-        mut ws: MigratingWebSocket,
-        state: MemberState,
-        mut room: broadcast::Receiver<String>,
-        mut presence: Presence<'_>,
-        connection: &TrackedConnection,
-    ) {
+    /// A member's session: joins (a new member is welcomed, a `resumed` one is not), chats,
+    /// and migrates or is drained. Everything in one async fn, so that what each step needs
+    /// shares memory with what the others need.
+    async fn member(&self, mut ws: MigratingWebSocket, resumed: Option<MemberState>, connection: &TrackedConnection) {
+        let (state, mut room, mut presence) = match resumed {
+            Some(state) => {
+                // In the room before it opens, so as to receive its first message.
+                let room = self.messages.subscribe();
+                let presence = Presence::new(self, true);
+                self.opened().await;
+                (state, room, presence)
+            }
+            None => {
+                // A new joiner joins after every message of the predecessor's room.
+                self.opened().await;
+                let room = self.messages.subscribe();
+                let presence = Presence::new(self, false);
+                // Every send is under the deadline: a member that does not read cannot hold it.
+                let welcome = Message::text(self.welcome.clone());
+                if !matches!(connection.until_deadline(ws.send(welcome)).await, Some(Ok(()))) {
+                    return;
+                }
+                let rank = self.joined.fetch_add(1, Ordering::Relaxed);
+                let state = MemberState {
+                    joined_in: self.generation,
+                    rank,
+                };
+                (state, room, presence)
+            }
+        };
         let turn = loop {
             tokio::select! {
                 // Once the drain has come, not one more message is read here.
                 biased;
-                turn = connection.turn_to_close_or_migrate(), if self.migrate => break turn,
-                () = connection.turn_to_close(), if !self.migrate => break Turn::Close,
+                turn = self.turn(connection) => break turn,
                 incoming = ws.next() => match incoming {
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
                     Some(Ok(message)) => self.say(message),
@@ -266,7 +280,9 @@ impl Room {
             }
         };
         if turn == Turn::Migrate {
-            match self.move_on(ws, &state, &mut room, &mut presence, connection).await {
+            // Boxed: its state (the barrier's timer…) is allocated at the turn, not carried
+            // by every idle member.
+            match Box::pin(self.move_on(ws, &state, &mut room, &mut presence, connection)).await {
                 Some(returned) => ws = returned,
                 None => return,
             }
@@ -274,6 +290,17 @@ impl Room {
         // What members sent before they saw our Close still reaches the room.
         let finished = drain_ws::finish(ws, connection, |message| self.say(message)).await;
         tracing::debug!(?finished, "member drained");
+    }
+
+    /// Resolves when the drain reaches this member, with what to do. One future whichever
+    /// the mode (two `select!` branches would each take room in every idle member's task).
+    async fn turn(&self, connection: &TrackedConnection) -> Turn {
+        if self.migrate {
+            connection.turn_to_close_or_migrate().await
+        } else {
+            connection.turn_to_close().await;
+            Turn::Close
+        }
     }
 
     /// The migrate turn: stop reading, wait for everyone to have stopped, deliver what the
@@ -287,7 +314,7 @@ impl Room {
         connection: &TrackedConnection,
     ) -> Option<MigratingWebSocket> {
         let buffered = websocket::stop_reading(&mut ws);
-        tracing::debug!(id = state.id, messages = buffered.len(), "member stopped reading");
+        tracing::debug!(id = %state, messages = buffered.len(), "member stopped reading");
         for message in buffered {
             match message {
                 Ok(message) if !message.is_close() => self.say(message),
@@ -298,7 +325,7 @@ impl Room {
         let mut everyone_stopped = self.everyone_stopped.subscribe();
         let everyone = everyone_stopped.wait_for(|stopped| *stopped);
         if tokio::time::timeout(BARRIER_TIMEOUT, everyone).await.is_err() {
-            tracing::warn!(id = state.id, "not every member stopped reading in time; moving on");
+            tracing::warn!(id = %state, "not every member stopped reading in time; moving on");
         }
         // Nothing more is said here: what the room has for this member is all it will have.
         let mut backlog = 0;
@@ -317,11 +344,11 @@ impl Room {
                 Err(_) => break,
             }
         }
-        tracing::debug!(id = state.id, backlog, "member delivered the room's backlog");
+        tracing::debug!(id = %state, backlog, "member delivered the room's backlog");
         match websocket::migrate(ws, LISTENER, state, connection, |message| self.say(message)).await {
             Ok(()) => None,
             Err(returned) => {
-                tracing::info!(id = state.id, error = %returned.error, "member not migrated; draining it");
+                tracing::info!(id = %state, error = %returned.error, "member not migrated; draining it");
                 Some(returned.ws)
             }
         }

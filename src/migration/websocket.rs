@@ -72,6 +72,7 @@
 
 mod frames;
 
+use std::future::Future;
 use std::io;
 use std::os::fd::AsFd;
 use std::pin::Pin;
@@ -296,7 +297,24 @@ pub struct WebSocketReturned {
 /// # Cancel safety
 ///
 /// Not cancel safe: cancelled once the stream is on its way, the WebSocket is closed.
-pub async fn migrate<T: Serialize + ?Sized>(
+///
+/// The migration's state is allocated when this is called, not carried in the task of every
+/// idle connection that may one day migrate.
+pub fn migrate<'a, T, F>(
+    ws: MigratingWebSocket,
+    listener: &'a str,
+    state: &'a T,
+    connection: &'a TrackedConnection,
+    deliver: F,
+) -> impl Future<Output = Result<(), Box<WebSocketReturned>>> + 'a
+where
+    T: Serialize + ?Sized,
+    F: FnMut(Message) + 'a,
+{
+    Box::pin(hand_over(ws, listener, state, connection, deliver))
+}
+
+async fn hand_over<T: Serialize + ?Sized>(
     mut ws: MigratingWebSocket,
     listener: &str,
     state: &T,
