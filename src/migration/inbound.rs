@@ -22,6 +22,8 @@ pub(crate) type Receiver = dyn Fn(TcpStream, &ConnectionEntry) -> Result<Resume,
 pub(crate) struct Inbound {
     receivers: Mutex<HashMap<String, (Protocol, Arc<Receiver>)>>,
     counts: Counts,
+    /// How many connections were resumed, by listener name.
+    resumed: Mutex<HashMap<String, usize>>,
 }
 
 /// What this process has received from its predecessor: the `migrated_in` object of `status`.
@@ -56,6 +58,12 @@ impl Inbound {
         &self.counts
     }
 
+    /// How many connections of `listener` were resumed so far.
+    pub(crate) fn resumed(&self, listener: &str) -> usize {
+        let resumed = self.resumed.lock().unwrap_or_else(|p| p.into_inner());
+        resumed.get(listener).copied().unwrap_or(0)
+    }
+
     /// Receives batches until the predecessor closes the channel (it exited). Other messages
     /// are ignored; a message that cannot be read is skipped (its descriptors closed): the
     /// predecessor, without an acknowledgement, drains that batch.
@@ -87,7 +95,9 @@ impl Inbound {
                 self.counts.batches.fetch_add(1, Ordering::Relaxed);
                 self.counts.connections.fetch_add(taken as u64, Ordering::Relaxed);
                 self.counts.refused.fetch_add(refused_count as u64, Ordering::Relaxed);
-                for resume in resumes {
+                let mut resumed = self.resumed.lock().unwrap_or_else(|p| p.into_inner());
+                for (listener, resume) in resumes {
+                    *resumed.entry(listener).or_default() += 1;
                     resume();
                 }
             }
@@ -97,7 +107,11 @@ impl Inbound {
         }
     }
 
-    fn check_batch(&self, entries: Vec<ConnectionEntry>, fds: Vec<OwnedFd>) -> (Vec<Resume>, Vec<RefusedConnection>) {
+    fn check_batch(
+        &self,
+        entries: Vec<ConnectionEntry>,
+        fds: Vec<OwnedFd>,
+    ) -> (Vec<(String, Resume)>, Vec<RefusedConnection>) {
         let mut refused = Vec::new();
         let mut resumes = Vec::with_capacity(fds.len());
         if entries.len() != fds.len() {
@@ -114,7 +128,7 @@ impl Inbound {
         }
         for (position, (entry, fd)) in entries.into_iter().zip(fds).enumerate() {
             match self.check_one(&entry, fd) {
-                Ok(resume) => resumes.push(resume),
+                Ok(resume) => resumes.push((entry.listener, resume)),
                 Err(problem) => {
                     let reason = format!("{entry}: {problem}");
                     tracing::warn!(%reason, "refused a migrated connection");

@@ -76,11 +76,14 @@
 //! of JSON, the leftover at most [`MAX_LEFTOVER_BYTES`].
 //! A connection handed to the successor after it has started to stop is drained there.
 
+mod ended;
 mod error;
 #[cfg(feature = "http")]
 pub(crate) mod http;
 mod inbound;
 mod outbound;
+#[cfg(feature = "websocket")]
+pub mod websocket;
 
 use std::sync::Mutex;
 

@@ -1,0 +1,536 @@
+//! WebSocket live migration: a server endpoint moves to the successor at a message boundary,
+//! after its writes are flushed, with the bytes read but not yet delivered as a message; the
+//! successor rebuilds it without a handshake. No message is lost or duplicated in either
+//! direction.
+//!
+//! tungstenite does not expose its read buffer, so the stream under the WebSocket is a
+//! [`MigratingIo`]: it follows the frames as they are read and keeps the raw bytes since the
+//! last complete message, and it can be told to stop reading from the socket (its reads then
+//! return `Pending`), so that tungstenite hands out every complete message it has buffered.
+//! What it kept then is exactly what tungstenite read and did not deliver: a partial frame,
+//! or the fragments of an unfinished message (control frames between them, already answered,
+//! cut out).
+//!
+//! A connection whose unfinished message is larger than
+//! [`MAX_LEFTOVER_BYTES`](super::MAX_LEFTOVER_BYTES), or that uses a compression extension
+//! (whose state does not move), is not migrated: it comes back, to be drained with Close 1001
+//! ([`drain::websocket::finish`](crate::drain::websocket::finish)).
+//!
+//! # Examples
+//!
+//! A member loop that migrates (see `examples/ws_chat.rs` for a chat room whose membership
+//! moves too):
+//!
+//! ```no_run
+//! use futures_util::StreamExt;
+//! use handoff::drain::{websocket as drain_ws, DrainStrategy, TrackedConnection, Turn};
+//! use handoff::migration::websocket::{self, MigratingWebSocket};
+//! use handoff::migration::Resumed;
+//! use tokio::net::TcpStream;
+//! use tokio_tungstenite::tungstenite::Message;
+//!
+//! struct Counter;
+//!
+//! async fn count(mut ws: MigratingWebSocket, mut seen: u64, connection: TrackedConnection) {
+//!     let turn = loop {
+//!         tokio::select! {
+//!             message = ws.next() => match message {
+//!                 Some(Ok(Message::Text(_))) => seen += 1,
+//!                 Some(Ok(_)) => {}
+//!                 Some(Err(_)) | None => return,
+//!             },
+//!             turn = connection.turn_to_close_or_migrate() => break turn,
+//!         }
+//!     };
+//!     if turn == Turn::Migrate {
+//!         // Messages already read are counted here (before the state leaves); the rest
+//!         // reach the successor.
+//!         seen += websocket::stop_reading(&mut ws).iter().filter(|m| matches!(m, Ok(Message::Text(_)))).count() as u64;
+//!         match websocket::migrate(ws, "ws", &seen, &connection, |_| {}).await {
+//!             Ok(()) => return,
+//!             Err(returned) => ws = returned.ws,
+//!         }
+//!     }
+//!     drain_ws::finish(ws, &connection, |_| {}).await;
+//! }
+//!
+//! impl DrainStrategy<TcpStream> for Counter {
+//!     async fn serve(&self, stream: TcpStream, connection: TrackedConnection) {
+//!         if let Ok(ws) = websocket::accept(stream, None).await {
+//!             count(ws, 0, connection).await
+//!         }
+//!     }
+//! }
+//!
+//! impl DrainStrategy<Resumed<u64>> for Counter {
+//!     async fn serve(&self, resumed: Resumed<u64>, connection: TrackedConnection) {
+//!         let (ws, seen) = websocket::resume(resumed, None).await;
+//!         count(ws, seen, connection).await
+//!     }
+//! }
+//! ```
+
+mod frames;
+
+use std::future::Future;
+use std::io;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use futures_util::{SinkExt, Stream};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use self::frames::{Frames, Stuck};
+use super::{Handover, MigrationError, Protocol, Resumed, TrackedConnection};
+
+/// A server-side WebSocket that can migrate: see [`accept`], [`resume`] and [`migrate`].
+pub type MigratingWebSocket = WebSocketStream<MigratingIo>;
+
+/// The stream under a [`MigratingWebSocket`]: a TCP stream that keeps the bytes read since
+/// the last complete message (none while idle), and that can stop reading.
+#[derive(Debug)]
+pub struct MigratingIo {
+    stream: TcpStream,
+    frames: Frames,
+    /// Off during the opening handshake, whose bytes are not frames.
+    tracking: bool,
+    reading: bool,
+}
+
+impl MigratingIo {
+    fn new(stream: TcpStream, tracking: bool) -> Self {
+        Self {
+            stream,
+            frames: Frames::default(),
+            tracking,
+            reading: true,
+        }
+    }
+
+    /// The TCP stream.
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Reads from the socket again, after [`stop_reading`].
+    pub fn resume_reading(&mut self) {
+        self.reading = true;
+    }
+}
+
+impl AsyncRead for MigratingIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.reading {
+            // No waker is kept: whoever stopped the reading polls again once it resumes.
+            return Poll::Pending;
+        }
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
+        if this.tracking {
+            this.frames.observe(&buf.filled()[before..]);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for MigratingIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts a WebSocket client on `stream` (the opening handshake), as
+/// `tokio_tungstenite::accept_async_with_config` does, as a [`MigratingWebSocket`].
+///
+/// # Errors
+///
+/// The handshake's, as tungstenite reports it.
+///
+/// # Cancel safety
+///
+/// Not cancel safe: cancelled, the handshake is lost with the stream.
+pub async fn accept(stream: TcpStream, config: Option<WebSocketConfig>) -> Result<MigratingWebSocket, WsError> {
+    let mut ws = tokio_tungstenite::accept_async_with_config(MigratingIo::new(stream, false), config).await?;
+    // tungstenite refuses bytes after the request (a client waits for our answer before it
+    // sends frames): nothing is buffered, the frames start here.
+    ws.get_mut().tracking = true;
+    Ok(ws)
+}
+
+/// Rebuilds a migrated WebSocket as a server endpoint, without a handshake, from its stream
+/// and the bytes its predecessor had read but not delivered; returns it with its state.
+///
+/// # Cancel safety
+///
+/// Not cancel safe (it never waits, though).
+pub async fn resume<S>(resumed: Resumed<S>, config: Option<WebSocketConfig>) -> (MigratingWebSocket, S) {
+    let Resumed {
+        stream,
+        state,
+        leftover,
+    } = resumed;
+    let mut io = MigratingIo::new(stream, true);
+    // These bytes are read already, as far as tungstenite is concerned: follow them too.
+    io.frames.observe(&leftover);
+    let ws = WebSocketStream::from_partially_read(io, leftover, Role::Server, config).await;
+    (ws, state)
+}
+
+/// Stops reading from the socket and returns what the WebSocket yields from the bytes it has
+/// already read: every complete message it buffered, in order (a Close or an error ends
+/// them). It answers the Pings among them, to be flushed with the next write or flush.
+///
+/// Call it when a migration starts, to handle those messages while this process still can
+/// (broadcast them to its room, say), and before the state that depends on them is handed
+/// over; [`migrate`] does it too, and hands what is left to its `deliver`.
+/// [`MigratingIo::resume_reading`] undoes it.
+pub fn stop_reading(ws: &mut MigratingWebSocket) -> Vec<Result<Message, WsError>> {
+    ws.get_mut().reading = false;
+    buffered(ws)
+}
+
+/// Everything `ws` yields without waiting. Never registers a wakeup: the caller does not wait.
+fn buffered(ws: &mut MigratingWebSocket) -> Vec<Result<Message, WsError>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut messages = Vec::new();
+    while let Poll::Ready(Some(message)) = Pin::new(&mut *ws).poll_next(&mut cx) {
+        let end = !matches!(message, Ok(ref m) if !m.is_close());
+        messages.push(message);
+        if end {
+            break;
+        }
+    }
+    messages
+}
+
+/// Why a WebSocket was not migrated.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WebSocketMigrationError {
+    /// The connection uses a compression extension, whose state does not move.
+    #[error("the WebSocket uses a compression extension, whose state does not move")]
+    Compressed,
+    /// More than [`MAX_LEFTOVER_BYTES`](super::MAX_LEFTOVER_BYTES) of a message not complete
+    /// yet have been read.
+    #[error("more than {limit} bytes of an unfinished message are read")]
+    UnfinishedMessageTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The client closed the WebSocket, or it failed, before it could move.
+    #[error("the WebSocket closed or failed before it could move")]
+    Closed,
+    /// Flushing what was written failed.
+    #[error("flushing the WebSocket failed: {0}")]
+    Flush(#[source] WsError),
+    /// The drain deadline came while flushing what was written.
+    #[error("the drain deadline came while flushing the WebSocket")]
+    Deadline,
+    /// The migration itself: see [`MigrationError`].
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+}
+
+impl From<Stuck> for WebSocketMigrationError {
+    fn from(stuck: Stuck) -> Self {
+        match stuck {
+            Stuck::Compressed => Self::Compressed,
+            Stuck::Closed => Self::Closed,
+            Stuck::TooLarge => Self::UnfinishedMessageTooLarge {
+                limit: super::MAX_LEFTOVER_BYTES,
+            },
+        }
+    }
+}
+
+/// A WebSocket that did not move, handed back with the reason: drain it as without
+/// migration (this process is its only owner). It reads from the socket again.
+#[derive(Debug)]
+pub struct WebSocketReturned {
+    /// The WebSocket, as it was, every write flushed if the flush succeeded.
+    pub ws: MigratingWebSocket,
+    /// Why it did not move.
+    pub error: WebSocketMigrationError,
+}
+
+/// Hands the WebSocket to the successor as a connection of `listener` with `state`: stops
+/// reading ([`stop_reading`]) and hands each message already read to `deliver`, flushes
+/// every write (under the drain deadline), and migrates the stream with the bytes read but
+/// not delivered ([`TrackedConnection::migrate`]). Returns once the successor has it; the
+/// successor resumes it with [`resume`].
+///
+/// # Errors
+///
+/// The WebSocket back, reading again, in a [`WebSocketReturned`]: the client closed or the
+/// WebSocket failed (among the messages read, or on the flush), the deadline came, the
+/// unfinished message is too large or compressed, or the migration failed
+/// ([`MigrationError`]). Drain it with
+/// [`drain::websocket::finish`](crate::drain::websocket::finish).
+///
+/// # Cancel safety
+///
+/// Not cancel safe: cancelled once the stream is on its way, the WebSocket is closed.
+///
+/// The migration's state is allocated when this is called, not carried in the task of every
+/// idle connection that may one day migrate.
+pub fn migrate<'a, T, F>(
+    ws: MigratingWebSocket,
+    listener: &'a str,
+    state: &'a T,
+    connection: &'a TrackedConnection,
+    deliver: F,
+) -> impl Future<Output = Result<(), Box<WebSocketReturned>>> + 'a
+where
+    T: Serialize + ?Sized,
+    F: FnMut(Message) + 'a,
+{
+    Box::pin(hand_over(ws, listener, state, connection, deliver))
+}
+
+async fn hand_over<T: Serialize + ?Sized>(
+    mut ws: MigratingWebSocket,
+    listener: &str,
+    state: &T,
+    connection: &TrackedConnection,
+    mut deliver: impl FnMut(Message),
+) -> Result<(), Box<WebSocketReturned>> {
+    for message in stop_reading(&mut ws) {
+        match message {
+            Ok(message) if !message.is_close() => deliver(message),
+            _ => return Err(returned(ws, WebSocketMigrationError::Closed)),
+        }
+    }
+    match connection.until_deadline(ws.flush()).await {
+        Some(Ok(())) => {}
+        Some(Err(error)) => return Err(returned(ws, WebSocketMigrationError::Flush(error))),
+        None => return Err(returned(ws, WebSocketMigrationError::Deadline)),
+    }
+    let (copy, leftover) = match handover(&ws) {
+        Ok(parts) => parts,
+        Err(error) => return Err(returned(ws, error)),
+    };
+    let handover = Handover {
+        listener,
+        protocol: Protocol::WebSocket,
+        state,
+        leftover: &leftover,
+    };
+    // On success `ws` is dropped: one of our two descriptors closes, which neither ends nor
+    // resets the connection the successor now serves.
+    connection
+        .migrate(copy, handover)
+        .await
+        .map_err(|refused| returned(ws, refused.error.into()))
+}
+
+/// A second descriptor of the stream (the WebSocket stays whole should the migration fail)
+/// and the bytes read but not delivered.
+fn handover(ws: &MigratingWebSocket) -> Result<(TcpStream, Vec<u8>), WebSocketMigrationError> {
+    let io = ws.get_ref();
+    let leftover = io.frames.leftover()?.to_vec();
+    let copy = io
+        .stream
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::net::TcpStream::from)
+        .and_then(TcpStream::from_std)
+        .map_err(MigrationError::Io)?;
+    Ok((copy, leftover))
+}
+
+fn returned(mut ws: MigratingWebSocket, error: WebSocketMigrationError) -> Box<WebSocketReturned> {
+    ws.get_mut().resume_reading();
+    Box::new(WebSocketReturned { ws, error })
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::frames::tests::frame;
+    use super::*;
+
+    /// A small read buffer, so that frames straddle tungstenite's reads.
+    fn config() -> Option<WebSocketConfig> {
+        Some(WebSocketConfig::default().read_buffer_size(1024))
+    }
+
+    /// A server endpoint and the client's raw TCP stream, after the opening handshake.
+    async fn pair() -> (MigratingWebSocket, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let client = async {
+            let tcp = TcpStream::connect(address).await.unwrap();
+            let (ws, _) = tokio_tungstenite::client_async(format!("ws://{address}/"), tcp)
+                .await
+                .unwrap();
+            ws.into_inner()
+        };
+        let server = async { accept(listener.accept().await.unwrap().0, config()).await.unwrap() };
+        let (server, client) = tokio::join!(server, client);
+        (server, client)
+    }
+
+    /// Waits until the server's socket holds at least `bytes` unread bytes.
+    async fn arrived(ws: &MigratingWebSocket, bytes: usize) {
+        let mut peek = vec![0; bytes];
+        let wait = async {
+            while ws.get_ref().stream.peek(&mut peek).await.unwrap() < bytes {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), wait)
+            .await
+            .expect("the bytes arrive");
+    }
+
+    /// The texts of `messages`.
+    fn texts(messages: Vec<Result<Message, WsError>>) -> Vec<String> {
+        messages
+            .into_iter()
+            .map(|m| m.unwrap().into_text().unwrap().to_string())
+            .collect()
+    }
+
+    /// What a migration does to `ws`, in one process: stop reading, flush, take the stream
+    /// and the leftover, rebuild. Returns the messages stop_reading yielded and the rebuilt
+    /// endpoint.
+    async fn migrate_locally(mut ws: MigratingWebSocket) -> (Vec<Result<Message, WsError>>, MigratingWebSocket) {
+        let delivered = stop_reading(&mut ws);
+        ws.flush().await.unwrap();
+        let leftover = ws.get_ref().frames.leftover().unwrap().to_vec();
+        let stream = ws.into_inner().stream;
+        let resumed = Resumed {
+            stream,
+            state: (),
+            leftover,
+        };
+        (delivered, resume(resumed, config()).await.0)
+    }
+
+    async fn next_text(ws: &mut MigratingWebSocket) -> String {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await;
+        next.expect("a message in time")
+            .unwrap()
+            .unwrap()
+            .into_text()
+            .unwrap()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn buffered_messages_are_delivered_before_and_a_partial_frame_after() {
+        let (mut ws, mut client) = pair().await;
+        let fourth = frame(true, 1, b"four");
+        let bytes = [
+            frame(true, 1, b"one"),
+            frame(true, 1, b"two"),
+            frame(true, 1, b"three"),
+            fourth[..5].to_vec(),
+        ]
+        .concat();
+        client.write_all(&bytes).await.unwrap();
+        arrived(&ws, bytes.len()).await;
+        assert_eq!(next_text(&mut ws).await, "one");
+        let (delivered, mut ws) = migrate_locally(ws).await;
+        assert_eq!(texts(delivered), ["two", "three"]);
+        client
+            .write_all(&[&fourth[5..], &frame(true, 1, b"five")[..]].concat())
+            .await
+            .unwrap();
+        assert_eq!(next_text(&mut ws).await, "four");
+        assert_eq!(next_text(&mut ws).await, "five");
+    }
+
+    #[tokio::test]
+    async fn a_fragmented_message_with_a_ping_between_fragments_moves_and_is_answered_once() {
+        let (mut ws, mut client) = pair().await;
+        let bytes = [
+            frame(false, 1, b"hel"),
+            frame(true, 9, b"ping!"),
+            frame(false, 0, b"lo "),
+        ]
+        .concat();
+        client.write_all(&bytes).await.unwrap();
+        arrived(&ws, bytes.len()).await;
+        // tungstenite hands the Ping out, and queues its Pong.
+        let ping = ws.next().await.unwrap().unwrap();
+        assert_eq!(ping, Message::Ping("ping!".into()));
+        let (delivered, mut ws) = migrate_locally(ws).await;
+        assert!(delivered.is_empty(), "{delivered:?}");
+        client.write_all(&frame(true, 0, b"room")).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, "hello room");
+        // One Pong (unmasked, from a server), and only one: then our echo of a text.
+        ws.send(Message::text("end")).await.unwrap();
+        let expected = [&[0x8a, 5][..], b"ping!", &[0x81, 3], b"end"].concat();
+        let mut got = vec![0; expected.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn a_big_frame_split_across_reads_moves_with_what_was_read() {
+        let (mut ws, mut client) = pair().await;
+        let payload: Vec<u8> = (0..60_000).map(|i| (i % 251) as u8).collect();
+        let big = frame(true, 2, &payload);
+        let bytes = [&frame(true, 1, b"before")[..], &big[..50_000]].concat();
+        client.write_all(&bytes).await.unwrap();
+        arrived(&ws, bytes.len()).await;
+        assert_eq!(next_text(&mut ws).await, "before");
+        // Everything in the socket is read now (in reads of 1 KiB): the frame is partial.
+        let pending = buffered(&mut ws);
+        assert!(pending.is_empty(), "{pending:?}");
+        assert!(ws.get_ref().frames.leftover().unwrap().len() >= 49_000);
+        let (delivered, mut ws) = migrate_locally(ws).await;
+        assert!(delivered.is_empty());
+        client.write_all(&big[50_000..]).await.unwrap();
+        let next = ws.next().await.unwrap().unwrap();
+        assert_eq!(next, Message::binary(payload));
+    }
+
+    #[tokio::test]
+    async fn a_close_among_the_buffered_messages_ends_them() {
+        let (mut ws, mut client) = pair().await;
+        let bytes = [frame(true, 1, b"last words"), frame(true, 8, &[0x03, 0xe8])].concat();
+        client.write_all(&bytes).await.unwrap();
+        arrived(&ws, bytes.len()).await;
+        assert_eq!(next_text(&mut ws).await, "last words");
+        // Read with the text: the Close is buffered, and handed out.
+        let delivered = stop_reading(&mut ws);
+        assert_eq!(delivered.len(), 1, "{delivered:?}");
+        assert!(delivered[0].as_ref().unwrap().is_close());
+        // Handled, the Close still keeps the WebSocket from moving.
+        assert_eq!(
+            handover(&ws).unwrap_err().to_string(),
+            WebSocketMigrationError::Closed.to_string()
+        );
+    }
+}
