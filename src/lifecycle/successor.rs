@@ -14,7 +14,7 @@ use tokio::process::{Child, Command};
 
 use super::close_on_exec::Plan;
 use super::inheritance::CHANNEL_FD_VAR;
-use super::progress::Progress;
+use super::progress::{self, Progress};
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 use super::Builder;
 use crate::wire::{self, Channel, Message, SocketEntry, WireError, PROTOCOL_VERSION};
@@ -187,8 +187,13 @@ impl ReadySuccessor {
         let commit = Message::Commit { counters };
         // Unconstrained: tokio's cooperative budget must not turn "ready now" into "pending".
         let send = tokio::task::unconstrained(self.channel.send(&commit, &[]));
-        send.now_or_never()
-            .unwrap_or_else(|| Err(WireError::Io(std::io::ErrorKind::WouldBlock.into())))
+        let sent = send
+            .now_or_never()
+            .unwrap_or_else(|| Err(WireError::Io(std::io::ErrorKind::WouldBlock.into())));
+        if sent.is_ok() {
+            progress::mark("commit_sent");
+        }
+        sent
     }
 
     /// After the commit: reaps the successor should it die first, and returns our end of the
