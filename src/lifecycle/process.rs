@@ -331,16 +331,19 @@ mod tests {
         };
         let mut child = spawn(&start, channel.as_fd()).unwrap();
         let proc = format!("/proc/{}", child.id());
-        let fds: Vec<RawFd> = std::fs::read_dir(format!("{proc}/fd"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
-            .collect();
-        let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
-        let environment = std::fs::read(format!("{proc}/environ")).unwrap();
-        let cwd = std::fs::read_link(format!("{proc}/cwd")).unwrap();
+        // Read everything, then kill the child, then check: a failed check leaves nothing running.
+        let fds: std::io::Result<Vec<_>> = std::fs::read_dir(format!("{proc}/fd")).and_then(|d| d.collect());
+        let status = std::fs::read_to_string(format!("{proc}/status"));
+        let environment = std::fs::read(format!("{proc}/environ"));
+        let cwd = std::fs::read_link(format!("{proc}/cwd"));
         child.kill().await.unwrap();
 
-        let mut fds = fds;
+        let mut fds: Vec<RawFd> = fds
+            .unwrap()
+            .iter()
+            .map(|e| e.file_name().to_str().unwrap().parse().unwrap())
+            .collect();
+        let (status, environment, cwd) = (status.unwrap(), environment.unwrap(), cwd.unwrap());
         fds.sort_unstable();
         assert_eq!(fds, [0, 1, 2, number], "the stray {stray_fd:?} or another leaked");
         assert_eq!(cwd, std::fs::canonicalize(dir.path()).unwrap());
