@@ -36,6 +36,96 @@ struct Outcome {
     exit_ms: Vec<f64>,
     seconds: f64,
     counters: [Arc<Counters>; 2],
+    /// Handoff's per-phase breakdown of each upgrade, from its timeline (empty for the others).
+    phases: Vec<[f64; PHASES.len()]>,
+    /// Of the spawn phase, the predecessor's `spawn()` call (fork, exec, until exec succeeded).
+    spawn_call_ms: Vec<f64>,
+}
+
+/// The steps of an upgrade on handoff's timeline (`RUST_LOG=handoff::timeline=debug`), in
+/// order: each phase runs from the step before to its own. `Old`/`New` say whose timeline
+/// the step is on; `Trigger` and `PidFile` are this benchmark's own clock readings.
+const PHASES: [(&str, Step); 8] = [
+    ("signal→upgrade task", Step::Old("spawn")),
+    ("spawn: fork+exec+load", Step::New("exec")),
+    ("runtime+logging+args", Step::New("start")),
+    ("inheritance", Step::New("inherited")),
+    ("adoption→ready()", Step::New("ready")),
+    ("ready→predecessor", Step::Old("commit")),
+    ("commit", Step::New("verdict")),
+    ("PID file→seen", Step::PidFile),
+];
+
+#[derive(Clone, Copy)]
+enum Step {
+    Old(&'static str),
+    New(&'static str),
+    PidFile,
+}
+
+/// One upgrade as this benchmark saw it, on `CLOCK_MONOTONIC` (µs).
+struct Sample {
+    old: i32,
+    new: i32,
+    triggered_us: u64,
+    seen_us: u64,
+}
+
+fn monotonic_us() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000
+}
+
+/// Every timeline step in `log`, by (pid, step): `timeline_step="spawn" timeline_pid=1 timeline_us=2`.
+fn timeline(log: &str) -> std::collections::HashMap<(i32, String), u64> {
+    let mut steps = std::collections::HashMap::new();
+    for line in log.lines().filter(|l| l.contains("timeline_step=")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(|v| v.trim_matches('"').to_owned())
+        };
+        if let (Some(step), Some(pid), Some(us)) = (
+            field("timeline_step="),
+            field("timeline_pid=").and_then(|p| p.parse().ok()),
+            field("timeline_us=").and_then(|u| u.parse().ok()),
+        ) {
+            steps.insert((pid, step), us);
+        }
+    }
+    steps
+}
+
+/// Each sample's phases in milliseconds, and how long `spawn()` itself took in the
+/// predecessor; samples missing a step are left out.
+fn breakdown(samples: &[Sample], log: &str) -> (Vec<[f64; PHASES.len()]>, Vec<f64>) {
+    let steps = timeline(log);
+    let spawn_call = samples
+        .iter()
+        .filter_map(|s| {
+            let at = |name: &str| steps.get(&(s.old, name.to_owned())).copied();
+            Some(at("transfer")?.checked_sub(at("spawn")?)? as f64 / 1e3)
+        })
+        .collect();
+    let phases = samples
+        .iter()
+        .filter_map(|s| {
+            let at = |step: Step| match step {
+                Step::Old(name) => steps.get(&(s.old, name.to_owned())).copied(),
+                Step::New(name) => steps.get(&(s.new, name.to_owned())).copied(),
+                Step::PidFile => Some(s.seen_us),
+            };
+            let mut phases = [0.0; PHASES.len()];
+            let mut before = s.triggered_us;
+            for (phase, (_, step)) in phases.iter_mut().zip(PHASES) {
+                let now = at(step)?;
+                *phase = now.saturating_sub(before) as f64 / 1e3;
+                before = now;
+            }
+            Some(phases)
+        })
+        .collect();
+    (phases, spawn_call)
 }
 
 /// A server's process group, killed when dropped.
@@ -93,7 +183,7 @@ async fn run(
         } else {
             &[]
         })
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,handoff::timeline=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("log")).expect("log file"))
@@ -113,7 +203,7 @@ async fn run(
         clients.spawn(load::http_new_connections(address, counters[0].clone(), stop.clone()));
         clients.spawn(load::http_keep_alive(address, counters[1].clone(), stop.clone()));
     }
-    let (mut ready_ms, mut exit_ms, mut failed) = (Vec::new(), Vec::new(), 0);
+    let (mut ready_ms, mut exit_ms, mut samples, mut failed) = (Vec::new(), Vec::new(), Vec::new(), 0);
     let started = Instant::now();
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
@@ -123,33 +213,48 @@ async fn run(
         let sample = tokio::task::spawn_blocking(move || {
             let old = read_pid(&pid_file)?;
             let triggered = Instant::now();
+            let triggered_us = monotonic_us();
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGUSR2).ok()?;
+            let mut new = None;
             if !wait_until(Duration::from_secs(10), || {
-                read_pid(&pid_file).is_some_and(|pid| pid != old)
+                new = read_pid(&pid_file).filter(|pid| *pid != old);
+                new.is_some()
             }) {
                 return None;
             }
             let ready = triggered.elapsed();
+            let sample = Sample {
+                old,
+                new: new?,
+                triggered_us,
+                seen_us: monotonic_us(),
+            };
             wait_until(Duration::from_secs(15), || !running(old)).then(|| {
                 (
                     ready.as_secs_f64() * 1e3,
                     (triggered.elapsed() - ready).as_secs_f64() * 1e3,
+                    sample,
                 )
             })
         })
         .await
         .expect("measuring task");
         match sample {
-            Some((ready, exit)) => {
+            Some((ready, exit, sample)) => {
                 ready_ms.push(ready);
                 exit_ms.push(exit);
+                samples.push(sample);
             }
             None => failed += 1,
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     while clients.join_next().await.is_some() {}
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    let (phases, spawn_call_ms) = breakdown(&samples, &log);
     Outcome {
+        phases,
+        spawn_call_ms,
         name,
         upgrades,
         failed,
@@ -221,4 +326,51 @@ async fn main() {
             format!("{:.0} ms", percentile(&o.exit_ms, 50.0)),
         );
     }
+    print_ratios(&outcomes);
+    print_breakdown(&outcomes[0]);
+}
+
+/// handoff's trigger → ready against ecdysis's, same run.
+fn print_ratios(outcomes: &[Outcome]) {
+    let [handoff, ecdysis, ..] = outcomes else { return };
+    let ratio = |p: f64| percentile(&handoff.ready_ms, p) / percentile(&ecdysis.ready_ms, p);
+    println!(
+        "\nhandoff / ecdysis, trigger→ready: p50 {:.2}, p99 {:.2}",
+        ratio(50.0),
+        ratio(99.0)
+    );
+}
+
+/// Where handoff's trigger → ready goes, phase by phase (p50, p99 of each phase alone).
+fn print_breakdown(outcome: &Outcome) {
+    if outcome.phases.is_empty() {
+        return;
+    }
+    println!(
+        "\n{} per phase, {} upgrades (ms; one clock for every process):",
+        outcome.name,
+        outcome.phases.len()
+    );
+    println!("{:<24} {:>7} {:>7}", "phase", "p50", "p99");
+    for (i, (name, _)) in PHASES.iter().enumerate() {
+        let column: Vec<f64> = outcome.phases.iter().map(|p| p[i]).collect();
+        println!(
+            "{name:<24} {:>7.2} {:>7.2}",
+            percentile(&column, 50.0),
+            percentile(&column, 99.0)
+        );
+    }
+    println!(
+        "{:<24} {:>7.2} {:>7.2}",
+        "  of which spawn() call",
+        percentile(&outcome.spawn_call_ms, 50.0),
+        percentile(&outcome.spawn_call_ms, 99.0)
+    );
+    let totals: Vec<f64> = outcome.phases.iter().map(|p| p.iter().sum()).collect();
+    println!(
+        "{:<24} {:>7.2} {:>7.2}",
+        "total",
+        percentile(&totals, 50.0),
+        percentile(&totals, 99.0)
+    );
 }

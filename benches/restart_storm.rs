@@ -27,13 +27,13 @@ fn main() {
         .expect("target dir")
         .join("examples")
         .join("demo");
-    let mut args = vec![
-        "--upgrades".to_owned(),
-        "500".to_owned(),
-        "--interval-ms".to_owned(),
-        "200".to_owned(),
-    ];
-    args.extend(passed);
+    // The storm's defaults, for the flags not passed (the demo takes each flag once).
+    let mut args = passed.clone();
+    for (flag, default) in [("--upgrades", "500"), ("--interval-ms", "200")] {
+        if !passed.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+            args.extend([flag.to_owned(), default.to_owned()]);
+        }
+    }
     let status = Command::new(demo).args(&args).status().expect("running the demo");
     std::process::exit(status.code().unwrap_or(1));
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
+use super::progress;
 use crate::wire::{self, Channel, Message, SocketEntry, WireError, PROTOCOL_VERSION};
 use crate::Error;
 
@@ -117,10 +118,12 @@ pub(crate) async fn inherit(timeout: Duration) -> Result<Option<Inheritance>, Er
     let Some(fd) = take_channel() else {
         return Ok(None);
     };
+    progress::mark_successor_start();
     let mut channel = Channel::new(fd).map_err(|e| Error::Inherit(e.into()))?;
     let exchange = async {
         match handshake(&mut channel).await {
             Ok(inherited) => {
+                progress::mark("inherited");
                 channel.send(&Message::Accepted, &[]).await?;
                 Ok(inherited)
             }
@@ -203,9 +206,12 @@ pub(crate) enum Verdict {
 /// commit the predecessor managed to send still counts, and one it sends later fails on its
 /// side (a broken pipe), so that exactly one of us decides.
 pub(crate) async fn await_commit(channel: &mut Channel, startup_ms: u64, timeout: Duration) -> Result<Verdict, Error> {
+    progress::mark("ready");
     let exchange = async {
         channel.send(&Message::Ready { startup_ms }, &[]).await?;
-        channel.recv_or_eof().await
+        let answer = channel.recv_or_eof().await;
+        progress::mark("verdict");
+        answer
     };
     let answer = match tokio::time::timeout(timeout, exchange).await {
         Ok(answer) => answer,

@@ -2,13 +2,13 @@
 //! over to a successor), drain, exit; or back to ready when an upgrade fails.
 
 mod builder;
-mod close_on_exec;
 mod connections;
 mod counters;
 mod handoff;
 mod inheritance;
 mod notify;
 mod pid_file;
+mod process;
 mod progress;
 mod state;
 mod successor;

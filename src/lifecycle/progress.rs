@@ -3,6 +3,8 @@
 //! each phase), and the phases are published: the current one for `status`, each one as it
 //! begins for the control socket's progress lines.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tokio::sync::{broadcast, watch};
 
 use super::upgrade_error::Phase;
@@ -66,6 +68,7 @@ impl<'a> Progress<'a> {
         // No listener is not an error.
         let _ = self.publish.each.send(phase);
         tracing::debug!(parent: &self.span, %phase, "upgrade phase");
+        mark(phase_mark(phase));
     }
 
     /// The phase under way.
@@ -79,3 +82,55 @@ impl Drop for Progress<'_> {
         self.publish.current.send_replace(None);
     }
 }
+
+/// The name of `phase` on the timeline.
+fn phase_mark(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Spawn => "spawn",
+        Phase::Hello => "hello",
+        Phase::Transfer => "transfer",
+        Phase::Adoption => "adoption",
+        Phase::Startup => "startup",
+        Phase::Commit => "commit",
+    }
+}
+
+/// The timeline of an upgrade across both processes, for the benchmarks' per-phase
+/// breakdown: each step as a `debug` event of target `handoff::timeline` with its time on
+/// `CLOCK_MONOTONIC` (one clock for every process of the machine, so the predecessor's steps,
+/// the successor's and an outside observer's line up). Off unless a subscriber enables that
+/// target (`RUST_LOG=handoff::timeline=debug`).
+pub(crate) fn mark(step: &'static str) {
+    mark_at(step, monotonic_us());
+}
+
+fn mark_at(step: &'static str, at_us: u64) {
+    tracing::debug!(target: "handoff::timeline", timeline_step = step, timeline_pid = std::process::id(), timeline_us = at_us);
+}
+
+/// A successor's first steps: when its code first ran (before `main`: the end of `exec`
+/// and of dynamic loading), and now, when it looks for its channel (after the runtime, the
+/// logging and the argument parsing of `main`).
+pub(crate) fn mark_successor_start() {
+    mark_at("exec", FIRST_INSTRUCTION_US.load(Ordering::Relaxed));
+    mark("start");
+}
+
+/// Microseconds on `CLOCK_MONOTONIC`.
+fn monotonic_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
+}
+
+/// When this process's code first ran, set before `main` (see [`mark_successor_start`]).
+static FIRST_INSTRUCTION_US: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn note_first_instruction() {
+    FIRST_INSTRUCTION_US.store(monotonic_us(), Ordering::Relaxed);
+}
+
+/// Run by the dynamic loader before `main`, as every `.init_array` entry is: one clock read.
+#[used]
+#[link_section = ".init_array"]
+static NOTE_FIRST_INSTRUCTION: extern "C" fn() = note_first_instruction;

@@ -2,19 +2,17 @@
 //! ready; on any failure kill and reap it.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
-use tokio::process::{Child, Command};
+use nix::sys::signal::SigSet;
 
-use super::close_on_exec::Plan;
 use super::inheritance::CHANNEL_FD_VAR;
-use super::progress::Progress;
+use super::process::{self, Successor as Child};
+use super::progress::{self, Progress};
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 use super::Builder;
 use crate::wire::{self, Channel, Message, SocketEntry, WireError, PROTOCOL_VERSION};
@@ -187,8 +185,13 @@ impl ReadySuccessor {
         let commit = Message::Commit { counters };
         // Unconstrained: tokio's cooperative budget must not turn "ready now" into "pending".
         let send = tokio::task::unconstrained(self.channel.send(&commit, &[]));
-        send.now_or_never()
-            .unwrap_or_else(|| Err(WireError::Io(std::io::ErrorKind::WouldBlock.into())))
+        let sent = send
+            .now_or_never()
+            .unwrap_or_else(|| Err(WireError::Io(std::io::ErrorKind::WouldBlock.into())));
+        if sent.is_ok() {
+            progress::mark("commit_sent");
+        }
+        sent
     }
 
     /// After the commit: reaps the successor should it die first, and returns our end of the
@@ -479,45 +482,25 @@ async fn handshake(
 const FOREIGN_DESCRIPTOR_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
 
 /// Starts the executable (what its path names now) with our arguments, working directory
-/// and environment, plus the channel's descriptor number. The channel is the only descriptor it inherits: in the child,
-/// between `fork` and `exec`, every descriptor above stderr is marked close-on-exec (one
-/// inherited without the flag, a wrapper's lock file say, would otherwise reach every
-/// generation), then the channel's flag is cleared.
+/// and environment, plus the channel's descriptor number. The channel is the only descriptor
+/// it inherits, and the held signals are blocked from before its `exec` (see [`process`]).
 fn spawn(program: &Program, channel: BorrowedFd<'_>) -> Result<Child, UpgradeError> {
-    let fd = channel.as_raw_fd();
     let working_dir = program.working_dir();
-    let mut command = Command::new(&program.executable);
-    command
-        .arg0(program.argv0())
-        .args(program.args.iter().skip(1))
-        .current_dir(working_dir)
-        // What a shell would say after `cd`: the successor finds its start directory in it.
-        .env("PWD", working_dir)
-        .env(CHANNEL_FD_VAR, fd.to_string())
-        .kill_on_drop(false);
-    for var in FOREIGN_DESCRIPTOR_VARS {
-        command.env_remove(var);
-    }
-    let held = program.held_signals;
-    let close_on_exec = Plan::for_this_process();
-    // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: pthread_sigmask, close_range and fcntl are system
-    // calls that allocate nothing and take no lock.
-    unsafe {
-        command.pre_exec(move || {
-            // Held until the successor handles them (the standard library has just reset
-            // the mask; exec keeps ours, and keeps pending signals pending).
-            pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&held), None)?;
-            close_on_exec.apply_in_child()?;
-            // SAFETY: `fd` is open in the child: fork copied our descriptor table.
-            let channel = std::os::fd::BorrowedFd::borrow_raw(fd);
-            fcntl(channel, FcntlArg::F_SETFD(FdFlag::empty()))?;
-            Ok(())
-        });
-    }
-    command
-        .spawn()
-        .map_err(|source| program.spawn_error(working_dir, source))
+    let mut args = vec![program.argv0()];
+    args.extend(program.args.iter().skip(1).cloned());
+    let start = process::Spawn {
+        executable: &program.executable,
+        args,
+        working_dir,
+        remove: &FOREIGN_DESCRIPTOR_VARS,
+        set: vec![
+            // What a shell would say after `cd`: the successor finds its start directory in it.
+            ("PWD", working_dir.as_os_str().to_owned()),
+            (CHANNEL_FD_VAR, process::inherited_number(channel).to_string().into()),
+        ],
+        held_signals: program.held_signals,
+    };
+    process::spawn(&start, channel).map_err(|source| program.spawn_error(working_dir, source))
 }
 
 /// Kills and reaps the successor unless disarmed: whatever path leaves `launch` early
@@ -527,7 +510,7 @@ struct KillOnFailure(Option<Child>);
 
 impl KillOnFailure {
     fn pid(&self) -> u32 {
-        self.0.as_ref().and_then(Child::id).unwrap_or(0)
+        self.0.as_ref().map_or(0, Child::id)
     }
     fn child(&mut self) -> &mut Child {
         self.0.as_mut().expect("child present until disarmed")
@@ -549,8 +532,8 @@ impl KillOnFailure {
 impl Drop for KillOnFailure {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
-            // Dropped without a verdict (the upgrade future was cancelled): SIGKILL now;
-            // tokio reaps a dropped child in the background.
+            // Dropped without a verdict (the upgrade future was cancelled): SIGKILL now; a
+            // dropped child is reaped in the background.
             let _ = child.start_kill();
         }
     }

@@ -22,7 +22,7 @@ pub struct Channel {
 }
 
 /// Creates a connected pair of channel ends, both close-on-exec. The one meant for a child
-/// process has its close-on-exec flag cleared in the child only, after `fork`.
+/// process reaches it duplicated, without the flag, in the child only (see `lifecycle::process`).
 pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(socket::socketpair(
         AddressFamily::Unix,

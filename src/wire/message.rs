@@ -170,6 +170,9 @@ impl Message {
         if bytes.len() > MAX_MESSAGE_BYTES {
             return Err(WireError::MessageTooLarge { bytes: bytes.len() });
         }
+        if let Some(batch) = super::transfer::decode_batch(bytes) {
+            return Ok(batch);
+        }
         serde_json::from_slice(bytes).map_err(WireError::Malformed)
     }
 }
