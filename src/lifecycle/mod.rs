@@ -8,6 +8,7 @@ mod handoff;
 mod inheritance;
 mod notify;
 mod pid_file;
+mod platform;
 mod process;
 mod progress;
 mod state;

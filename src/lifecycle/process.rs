@@ -9,8 +9,16 @@
 //!   which the Rust runtime ignores, is reset to its default, as `Command` does;
 //! - the channel is duplicated onto a known number without close-on-exec, and every
 //!   descriptor above it is closed (`posix_spawn_file_actions_addclosefrom_np`, glibc 2.34:
-//!   `close_range`, or `/proc/self/fd` on older kernels): the successor inherits exactly one;
-//! - the working directory is entered (`posix_spawn_file_actions_addchdir_np`).
+//!   `close_range`, or `/proc/self/fd` on older kernels): the successor inherits exactly one.
+//!   Without that function (an older glibc, musl), every descriptor of ours from 3 on is made
+//!   close-on-exec before the spawn instead (harmless to us: it only matters at `exec`);
+//! - the working directory is entered (`posix_spawn_file_actions_addchdir_np`). Without it
+//!   (glibc before 2.29), the successor starts where we are, and another directory is an
+//!   error that says why.
+//!
+//! Its exit is awaited through a pidfd; without one (Linux before 5.3), a thread of its own
+//! waits for it. What the system offers is found at run time ([`Platform`]), so that the crate
+//! links and runs on any of them.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -21,8 +29,11 @@ use std::path::Path;
 use std::process::ExitStatus;
 
 use nix::sys::signal::SigSet;
+
+use super::platform::{AddChdir, AddCloseFrom, Platform};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio::sync::oneshot;
 
 /// What to start.
 pub(crate) struct Spawn<'a> {
@@ -51,6 +62,11 @@ pub(crate) fn inherited_number(channel: BorrowedFd<'_>) -> RawFd {
 
 /// Starts `spawn` with `channel` as its one inherited descriptor (at [`inherited_number`]).
 pub(crate) fn spawn(spawn: &Spawn<'_>, channel: BorrowedFd<'_>) -> io::Result<Successor> {
+    spawn_on(&Platform::detected(), spawn, channel)
+}
+
+/// [`spawn`], with what `platform` offers.
+fn spawn_on(platform: &Platform, spawn: &Spawn<'_>, channel: BorrowedFd<'_>) -> io::Result<Successor> {
     let program = c_string(spawn.executable.as_os_str())?;
     let args = spawn.args.iter().map(|a| c_string(a)).collect::<io::Result<Vec<_>>>()?;
     let env = environment(spawn)?;
@@ -58,11 +74,17 @@ pub(crate) fn spawn(spawn: &Spawn<'_>, channel: BorrowedFd<'_>) -> io::Result<Su
     let target = inherited_number(channel);
     let mut actions = FileActions::new()?;
     actions.dup2(channel.as_raw_fd(), target)?;
-    actions.close_from(target + 1)?;
+    match platform.close_from {
+        Some(close_from) => actions.close_from(close_from, target + 1)?,
+        None => close_on_exec_from(3)?,
+    }
     if target == 4 {
         actions.close(3)?; // the channel's own number: a copy of it, with close-on-exec
     }
-    actions.chdir(&working_dir)?;
+    match platform.chdir {
+        Some(chdir) => actions.chdir(chdir, &working_dir)?,
+        None => already_there(spawn.working_dir)?,
+    }
     let mut attributes = Attributes::new()?;
     attributes.hold(&spawn.held_signals)?;
     let argv = null_terminated(&args);
@@ -85,7 +107,45 @@ pub(crate) fn spawn(spawn: &Spawn<'_>, channel: BorrowedFd<'_>) -> io::Result<Su
     if error != 0 {
         return Err(io::Error::from_raw_os_error(error));
     }
-    Successor::new(pid)
+    Successor::new(pid, platform.pidfd)
+}
+
+/// Marks every descriptor of this process from `first` on close-on-exec, so that a child
+/// inherits none of them but what its file actions duplicate (a `dup2` target is never
+/// close-on-exec). Ours already are, but for strays inherited from our own parent.
+fn close_on_exec_from(first: RawFd) -> io::Result<()> {
+    let numbers: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd >= first)
+        .collect();
+    for fd in numbers {
+        // SAFETY: F_GETFD/F_SETFD read and set the flags of a descriptor number; one closed
+        // since the listing fails with EBADF, which is ignored.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Without a way to change the child's directory, it starts in ours: fine if that is the
+/// directory asked for.
+fn already_there(working_dir: &Path) -> io::Result<()> {
+    let ours = std::env::current_dir()?;
+    if std::fs::canonicalize(&ours)? == std::fs::canonicalize(working_dir)? {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!(
+            "starting the successor in {} (this process is in {}) needs posix_spawn_file_actions_addchdir_np, which this C library lacks (glibc 2.29 or later has it)",
+            working_dir.display(),
+            ours.display()
+        ),
+    ))
 }
 
 /// `NAME=value` for each variable of our environment the successor gets.
@@ -137,13 +197,14 @@ impl FileActions {
         // SAFETY: as `dup2`.
         check(unsafe { libc::posix_spawn_file_actions_addclose(&mut self.0, fd) })
     }
-    fn close_from(&mut self, first: RawFd) -> io::Result<()> {
-        // SAFETY: as `dup2`.
-        check(unsafe { libc::posix_spawn_file_actions_addclosefrom_np(&mut self.0, first) })
+    fn close_from(&mut self, close_from: AddCloseFrom, first: RawFd) -> io::Result<()> {
+        // SAFETY: as `dup2` (`close_from` is the C library's function of that name).
+        check(unsafe { close_from(&mut self.0, first) })
     }
-    fn chdir(&mut self, dir: &CString) -> io::Result<()> {
-        // SAFETY: as `dup2`; glibc copies the path.
-        check(unsafe { libc::posix_spawn_file_actions_addchdir_np(&mut self.0, dir.as_ptr()) })
+    fn chdir(&mut self, chdir: AddChdir, dir: &CString) -> io::Result<()> {
+        // SAFETY: as `dup2` (`chdir` is the C library's function of that name); it copies
+        // the path.
+        check(unsafe { chdir(&mut self.0, dir.as_ptr()) })
     }
 }
 
@@ -194,33 +255,37 @@ fn check(error: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// A started successor: its exit awaited through a pidfd, reaped with `waitpid`. Dropped
-/// before it was reaped, it is reaped by a thread of its own (it may be running still: a
-/// committed successor outlives us).
+/// A started successor: its exit awaited through a pidfd (or, without one, a thread of its
+/// own), reaped with `waitpid`. Dropped before it was reaped, it is reaped by a thread of its
+/// own (it may be running still: a committed successor outlives us).
 #[derive(Debug)]
 pub(crate) struct Successor {
     pid: libc::pid_t,
-    exit: AsyncFd<OwnedFd>,
+    exit: Exit,
     status: Option<ExitStatus>,
 }
 
+/// How a successor's exit is learnt.
+#[derive(Debug)]
+enum Exit {
+    /// A pidfd, readable once the process has exited (we reap it then).
+    Pidfd(AsyncFd<OwnedFd>),
+    /// A thread that waits for it, reaps it and sends its status.
+    Thread(oneshot::Receiver<io::Result<ExitStatus>>),
+}
+
 impl Successor {
-    fn new(pid: libc::pid_t) -> io::Result<Self> {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            let error = io::Error::last_os_error();
-            // No handle on it (a kernel before 5.3): do not leave it running unwatched.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            let _ = reap(pid);
-            return Err(error);
-        }
-        // SAFETY: pidfd_open just returned this new descriptor; nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-        let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
-        // SAFETY: an `OwnedFd` is open until dropped, which happens only with the `AsyncFd`,
-        // and always returns the same descriptor; we never swap it through `get_mut`.
-        let exit = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?;
+    fn new(pid: libc::pid_t, pidfd: bool) -> io::Result<Self> {
+        let exit = match pidfd.then(|| pidfd_open(pid)) {
+            Some(Ok(fd)) => Exit::Pidfd(fd),
+            Some(Err(error)) if error.raw_os_error() != Some(libc::ENOSYS) => {
+                // No handle on it: do not leave it running unwatched.
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = reap(pid);
+                return Err(error);
+            }
+            Some(Err(_)) | None => Exit::Thread(reaper(pid)),
+        };
         Ok(Self {
             pid,
             exit,
@@ -241,10 +306,16 @@ impl Successor {
         if let Some(status) = self.status {
             return Ok(status);
         }
-        // A pidfd is readable once its process has exited.
-        let mut ready = self.exit.readable().await?;
-        ready.retain_ready();
-        let status = reap(self.pid)?;
+        let status = match &mut self.exit {
+            Exit::Pidfd(fd) => {
+                let mut ready = fd.readable().await?;
+                ready.retain_ready();
+                reap(self.pid)?
+            }
+            Exit::Thread(exited) => exited
+                .await
+                .map_err(|_| io::Error::other("the reaper thread is gone"))??,
+        };
         self.status = Some(status);
         Ok(status)
     }
@@ -254,15 +325,29 @@ impl Successor {
         if self.status.is_some() {
             return Ok(());
         }
-        // SAFETY: pidfd_send_signal signals the process the pidfd refers to, never a reused pid.
-        let result = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.exit.get_ref().as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
+        let result = match &mut self.exit {
+            // SAFETY: pidfd_send_signal signals the process the pidfd refers to, never a
+            // reused pid.
+            Exit::Pidfd(fd) => unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.get_ref().as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            },
+            Exit::Thread(exited) => match exited.try_recv() {
+                // Reaped already: nothing to kill.
+                Ok(status) => {
+                    self.status = Some(status?);
+                    return Ok(());
+                }
+                // Not reaped when we looked (the thread may reap it an instant later: a pid
+                // is reused only after many others, so the window is only theoretical).
+                // SAFETY: kill sends a signal to a pid.
+                Err(_) => unsafe { libc::kill(self.pid, libc::SIGKILL) }.into(),
+            },
         };
         if result == 0 {
             Ok(())
@@ -280,13 +365,42 @@ impl Successor {
 
 impl Drop for Successor {
     fn drop(&mut self) {
-        if self.status.is_none() {
+        if self.status.is_none() && matches!(self.exit, Exit::Pidfd(_)) {
             let pid = self.pid;
             let _ = std::thread::Builder::new()
                 .name("handoff-reaper".into())
                 .spawn(move || reap(pid));
         }
     }
+}
+
+/// A pidfd for `pid`, close-on-exec, registered with the runtime.
+fn pidfd_open(pid: libc::pid_t) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open just returned this new descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    // SAFETY: an `OwnedFd` is open until dropped, which happens only with the `AsyncFd`,
+    // and always returns the same descriptor; we never swap it through `get_mut`.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
+}
+
+/// A thread that waits for `pid` to exit and reaps it: what watches a child without a pidfd.
+fn reaper(pid: libc::pid_t) -> oneshot::Receiver<io::Result<ExitStatus>> {
+    let (exited, receiver) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("handoff-reaper".into())
+        .spawn(move || drop(exited.send(reap(pid))));
+    if let Err(error) = spawned {
+        let (failed, receiver) = oneshot::channel();
+        let _ = failed.send(Err(error));
+        return receiver;
+    }
+    receiver
 }
 
 /// `waitpid` on our child `pid`, retried on `EINTR`.
@@ -310,26 +424,27 @@ mod tests {
     use nix::sys::signal::Signal;
     use std::os::fd::AsFd;
 
-    #[tokio::test]
-    async fn the_child_gets_the_channel_alone_its_directory_and_the_held_signals() {
+    /// Starts `sleep 30` on `platform` in `working_dir` with a stray descriptor open here,
+    /// reads what the child got, kills it, then checks: exactly the channel (no stray), the
+    /// directory, the environment, the held signals.
+    async fn the_child_gets_the_channel_alone(platform: Platform, working_dir: &Path) {
         // A descriptor without close-on-exec, which the child must not get.
         let stray = tempfile::NamedTempFile::new().unwrap();
         let stray_fd: OwnedFd = stray.reopen().unwrap().into();
         nix::fcntl::fcntl(&stray_fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
         let (channel, _ours) = crate::wire::pair().unwrap();
-        let dir = tempfile::tempdir().unwrap();
         let mut held = SigSet::empty();
         held.add(Signal::SIGUSR2);
         let number = inherited_number(channel.as_fd());
         let start = Spawn {
             executable: Path::new("sleep"),
             args: vec!["sleep".into(), "30".into()],
-            working_dir: dir.path(),
+            working_dir,
             remove: &["HOME"],
             set: vec![("HANDOFF_FD", number.to_string().into())],
             held_signals: held,
         };
-        let mut child = spawn(&start, channel.as_fd()).unwrap();
+        let mut child = spawn_on(&platform, &start, channel.as_fd()).unwrap();
         let proc = format!("/proc/{}", child.id());
         // Read everything, then kill the child, then check: a failed check leaves nothing running.
         let fds: std::io::Result<Vec<_>> = std::fs::read_dir(format!("{proc}/fd")).and_then(|d| d.collect());
@@ -346,7 +461,7 @@ mod tests {
         let (status, environment, cwd) = (status.unwrap(), environment.unwrap(), cwd.unwrap());
         fds.sort_unstable();
         assert_eq!(fds, [0, 1, 2, number], "the stray {stray_fd:?} or another leaked");
-        assert_eq!(cwd, std::fs::canonicalize(dir.path()).unwrap());
+        assert_eq!(cwd, std::fs::canonicalize(working_dir).unwrap());
         let variables: Vec<&[u8]> = environment.split(|b| *b == 0).collect();
         assert!(variables.contains(&format!("HANDOFF_FD={number}").as_bytes()));
         assert!(!variables.iter().any(|v| v.starts_with(b"HOME=")));
@@ -356,18 +471,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_child_gets_the_channel_alone_its_directory_and_the_held_signals() {
+        let dir = tempfile::tempdir().unwrap();
+        the_child_gets_the_channel_alone(Platform::detected(), dir.path()).await;
+    }
+
+    /// Without `addclosefrom_np`, `addchdir_np` and pidfds (glibc before 2.29, musl, Linux
+    /// before 5.3): the same child, the same single descriptor, watched by a thread; another
+    /// directory than ours is refused with a reason.
+    #[tokio::test]
+    async fn on_an_older_system_the_child_still_gets_the_channel_alone() {
+        let here = std::env::current_dir().unwrap();
+        the_child_gets_the_channel_alone(Platform::minimal(), &here).await;
+
+        let (channel, _ours) = crate::wire::pair().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let start = Spawn {
+            executable: Path::new("sleep"),
+            args: vec!["sleep".into(), "30".into()],
+            working_dir: elsewhere.path(),
+            remove: &[],
+            set: vec![],
+            held_signals: SigSet::empty(),
+        };
+        let error = spawn_on(&Platform::minimal(), &start, channel.as_fd()).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::Unsupported);
+        assert!(
+            error.to_string().contains(&elsewhere.path().display().to_string()),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_killed_child_is_reaped_with_its_signal() {
+        for platform in [Platform::detected(), Platform::minimal()] {
+            killed_and_reaped(platform).await;
+        }
+    }
+
+    async fn killed_and_reaped(platform: Platform) {
         use std::os::unix::process::ExitStatusExt;
         let (channel, _ours) = crate::wire::pair().unwrap();
         let start = Spawn {
             executable: Path::new("sleep"),
             args: vec!["sleep".into(), "30".into()],
-            working_dir: Path::new("/"),
+            working_dir: &std::env::current_dir().unwrap(),
             remove: &[],
             set: vec![],
             held_signals: SigSet::empty(),
         };
-        let mut child = spawn(&start, channel.as_fd()).unwrap();
+        let mut child = spawn_on(&platform, &start, channel.as_fd()).unwrap();
         let pid = child.id();
         child.kill().await.unwrap();
         assert_eq!(child.wait().await.unwrap().signal(), Some(libc::SIGKILL));

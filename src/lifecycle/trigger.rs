@@ -82,8 +82,8 @@ impl Signals {
     }
 }
 
-/// The signals a successor starts with blocked, its parent having blocked them between
-/// `fork` and `exec`: the default trigger, the configured one, and the stops. Unblocked by
+/// The signals a successor starts with blocked, its parent's `posix_spawn` having set them
+/// as the child's mask before `exec`: the default trigger, the configured one, and the stops. Unblocked by
 /// [`Signals::install`] whatever the configuration, so that a process that handles none of
 /// them gets their default actions back.
 ///
