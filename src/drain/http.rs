@@ -811,6 +811,17 @@ mod tests {
         /// A drain whose connections migrate over a channel to a successor that resumes the
         /// HTTP/1.1 connections of `listener` (if any) by sending them, leftover and all, to the
         /// receiver returned.
+        /// The one connection moved with `PARTIAL` as far as hyper had read it (the leftover),
+        /// the rest still in the socket; the drain counts it migrated.
+        async fn moved_as_far_as_it_came(drain: &Drain, taken: &mut mpsc::UnboundedReceiver<(TcpStream, Vec<u8>)>) {
+            let (mut stream, leftover) = tokio::time::timeout(WAIT, taken.recv()).await.unwrap().unwrap();
+            let mut rest = vec![0; PARTIAL.len() - leftover.len()];
+            stream.read_exact(&mut rest).await.unwrap();
+            assert_eq!([leftover, rest].concat(), PARTIAL);
+            let report = tokio::time::timeout(WAIT, drain.drain()).await.unwrap();
+            assert_eq!((report.connections, report.migrated, report.forced), (1, 1, 0));
+        }
+
         fn migrating_drain(listener: Option<&str>) -> (Drain, mpsc::UnboundedReceiver<(TcpStream, Vec<u8>)>) {
             let (ours, theirs) = pair().unwrap();
             let (outbound, pending) = Outbound::new();
@@ -875,14 +886,7 @@ mod tests {
             assert!(!answer(&mut client).await.contains("connection: close"));
             client.write_all(PARTIAL).await.unwrap();
             drain.shared.draining.cancel();
-            let (mut stream, leftover) = tokio::time::timeout(WAIT, taken.recv()).await.unwrap().unwrap();
-            // hyper may or may not have read the half request yet: what it read is the
-            // leftover, the rest is still in the socket.
-            let mut rest = vec![0; PARTIAL.len() - leftover.len()];
-            stream.read_exact(&mut rest).await.unwrap();
-            assert_eq!([leftover, rest].concat(), PARTIAL);
-            let report = tokio::time::timeout(WAIT, drain.drain()).await.unwrap();
-            assert_eq!((report.connections, report.migrated, report.forced), (1, 1, 0));
+            moved_as_far_as_it_came(&drain, &mut taken).await;
         }
 
         #[tokio::test]
@@ -951,12 +955,7 @@ mod tests {
             // hyper read the half request before the turn, the case this is about.
             tokio::task::yield_now().await;
             drain.shared.draining.cancel();
-            let (mut stream, leftover) = tokio::time::timeout(WAIT, taken.recv()).await.unwrap().unwrap();
-            let mut rest = vec![0; PARTIAL.len() - leftover.len()];
-            stream.read_exact(&mut rest).await.unwrap();
-            assert_eq!([leftover, rest].concat(), PARTIAL);
-            let report = tokio::time::timeout(WAIT, drain.drain()).await.unwrap();
-            assert_eq!((report.connections, report.migrated, report.forced), (1, 1, 0));
+            moved_as_far_as_it_came(&drain, &mut taken).await;
         }
 
         /// A client that sends a request and never reads: the response cannot be flushed, so
