@@ -2,7 +2,9 @@
 //! - handoff (`http_uuid`),
 //! - Cloudflare's `ecdysis` crate (`peer_ecdysis`),
 //! - the naive approach: a new process binding its own socket with `SO_REUSEPORT` while the old
-//!   one closes its copy (`peer_reuseport`).
+//!   one closes its copy (`peer_reuseport`),
+//! - handoff again, in a server written line for line as the ecdysis one (`peer_handoff`: no
+//!   logging, flags parsed by hand), so that the two differ only by the library.
 //!
 //! Every server is measured from outside in the same way: trigger → the PID file names the new
 //! process (each writes it when it serves), and every client-visible error is counted.
@@ -273,12 +275,13 @@ async fn main() {
     let upgrades = common::arg("--upgrades", 100) as usize;
     let interval = Duration::from_millis(common::arg("--interval-ms", 200));
     let clients = common::arg("--clients", 4) as usize;
-    let examples = common::build_examples(&["http_uuid", "peer_ecdysis", "peer_reuseport"]);
+    let examples = common::build_examples(&["http_uuid", "peer_ecdysis", "peer_reuseport", "peer_handoff"]);
     let mut outcomes = Vec::new();
     for (name, binary) in [
         ("handoff", "http_uuid"),
         ("ecdysis 1.x", "peer_ecdysis"),
         ("SO_REUSEPORT, naive", "peer_reuseport"),
+        ("handoff, as ecdysis's", "peer_handoff"),
     ] {
         eprintln!(
             "{name}: {upgrades} upgrades, one every {} ms, under HTTP load…",
@@ -330,15 +333,20 @@ async fn main() {
     print_breakdown(&outcomes[0]);
 }
 
-/// handoff's trigger → ready against ecdysis's, same run.
+/// handoff's trigger → ready against ecdysis's, same run: the full example (`http_uuid`, its
+/// logging and argument parsing included) and the one written as ecdysis's is.
 fn print_ratios(outcomes: &[Outcome]) {
-    let [handoff, ecdysis, ..] = outcomes else { return };
-    let ratio = |p: f64| percentile(&handoff.ready_ms, p) / percentile(&ecdysis.ready_ms, p);
-    println!(
-        "\nhandoff / ecdysis, trigger→ready: p50 {:.2}, p99 {:.2}",
-        ratio(50.0),
-        ratio(99.0)
-    );
+    let [handoff, ecdysis, _, minimal] = outcomes else {
+        return;
+    };
+    for (label, ours) in [("http_uuid", handoff), ("peer_handoff", minimal)] {
+        let ratio = |p: f64| percentile(&ours.ready_ms, p) / percentile(&ecdysis.ready_ms, p);
+        println!(
+            "\nhandoff ({label}) / ecdysis, trigger→ready: p50 {:.2}, p99 {:.2}",
+            ratio(50.0),
+            ratio(99.0)
+        );
+    }
 }
 
 /// Where handoff's trigger → ready goes, phase by phase (p50, p99 of each phase alone).
