@@ -568,6 +568,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_websocket_that_does_not_move_comes_back_whole_and_its_copy_is_closed() {
+        let (mut ws, mut client) = pair().await;
+        client.write_all(&frame(true, 1, b"before")).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, "before");
+        // A drain that takes no migrations: the second descriptor is made, then refused.
+        let drain = crate::drain::Drain::builder().build();
+        let connection = drain.track();
+        let returned = migrate(ws, "ws", &(), &connection, |_| {}).await.unwrap_err();
+        assert!(matches!(
+            returned.error,
+            WebSocketMigrationError::Migration(MigrationError::NotMigrating)
+        ));
+        // It reads again.
+        let mut ws = returned.ws;
+        client.write_all(&frame(true, 1, b"after")).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, "after");
+        // Dropped, it was the last descriptor: the client sees the end (no copy held it open).
+        drop(ws);
+        let mut end = [0; 1];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), client.read(&mut end)).await;
+        assert_eq!(read.expect("the end in time").unwrap(), 0);
+    }
+
+    #[tokio::test]
     async fn a_close_among_the_buffered_messages_ends_them() {
         let (mut ws, mut client) = pair().await;
         let bytes = [frame(true, 1, b"last words"), frame(true, 8, &[0x03, 0xe8])].concat();
