@@ -186,3 +186,35 @@ async fn members_the_successor_refuses_are_drained_with_going_away() {
     let (_rejoined, welcome) = join(&url).await;
     assert!(welcome.ends_with("generation=2"), "{welcome}");
 }
+
+/// A member that never reads, its connection full, holds neither the barrier nor the room
+/// past their bounds: the member that reads moves, is not welcomed again, and chats on in
+/// the successor; the one that does not read is left to the drain deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_never_reads_does_not_hold_the_others() {
+    let server = Server::start(
+        &example("ws_chat"),
+        &["--listen", "127.0.0.1:0", "--migrate", "--drain-timeout", "4"],
+    );
+    let url = format!("ws://{}/", server.address("ws"));
+    let (_deaf, _) = join(&url).await;
+    let (mut loud, _) = join(&url).await;
+    // Far more than the deaf member's socket buffers hold: its task blocks on a send.
+    let line = "x".repeat(64 * 1024);
+    for n in 0..400 {
+        loud.send(Message::text(format!("1:{n}{line}"))).await.unwrap();
+        let echo = next_text(&mut loud).await;
+        assert!(echo.starts_with(&format!("1:{n}x")), "{}", &echo[..20]);
+    }
+    let old = server.pid();
+    tokio::task::block_in_place(|| server.upgrade_and_settle());
+    let drained = server.drained_line(old);
+    assert!(
+        drained.contains("connections=2 ") && drained.contains(" migrated=1 "),
+        "{drained}"
+    );
+    // The deaf member was stuck indeed: the barrier gave up waiting for it.
+    server.wait_for_log(|l| l.contains("not every member stopped reading in time"));
+    loud.send(Message::text("1:after")).await.unwrap();
+    assert_eq!(next_text(&mut loud).await, "1:after");
+}

@@ -517,6 +517,81 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_sending_through_the_turn_loses_nothing_and_repeats_nothing() {
+        let (mut ws, client) = pair().await;
+        let lines: Vec<String> = (0..2000)
+            .map(|n| format!("line {n:04} {}", "x".repeat(n % 300)))
+            .collect();
+        // The client sends all the while, in writes that split frames anywhere.
+        let bytes: Vec<u8> = lines.iter().flat_map(|l| frame(true, 1, l.as_bytes())).collect();
+        let sender = tokio::spawn(async move {
+            let mut client = client;
+            for piece in bytes.chunks(777) {
+                client.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client
+        });
+        let mut got = Vec::new();
+        while got.len() < 300 {
+            got.push(next_text(&mut ws).await);
+        }
+        let (delivered, mut ws) = migrate_locally(ws).await;
+        got.extend(texts(delivered));
+        while got.len() < lines.len() {
+            got.push(next_text(&mut ws).await);
+        }
+        assert_eq!(got, lines);
+        drop(sender.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_ping_read_at_the_turn_is_answered_once_before_the_move() {
+        let (mut ws, mut client) = pair().await;
+        let bytes = [
+            frame(true, 1, b"one"),
+            frame(true, 9, b"still?"),
+            frame(true, 1, b"two"),
+        ]
+        .concat();
+        client.write_all(&bytes).await.unwrap();
+        arrived(&ws, bytes.len()).await;
+        assert_eq!(next_text(&mut ws).await, "one");
+        let (delivered, mut ws) = migrate_locally(ws).await;
+        let delivered: Vec<Message> = delivered.into_iter().map(Result::unwrap).collect();
+        assert_eq!(delivered, [Message::Ping("still?".into()), Message::text("two")]);
+        ws.send(Message::text("end")).await.unwrap();
+        let expected = [&[0x8a, 6][..], b"still?", &[0x81, 3], b"end"].concat();
+        let mut got = vec![0; expected.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn a_websocket_that_does_not_move_comes_back_whole_and_its_copy_is_closed() {
+        let (mut ws, mut client) = pair().await;
+        client.write_all(&frame(true, 1, b"before")).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, "before");
+        // A drain that takes no migrations: the second descriptor is made, then refused.
+        let drain = crate::drain::Drain::builder().build();
+        let connection = drain.track();
+        let returned = migrate(ws, "ws", &(), &connection, |_| {}).await.unwrap_err();
+        assert!(matches!(
+            returned.error,
+            WebSocketMigrationError::Migration(MigrationError::NotMigrating)
+        ));
+        // It reads again.
+        let mut ws = returned.ws;
+        client.write_all(&frame(true, 1, b"after")).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, "after");
+        // Dropped, it was the last descriptor: the client sees the end (no copy held it open).
+        drop(ws);
+        let mut end = [0; 1];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), client.read(&mut end)).await;
+        assert_eq!(read.expect("the end in time").unwrap(), 0);
+    }
+
+    #[tokio::test]
     async fn a_close_among_the_buffered_messages_ends_them() {
         let (mut ws, mut client) = pair().await;
         let bytes = [frame(true, 1, b"last words"), frame(true, 8, &[0x03, 0xe8])].concat();

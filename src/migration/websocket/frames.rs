@@ -325,6 +325,63 @@ pub(super) mod tests {
         assert_eq!(fed(&bytes, 5).leftover(), Err(Stuck::Closed));
     }
 
+    /// The leftover after each read, whatever the reads: the bytes since the last boundary.
+    fn split_everywhere(bytes: &[u8], expected: &[u8]) {
+        for at in 0..=bytes.len() {
+            let mut frames = Frames::default();
+            frames.observe(&bytes[..at]);
+            frames.observe(&bytes[at..]);
+            assert_eq!(frames.leftover(), Ok(expected), "split at {at}");
+        }
+    }
+
+    #[test]
+    fn a_read_split_at_any_byte_changes_nothing() {
+        let first = frame(false, 1, b"hel");
+        let ping = frame(true, 9, b"are you there");
+        let second = frame(false, 0, &[b'l'; 130]);
+        let last = frame(true, 0, b"room");
+        let whole = [frame(true, 2, &[1; 200]), frame(true, 10, b"")].concat();
+        let bytes = [&whole[..], &first, &ping, &second, &last[..7]].concat();
+        split_everywhere(&bytes, &[&first[..], &second, &last[..7]].concat());
+        split_everywhere(&[&bytes[..], &last[7..]].concat(), &[]);
+    }
+
+    #[test]
+    fn hostile_lengths_neither_panic_nor_grow_past_the_limit() {
+        for length in [u64::MAX, 1 << 63, (1 << 63) - 1, u64::from(u32::MAX) + 1] {
+            let mut header = vec![0x82, 0x80 | 127];
+            header.extend_from_slice(&length.to_be_bytes());
+            header.extend_from_slice(&[1, 2, 3, 4]);
+            let mut frames = fed(&header, 3);
+            assert_eq!(frames.leftover(), Ok(&header[..]), "length {length}");
+            for _ in 0..(MAX_LEFTOVER_BYTES / 4096 + 2) {
+                frames.observe(&[0xaa; 4096]);
+            }
+            assert_eq!(frames.leftover(), Err(Stuck::TooLarge), "length {length}");
+            assert_eq!(frames.kept.capacity(), 0, "length {length}");
+        }
+    }
+
+    #[test]
+    fn protocol_errors_do_not_panic() {
+        // tungstenite refuses all of these (the connection then fails and does not move):
+        // following them must only not panic nor grow.
+        let streams = [
+            frame(true, 9, &[0; 300]),                                   // a control frame over 125
+            [frame(false, 9, b"a"), frame(true, 0, b"b")].concat(),      // a fragmented control frame
+            frame(true, 0, b"orphan"),                                   // a continuation without a start
+            [frame(false, 1, b"a"), frame(true, 2, b"b")].concat(),      // a new message inside one
+            [frame(false, 1, b"a"), frame(true, 9, &[0; 200])].concat(), // a big Ping inside one
+        ];
+        for bytes in streams {
+            for chunk in 1..=bytes.len() {
+                let frames = fed(&bytes, chunk);
+                assert!(frames.leftover().map_or(true, |kept| kept.len() <= bytes.len()));
+            }
+        }
+    }
+
     #[test]
     fn rsv1_marks_compression() {
         let mut bytes = frame(true, 1, b"squeezed");
