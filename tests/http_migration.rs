@@ -106,6 +106,20 @@ impl Client {
     }
 }
 
+/// `http_uuid --migrate` with a keep-alive client that has had one answer (the returned
+/// UUID) and has a `/delayed` request (3 s) under way.
+async fn delayed_request_in_flight() -> (Server, Client, String) {
+    let server = Server::start(
+        &example("http_uuid"),
+        &["--listen", "127.0.0.1:0", "--migrate", "--delay-ms", "3000"],
+    );
+    let mut client = Client::connect(server.address("http")).await;
+    let old_uuid = client.uuid().await;
+    client.send(&Client::get("/delayed")).await;
+    server.wait_for_log(|l| l.contains("delayed request started"));
+    (server, client, old_uuid)
+}
+
 /// The old process `pid` migrated exactly one connection and drained none by force.
 fn assert_migrated_one(server: &Server, pid: u32) {
     let drained = server.drained_line(pid);
@@ -137,15 +151,8 @@ async fn a_keep_alive_connection_keeps_its_port_through_ten_upgrades_and_sees_ea
 /// `Connection: close`; the next request on that connection is answered by the successor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_in_flight_is_answered_without_close_and_the_next_by_the_successor() {
-    let server = Server::start(
-        &example("http_uuid"),
-        &["--listen", "127.0.0.1:0", "--migrate", "--delay-ms", "3000"],
-    );
-    let mut client = Client::connect(server.address("http")).await;
-    let old_uuid = client.uuid().await;
+    let (server, mut client, old_uuid) = delayed_request_in_flight().await;
     let old = server.pid();
-    client.send(&Client::get("/delayed")).await;
-    server.wait_for_log(|l| l.contains("delayed request started"));
     assert_eq!(server.upgrade()["ok"], true);
     let mut peek = [0; 1];
     assert!(
@@ -165,15 +172,8 @@ async fn a_request_in_flight_is_answered_without_close_and_the_next_by_the_succe
 /// read it: it travels as the leftover) and is answered by the successor once complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partly_sent_next_request_is_answered_by_the_successor() {
-    let server = Server::start(
-        &example("http_uuid"),
-        &["--listen", "127.0.0.1:0", "--migrate", "--delay-ms", "3000"],
-    );
-    let mut client = Client::connect(server.address("http")).await;
-    let old_uuid = client.uuid().await;
+    let (server, mut client, old_uuid) = delayed_request_in_flight().await;
     let old = server.pid();
-    client.send(&Client::get("/delayed")).await;
-    server.wait_for_log(|l| l.contains("delayed request started"));
     let next = Client::get("/uuid");
     let (first, rest) = next.split_at(next.len() - 2);
     client.send(first).await;

@@ -736,15 +736,25 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn an_upgraded_connection_stays_tracked_until_its_io_is_dropped() {
-        let drain = Drain::builder().build();
+    /// A connection served by `upgrading` under `drain`, its client, the serving task, and
+    /// the upgraded I/O once hyper hands it over.
+    async fn upgrading_connection(
+        drain: &Drain,
+    ) -> (
+        TcpStream,
+        tokio::task::JoinHandle<Result<(), BoxError>>,
+        oneshot::Receiver<hyper::upgrade::Upgraded>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (stream, _) = listener.accept().await.unwrap();
         let (tx, upgraded) = oneshot::channel();
         let served = tokio::spawn(serve_connection(stream, upgrading(tx), drain.track()));
+        (client, served, upgraded)
+    }
 
+    /// Sends a request to upgrade the connection; returns the response's head.
+    async fn request_upgrade(client: &mut TcpStream) -> Vec<u8> {
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: upgrade\r\nUpgrade: test\r\n\r\n")
             .await
@@ -753,6 +763,15 @@ mod tests {
         while !head.ends_with(b"\r\n\r\n") {
             head.push(client.read_u8().await.unwrap());
         }
+        head
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_connection_stays_tracked_until_its_io_is_dropped() {
+        let drain = Drain::builder().build();
+        let (mut client, served, upgraded) = upgrading_connection(&drain).await;
+
+        let head = request_upgrade(&mut client).await;
         assert!(head.starts_with(b"HTTP/1.1 101"));
         let upgraded = upgraded.await.unwrap();
         served.await.unwrap().expect("hyper hands the connection over cleanly");
@@ -772,22 +791,11 @@ mod tests {
     #[tokio::test]
     async fn an_upgrade_answered_during_the_drain_keeps_its_connection_header() {
         let drain = Drain::builder().build();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (stream, _) = listener.accept().await.unwrap();
-        let (tx, upgraded) = oneshot::channel();
-        let served = tokio::spawn(serve_connection(stream, upgrading(tx), drain.track()));
+        let (mut client, served, upgraded) = upgrading_connection(&drain).await;
         drain.shared.draining.cancel();
         // Lets the connection see the drain before the request (the case this is about).
         tokio::task::yield_now().await;
-        client
-            .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: upgrade\r\nUpgrade: test\r\n\r\n")
-            .await
-            .unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(client.read_u8().await.unwrap());
-        }
+        let head = request_upgrade(&mut client).await;
         let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
         assert!(head.starts_with("http/1.1 101"), "{head}");
         assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
