@@ -12,8 +12,6 @@ pub(crate) mod accept;
 mod connection;
 #[cfg(feature = "http")]
 pub mod http;
-#[cfg(feature = "http")]
-mod linger;
 mod listener;
 mod migrate;
 mod serve;

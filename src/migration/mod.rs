@@ -78,8 +78,6 @@
 
 mod ended;
 mod error;
-#[cfg(feature = "http")]
-pub(crate) mod http;
 mod inbound;
 mod outbound;
 #[cfg(feature = "websocket")]

@@ -19,26 +19,28 @@
 //!
 //! Before its first bytes a connection is not yet HTTP/1 or HTTP/2: the bytes that tell
 //! (hyper-util's auto builder reads the HTTP/2 preface the same way) are its leftover then.
-//! HTTP/2 connections are served and drained as without migration (GOAWAY).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
-use bytes::{Buf, Bytes, BytesMut};
-use hyper::body::{Body, Incoming};
+use bytes::Bytes;
 use hyper::server::conn::http1;
-use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use super::{Handover, Protocol, Returned};
-use crate::drain::http::{serve_connection_with, wind_down, Activity, BoxError, CloseOnDrain, Watched};
-use crate::drain::{SharedConnection, TrackedConnection, Turn};
+use super::activity::{Activity, Watched};
+use super::rewind::{joined, Rewind};
+use super::wind_down::{wind_down, CloseOnDrain};
+use super::{serve_connection_with, BoxError, HttpService};
+use crate::drain::connection::TrackedConnection;
+use crate::drain::migrate::Turn;
+use crate::drain::shared_connection::SharedConnection;
+use crate::migration::{Handover, Protocol, Returned};
 
 /// The HTTP/2 connection preface (RFC 9113, 3.4), by which HTTP/2 is told from HTTP/1.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -70,7 +72,7 @@ enum Sniffed {
 
 impl Migrating<'_> {
     /// Serves `stream`, `leftover` first, until it closes or moves to the successor.
-    pub(crate) async fn serve<S, B>(
+    pub(crate) async fn serve<S>(
         &self,
         stream: TcpStream,
         leftover: Bytes,
@@ -78,12 +80,7 @@ impl Migrating<'_> {
         connection: TrackedConnection,
     ) -> Result<(), BoxError>
     where
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: HttpService,
     {
         let mut io = Rewind::new(leftover, stream);
         match sniff(&mut io, &connection).await? {
@@ -102,19 +99,14 @@ impl Migrating<'_> {
         }
     }
 
-    async fn serve_http1<S, B>(
+    async fn serve_http1<S>(
         &self,
         io: Rewind<TcpStream>,
         service: S,
         connection: TrackedConnection,
     ) -> Result<(), BoxError>
     where
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: HttpService,
     {
         let activity = Arc::new(Activity::new(SharedConnection::new(connection)));
         let mut served = self.http1_connection(io, Box::new(service), &activity);
@@ -144,18 +136,14 @@ impl Migrating<'_> {
         }
     }
 
-    fn http1_connection<S, B>(
+    fn http1_connection<S>(
         &self,
         io: Rewind<TcpStream>,
         service: Box<S>,
         activity: &Arc<Activity>,
     ) -> Http1Connection<S>
     where
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Error: Into<BoxError>,
+        S: HttpService,
     {
         let io = TokioIo::new(Watched::new(io, activity.clone()));
         self.http1
@@ -216,16 +204,12 @@ async fn sniff(io: &mut Rewind<TcpStream>, connection: &TrackedConnection) -> io
 /// if the connection ended otherwise: closed by the client, upgraded, the deadline, or hyper
 /// was not between two requests after all (it answered with `Connection: close` and closed,
 /// a drain).
-async fn between_requests<S, B>(
+async fn between_requests<S>(
     mut served: Http1Connection<S>,
     activity: &Activity,
 ) -> Result<Option<Http1Parts<S>>, BoxError>
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService,
 {
     let connection = &*activity.connection;
     // Whether hyper is between two requests changes only while it is polled: look after each
@@ -255,75 +239,5 @@ where
             tracing::debug!("a request arrived as the HTTP connection was handed over; drained it");
             Ok(None)
         }
-    }
-}
-
-/// `first`, then `then`.
-fn joined(first: Bytes, then: Bytes) -> Bytes {
-    if then.is_empty() {
-        return first;
-    }
-    let mut both = BytesMut::with_capacity(first.len() + then.len());
-    both.extend_from_slice(&first);
-    both.extend_from_slice(&then);
-    both.freeze()
-}
-
-/// An I/O that replays bytes already read (a migrated connection's leftover, the bytes that
-/// told its protocol) before reading from the socket.
-#[derive(Debug)]
-pub(crate) struct Rewind<T> {
-    pre: Bytes,
-    inner: T,
-}
-
-impl<T> Rewind<T> {
-    /// Reads `pre`, then `inner`.
-    pub(crate) fn new(pre: Bytes, inner: T) -> Self {
-        Self { pre, inner }
-    }
-
-    /// Puts `bytes` back, to be read before what is left.
-    fn unread(&mut self, bytes: &[u8]) {
-        self.pre = joined(Bytes::copy_from_slice(bytes), std::mem::take(&mut self.pre));
-    }
-
-    /// The bytes not replayed yet, and the I/O.
-    pub(crate) fn into_parts(self) -> (Bytes, T) {
-        (self.pre, self.inner)
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.pre.is_empty() {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
-        }
-        let n = self.pre.len().min(buf.remaining());
-        buf.put_slice(&self.pre[..n]);
-        self.pre.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }

@@ -1,0 +1,184 @@
+//! The HTTP drain (hyper 1.x through hyper-util's `auto` builder: HTTP/1.1 and HTTP/2 on one
+//! port).
+//!
+//! Once the drain starts:
+//! - every HTTP/1 response carries `Connection: close`, so each HTTP/1 connection closes after
+//!   its next response: a request already sent, even one still in flight, is answered;
+//! - an HTTP/2 connection gets GOAWAY at once; its open streams finish;
+//! - an HTTP/1 connection with no request under way is closed once it has been quiet for the
+//!   idle grace, with a lingering close: our FIN first, then what the client still sends is
+//!   read and discarded until its FIN (at most a second), so that a request sent as we close
+//!   meets a clean end of stream (which clients retry), never a reset;
+//! - a connection a request upgraded (a WebSocket through `hyper::upgrade::on`, axum's
+//!   `WebSocketUpgrade`) stays tracked until the upgraded I/O is dropped; its task winds it
+//!   down, told by the [`SharedConnection`] in the request's extensions;
+//! - at the deadline, what is left is closed.
+//!
+//! Every close hyper makes (after `Connection: close`, say) is a lingering close too.
+//!
+//! With [`Server::migrate`], HTTP/1.1 connections move to the successor instead (see
+//! [`crate::migration`] for the engine, and this module's `migrate` part for how hyper gives
+//! a connection back between two requests).
+//!
+//! The parts: [`Server`] (the strategy), the per-connection activity the drain watches, the
+//! wind-down of one connection, the hand-over of one connection, the lingering close, and
+//! the I/O that replays bytes already read.
+
+mod activity;
+mod linger;
+mod migrate;
+mod rewind;
+mod server;
+#[cfg(test)]
+mod tests;
+mod wind_down;
+
+use std::sync::{Arc, OnceLock};
+
+use hyper::body::{Body, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::drain::connection::TrackedConnection;
+use crate::drain::shared_connection::SharedConnection;
+use activity::{Activity, Watched};
+pub use server::Server;
+use wind_down::{wind_down, CloseOnDrain};
+
+/// The error a connection ends with: hyper's, the service's or the body's, boxed.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A hyper service this module can serve on tokio, over HTTP/1.1 and HTTP/2: every
+/// `hyper::service::Service<Request<Incoming>>` answering a `Response` whose body is an
+/// [`HttpBody`], with futures that can move between threads and an error that can be boxed.
+/// Implemented for every such service; there is nothing to implement.
+pub trait HttpService:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<<Self as HttpService>::Body>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Send
+    + 'static
+{
+    /// The body of its responses.
+    type Body: HttpBody;
+}
+
+impl<S, B> HttpService for S
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: HttpBody,
+{
+    type Body = B;
+}
+
+/// A response body this module can send: every `hyper::body::Body` that can move between
+/// threads, with an error that can be boxed. Implemented for every such body.
+pub trait HttpBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> HttpBody for B
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+}
+
+/// The connection builder [`serve_connection`] uses: hyper-util's defaults (HTTP/1.1 and
+/// HTTP/2, told apart by the client's first bytes), on tokio. Start from it to configure
+/// your own for [`serve_connection_with`] or [`Server::with_builder`].
+///
+/// hyper's timeouts need a timer: set one (`builder.http1().timer(TokioTimer::new())`)
+/// before `header_read_timeout`, which panics without it.
+pub fn builder() -> auto::Builder<TokioExecutor> {
+    auto::Builder::new(TokioExecutor::new())
+}
+
+/// Serves one HTTP/1.1 or HTTP/2 connection with `service` and the default [`builder`],
+/// draining it as the module describes when `connection` says so. Returns when the
+/// connection has closed or has been upgraded (the upgraded connection stays tracked).
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn example(listener: tokio::net::TcpListener, drain: handoff::drain::Drain) {
+/// use http_body_util::Full;
+/// let (stream, _) = listener.accept().await.unwrap();
+/// let service = hyper::service::service_fn(|_request| async {
+///     Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(bytes::Bytes::from("hi"))))
+/// });
+/// tokio::spawn(handoff::drain::http::serve_connection(stream, service, drain.track()));
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// The connection's I/O or protocol error, if it ended with one.
+pub async fn serve_connection<I, S>(io: I, service: S, connection: TrackedConnection) -> Result<(), BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService,
+{
+    // Built once: it is only read.
+    static DEFAULT: OnceLock<auto::Builder<TokioExecutor>> = OnceLock::new();
+    serve_connection_with(DEFAULT.get_or_init(builder), io, service, connection).await
+}
+
+/// [`serve_connection`] with a connection builder of the caller's: header read timeout,
+/// limits, HTTP/2 settings, HTTP/1 or HTTP/2 only.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn example(listener: tokio::net::TcpListener, drain: handoff::drain::Drain) {
+/// use std::time::Duration;
+/// use handoff::drain::http;
+/// use http_body_util::Full;
+/// use hyper_util::rt::TokioTimer;
+///
+/// let mut builder = http::builder();
+/// builder
+///     .http1()
+///     .timer(TokioTimer::new())
+///     .header_read_timeout(Duration::from_secs(10))
+///     .max_buf_size(64 * 1024);
+/// builder.http2().max_concurrent_streams(100);
+///
+/// let (stream, _) = listener.accept().await.unwrap();
+/// let service = hyper::service::service_fn(|_request| async {
+///     Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(bytes::Bytes::from("hi"))))
+/// });
+/// http::serve_connection_with(&builder, stream, service, drain.track()).await.ok();
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// The connection's I/O or protocol error, if it ended with one.
+pub async fn serve_connection_with<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    connection: TrackedConnection,
+) -> Result<(), BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService,
+{
+    let activity = Arc::new(Activity::new(SharedConnection::new(connection)));
+    // The I/O holds the connection's tracking: an upgrade moves the I/O out of hyper, and
+    // the upgraded connection stays tracked until it is dropped.
+    let io = TokioIo::new(Watched::new(io, activity.clone()));
+    let served = builder.serve_connection_with_upgrades(io, CloseOnDrain::new(service, activity.clone()));
+    tokio::pin!(served);
+    tokio::select! {
+        result = served.as_mut() => return result,
+        () = activity.connection.draining() => {}
+    }
+    wind_down(served, &activity).await
+}
