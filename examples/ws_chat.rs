@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use handoff::drain::{websocket as drain_ws, DrainStrategy, TrackedConnection, Turn};
-use handoff::migration::websocket::{self, MigratingWebSocket};
+use handoff::drain::websocket::{self, MigratingWebSocket};
+use handoff::drain::{DrainStrategy, TrackedConnection, Turn};
 use handoff::migration::{Protocol, Resumed};
 use handoff::Handoff;
 use serde::{Deserialize, Serialize};
@@ -288,7 +288,7 @@ impl Room {
             }
         }
         // What members sent before they saw our Close still reaches the room.
-        let finished = drain_ws::finish(ws, connection, |message| self.say(message)).await;
+        let finished = websocket::finish(ws, connection, |message| self.say(message)).await;
         tracing::debug!(?finished, "member drained");
     }
 
@@ -349,7 +349,7 @@ impl Room {
             Ok(()) => None,
             Err(returned) => {
                 tracing::info!(id = %state, error = %returned.error, "member not migrated; draining it");
-                Some(returned.ws)
+                Some(returned.stream)
             }
         }
     }

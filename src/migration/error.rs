@@ -1,4 +1,5 @@
-//! [`MigrationError`] and [`Returned`]: why a connection did not move, and the stream back.
+//! [`MigrationError`] and [`Returned`]: why a connection did not move, and the stream back,
+//! for every protocol.
 
 use tokio::net::TcpStream;
 
@@ -51,17 +52,39 @@ pub enum MigrationError {
         /// How far its encoding got.
         bytes: usize,
     },
+    /// The connection uses a compression extension (a WebSocket's permessage-deflate),
+    /// whose state does not move.
+    #[error("the connection uses a compression extension, whose state does not move")]
+    Compressed,
+    /// More than [`MAX_LEFTOVER_BYTES`](crate::migration::MAX_LEFTOVER_BYTES) of a message
+    /// not complete yet have been read.
+    #[error("more than {limit} bytes of an unfinished message are read")]
+    UnfinishedMessageTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The client closed the connection, or it failed, before it could move.
+    #[error("the connection closed or failed before it could move")]
+    Closed,
+    /// Flushing what was written failed.
+    #[error("flushing the connection failed: {0}")]
+    Flush(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The drain deadline came while flushing what was written.
+    #[error("the drain deadline came while flushing the connection")]
+    Deadline,
     /// The connection's addresses could not be read (it was reset, say).
     #[error("the connection cannot be migrated: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// A connection that did not move, handed back to its task with the reason: drain it as
-/// without migration (this process is its only owner).
+/// without migration (this process is its only owner). `S` is what was handed over: a
+/// `TcpStream`, or a WebSocket (reading again, every write flushed if the flush succeeded).
 #[derive(Debug)]
-pub struct Returned {
+#[non_exhaustive]
+pub struct Returned<S = TcpStream> {
     /// The stream, as it was handed over.
-    pub stream: TcpStream,
+    pub stream: S,
     /// Why it did not move.
     pub error: MigrationError,
 }

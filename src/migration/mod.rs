@@ -80,8 +80,6 @@ mod ended;
 mod error;
 mod inbound;
 mod outbound;
-#[cfg(feature = "websocket")]
-pub mod websocket;
 
 use std::sync::Mutex;
 

@@ -1,4 +1,4 @@
-//! The WebSocket drain (tokio-tungstenite): Close 1001 "going away", then the close handshake.
+//! The WebSocket's wind-down: Close 1001 "going away", then the close handshake.
 //!
 //! We send a Close frame with code 1001 (RFC 6455, 7.4.1: the endpoint is going away), keep
 //! delivering the messages the client sent before it saw ours, and wait for the client's
@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::TrackedConnection;
+use crate::drain::connection::TrackedConnection;
 
 /// How a WebSocket connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 //!
 //! Sans-IO: fed the bytes of each read, in order.
 
-use crate::wire::migration::MAX_LEFTOVER_BYTES;
+use crate::migration::{MigrationError, MAX_LEFTOVER_BYTES};
 
 /// The longest frame header: 2 bytes, a 64-bit length, a 4-byte mask.
 const MAX_HEADER: usize = 14;
@@ -69,6 +69,19 @@ pub(super) enum Stuck {
     TooLarge,
     /// The client's Close was read.
     Closed,
+}
+
+impl Stuck {
+    /// Why the WebSocket cannot migrate, as a migration's error.
+    pub(super) fn into_error(self) -> MigrationError {
+        match self {
+            Stuck::Compressed => MigrationError::Compressed,
+            Stuck::Closed => MigrationError::Closed,
+            Stuck::TooLarge => MigrationError::UnfinishedMessageTooLarge {
+                limit: MAX_LEFTOVER_BYTES,
+            },
+        }
+    }
 }
 
 impl Frames {
@@ -226,7 +239,7 @@ pub(super) mod tests {
     use super::*;
 
     /// A client frame (masked, as clients send them) of `opcode` with `payload`.
-    pub(in crate::migration::websocket) fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    pub(in crate::drain::websocket) fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
         match payload.len() {
             n if n < 126 => out.push(0x80 | n as u8),

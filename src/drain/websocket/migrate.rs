@@ -1,170 +1,22 @@
-//! WebSocket live migration: a server endpoint moves to the successor at a message boundary,
-//! after its writes are flushed, with the bytes read but not yet delivered as a message; the
-//! successor rebuilds it without a handshake. No message is lost or duplicated in either
-//! direction.
-//!
-//! tungstenite does not expose its read buffer, so the stream under the WebSocket is a
-//! [`MigratingIo`]: it follows the frames as they are read and keeps the raw bytes since the
-//! last complete message, and it can be told to stop reading from the socket (its reads then
-//! return `Pending`), so that tungstenite hands out every complete message it has buffered.
-//! What it kept then is exactly what tungstenite read and did not deliver: a partial frame,
-//! or the fragments of an unfinished message (control frames between them, already answered,
-//! cut out).
-//!
-//! A connection whose unfinished message is larger than
-//! [`MAX_LEFTOVER_BYTES`](super::MAX_LEFTOVER_BYTES), or that uses a compression extension
-//! (whose state does not move), is not migrated: it comes back, to be drained with Close 1001
-//! ([`drain::websocket::finish`](crate::drain::websocket::finish)).
-//!
-//! # Examples
-//!
-//! A member loop that migrates (see `examples/ws_chat.rs` for a chat room whose membership
-//! moves too):
-//!
-//! ```no_run
-//! use futures_util::StreamExt;
-//! use handoff::drain::{websocket as drain_ws, DrainStrategy, TrackedConnection, Turn};
-//! use handoff::migration::websocket::{self, MigratingWebSocket};
-//! use handoff::migration::Resumed;
-//! use tokio::net::TcpStream;
-//! use tokio_tungstenite::tungstenite::Message;
-//!
-//! struct Counter;
-//!
-//! async fn count(mut ws: MigratingWebSocket, mut seen: u64, connection: TrackedConnection) {
-//!     let turn = loop {
-//!         tokio::select! {
-//!             message = ws.next() => match message {
-//!                 Some(Ok(Message::Text(_))) => seen += 1,
-//!                 Some(Ok(_)) => {}
-//!                 Some(Err(_)) | None => return,
-//!             },
-//!             turn = connection.turn_to_close_or_migrate() => break turn,
-//!         }
-//!     };
-//!     if turn == Turn::Migrate {
-//!         // Messages already read are counted here (before the state leaves); the rest
-//!         // reach the successor.
-//!         seen += websocket::stop_reading(&mut ws).iter().filter(|m| matches!(m, Ok(Message::Text(_)))).count() as u64;
-//!         match websocket::migrate(ws, "ws", &seen, &connection, |_| {}).await {
-//!             Ok(()) => return,
-//!             Err(returned) => ws = returned.ws,
-//!         }
-//!     }
-//!     drain_ws::finish(ws, &connection, |_| {}).await;
-//! }
-//!
-//! impl DrainStrategy<TcpStream> for Counter {
-//!     async fn serve(&self, stream: TcpStream, connection: TrackedConnection) {
-//!         if let Ok(ws) = websocket::accept(stream, None).await {
-//!             count(ws, 0, connection).await
-//!         }
-//!     }
-//! }
-//!
-//! impl DrainStrategy<Resumed<u64>> for Counter {
-//!     async fn serve(&self, resumed: Resumed<u64>, connection: TrackedConnection) {
-//!         let (ws, seen) = websocket::resume(resumed, None).await;
-//!         count(ws, seen, connection).await
-//!     }
-//! }
-//! ```
-
-mod frames;
+//! A WebSocket's hand-over: [`accept`] one that can move, [`stop_reading`] and [`migrate`]
+//! it at the turn, [`resume`] it in the successor.
 
 use std::future::Future;
-use std::io;
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use futures_util::{SinkExt, Stream};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use self::frames::{Frames, Stuck};
-use super::{Handover, MigrationError, Protocol, Resumed, TrackedConnection};
-
-/// A server-side WebSocket that can migrate: see [`accept`], [`resume`] and [`migrate`].
-pub type MigratingWebSocket = WebSocketStream<MigratingIo>;
-
-/// The stream under a [`MigratingWebSocket`]: a TCP stream that keeps the bytes read since
-/// the last complete message (none while idle), and that can stop reading.
-#[derive(Debug)]
-pub struct MigratingIo {
-    stream: TcpStream,
-    frames: Frames,
-    /// Off during the opening handshake, whose bytes are not frames.
-    tracking: bool,
-    reading: bool,
-}
-
-impl MigratingIo {
-    fn new(stream: TcpStream, tracking: bool) -> Self {
-        Self {
-            stream,
-            frames: Frames::default(),
-            tracking,
-            reading: true,
-        }
-    }
-
-    /// The TCP stream.
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.stream
-    }
-
-    /// Reads from the socket again, after [`stop_reading`].
-    pub fn resume_reading(&mut self) {
-        self.reading = true;
-    }
-}
-
-impl AsyncRead for MigratingIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.reading {
-            // No waker is kept: whoever stopped the reading polls again once it resumes.
-            return Poll::Pending;
-        }
-        let before = buf.filled().len();
-        std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
-        if this.tracking {
-            this.frames.observe(&buf.filled()[before..]);
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for MigratingIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
+use super::frames::Stuck;
+use super::migrating_io::{MigratingIo, MigratingWebSocket};
+use crate::drain::connection::TrackedConnection;
+use crate::migration::{Handover, MigrationError, Protocol, Resumed, Returned};
 
 /// Accepts a WebSocket client on `stream` (the opening handshake), as
 /// `tokio_tungstenite::accept_async_with_config` does, as a [`MigratingWebSocket`].
@@ -230,56 +82,6 @@ fn buffered(ws: &mut MigratingWebSocket) -> Vec<Result<Message, WsError>> {
     messages
 }
 
-/// Why a WebSocket was not migrated.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum WebSocketMigrationError {
-    /// The connection uses a compression extension, whose state does not move.
-    #[error("the WebSocket uses a compression extension, whose state does not move")]
-    Compressed,
-    /// More than [`MAX_LEFTOVER_BYTES`](super::MAX_LEFTOVER_BYTES) of a message not complete
-    /// yet have been read.
-    #[error("more than {limit} bytes of an unfinished message are read")]
-    UnfinishedMessageTooLarge {
-        /// The limit.
-        limit: usize,
-    },
-    /// The client closed the WebSocket, or it failed, before it could move.
-    #[error("the WebSocket closed or failed before it could move")]
-    Closed,
-    /// Flushing what was written failed.
-    #[error("flushing the WebSocket failed: {0}")]
-    Flush(#[source] WsError),
-    /// The drain deadline came while flushing what was written.
-    #[error("the drain deadline came while flushing the WebSocket")]
-    Deadline,
-    /// The migration itself: see [`MigrationError`].
-    #[error(transparent)]
-    Migration(#[from] MigrationError),
-}
-
-impl From<Stuck> for WebSocketMigrationError {
-    fn from(stuck: Stuck) -> Self {
-        match stuck {
-            Stuck::Compressed => Self::Compressed,
-            Stuck::Closed => Self::Closed,
-            Stuck::TooLarge => Self::UnfinishedMessageTooLarge {
-                limit: super::MAX_LEFTOVER_BYTES,
-            },
-        }
-    }
-}
-
-/// A WebSocket that did not move, handed back with the reason: drain it as without
-/// migration (this process is its only owner). It reads from the socket again.
-#[derive(Debug)]
-pub struct WebSocketReturned {
-    /// The WebSocket, as it was, every write flushed if the flush succeeded.
-    pub ws: MigratingWebSocket,
-    /// Why it did not move.
-    pub error: WebSocketMigrationError,
-}
-
 /// Hands the WebSocket to the successor as a connection of `listener` with `state`: stops
 /// reading ([`stop_reading`]) and hands each message already read to `deliver`, flushes
 /// every write (under the drain deadline), and migrates the stream with the bytes read but
@@ -288,11 +90,11 @@ pub struct WebSocketReturned {
 ///
 /// # Errors
 ///
-/// The WebSocket back, reading again, in a [`WebSocketReturned`]: the client closed or the
+/// The WebSocket back, reading again, in a [`Returned`]: the client closed or the
 /// WebSocket failed (among the messages read, or on the flush), the deadline came, the
 /// unfinished message is too large or compressed, or the migration failed
 /// ([`MigrationError`]). Drain it with
-/// [`drain::websocket::finish`](crate::drain::websocket::finish).
+/// [`finish`](super::finish).
 ///
 /// # Cancel safety
 ///
@@ -306,7 +108,7 @@ pub fn migrate<'a, T, F>(
     state: &'a T,
     connection: &'a TrackedConnection,
     deliver: F,
-) -> impl Future<Output = Result<(), Box<WebSocketReturned>>> + 'a
+) -> impl Future<Output = Result<(), Box<Returned<MigratingWebSocket>>>> + 'a
 where
     T: Serialize + ?Sized,
     F: FnMut(Message) + 'a,
@@ -320,17 +122,17 @@ async fn hand_over<T: Serialize + ?Sized>(
     state: &T,
     connection: &TrackedConnection,
     mut deliver: impl FnMut(Message),
-) -> Result<(), Box<WebSocketReturned>> {
+) -> Result<(), Box<Returned<MigratingWebSocket>>> {
     for message in stop_reading(&mut ws) {
         match message {
             Ok(message) if !message.is_close() => deliver(message),
-            _ => return Err(returned(ws, WebSocketMigrationError::Closed)),
+            _ => return Err(returned(ws, MigrationError::Closed)),
         }
     }
     match connection.until_deadline(ws.flush()).await {
         Some(Ok(())) => {}
-        Some(Err(error)) => return Err(returned(ws, WebSocketMigrationError::Flush(error))),
-        None => return Err(returned(ws, WebSocketMigrationError::Deadline)),
+        Some(Err(error)) => return Err(returned(ws, MigrationError::Flush(error.into()))),
+        None => return Err(returned(ws, MigrationError::Deadline)),
     }
     let (copy, leftover) = match handover(&ws) {
         Ok(parts) => parts,
@@ -347,14 +149,14 @@ async fn hand_over<T: Serialize + ?Sized>(
     connection
         .migrate(copy, handover)
         .await
-        .map_err(|refused| returned(ws, refused.error.into()))
+        .map_err(|refused| returned(ws, refused.error))
 }
 
 /// A second descriptor of the stream (the WebSocket stays whole should the migration fail)
 /// and the bytes read but not delivered.
-fn handover(ws: &MigratingWebSocket) -> Result<(TcpStream, Vec<u8>), WebSocketMigrationError> {
+fn handover(ws: &MigratingWebSocket) -> Result<(TcpStream, Vec<u8>), MigrationError> {
     let io = ws.get_ref();
-    let leftover = io.frames.leftover()?.to_vec();
+    let leftover = io.frames.leftover().map_err(Stuck::into_error)?.to_vec();
     let copy = io
         .stream
         .as_fd()
@@ -365,9 +167,9 @@ fn handover(ws: &MigratingWebSocket) -> Result<(TcpStream, Vec<u8>), WebSocketMi
     Ok((copy, leftover))
 }
 
-fn returned(mut ws: MigratingWebSocket, error: WebSocketMigrationError) -> Box<WebSocketReturned> {
+fn returned(mut ws: MigratingWebSocket, error: MigrationError) -> Box<Returned<MigratingWebSocket>> {
     ws.get_mut().resume_reading();
-    Box::new(WebSocketReturned { ws, error })
+    Box::new(Returned { stream: ws, error })
 }
 
 #[cfg(test)]
@@ -375,7 +177,9 @@ mod tests {
     use futures_util::StreamExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use super::frames::tests::frame;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+    use super::super::frames::tests::frame;
     use super::*;
 
     /// A small read buffer, so that frames straddle tungstenite's reads.
@@ -573,15 +377,12 @@ mod tests {
         client.write_all(&frame(true, 1, b"before")).await.unwrap();
         assert_eq!(next_text(&mut ws).await, "before");
         // A drain that takes no migrations: the second descriptor is made, then refused.
-        let drain = crate::drain::Drain::builder().build();
+        let drain = crate::drain::tracker::Drain::builder().build();
         let connection = drain.track();
         let returned = migrate(ws, "ws", &(), &connection, |_| {}).await.unwrap_err();
-        assert!(matches!(
-            returned.error,
-            WebSocketMigrationError::Migration(MigrationError::NotMigrating)
-        ));
+        assert!(matches!(returned.error, MigrationError::NotMigrating));
         // It reads again.
-        let mut ws = returned.ws;
+        let mut ws = returned.stream;
         client.write_all(&frame(true, 1, b"after")).await.unwrap();
         assert_eq!(next_text(&mut ws).await, "after");
         // Dropped, it was the last descriptor: the client sees the end (no copy held it open).
@@ -605,7 +406,7 @@ mod tests {
         // Handled, the Close still keeps the WebSocket from moving.
         assert_eq!(
             handover(&ws).unwrap_err().to_string(),
-            WebSocketMigrationError::Closed.to_string()
+            MigrationError::Closed.to_string()
         );
     }
 }
