@@ -55,7 +55,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::drain::accept::AcceptBackoff;
+use crate::accept_backoff::AcceptBackoff;
 use crate::{Error, Handoff};
 
 /// The registry name of the control socket.

@@ -58,6 +58,7 @@
 //! tracking and the per-protocol strategies) and [`control`] (the control socket).
 #![deny(missing_docs)]
 
+mod accept_backoff;
 pub mod control;
 pub mod drain;
 mod error;

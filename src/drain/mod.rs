@@ -8,7 +8,6 @@
 //! [`TrackedConnection`] signals. A connection an HTTP request upgrades (a WebSocket) stays
 //! tracked, and learns when to wind down from its [`SharedConnection`].
 
-pub(crate) mod accept;
 mod connection;
 #[cfg(feature = "http")]
 pub mod http;

@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::accept::AcceptBackoff;
 use super::{Drain, DrainReport, DrainStrategy, Listener};
+use crate::accept_backoff::AcceptBackoff;
 use crate::Handoff;
 
 impl Drain {

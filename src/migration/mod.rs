@@ -2,10 +2,10 @@
 //! bytes read but not consumed, instead of being drained. Opt-in, per connection.
 //!
 //! After the commit, the old process's drain starts as usual; a connection whose task asks
-//! with [`TrackedConnection::turn_to_close_or_migrate`] is told [`Turn::Migrate`], stops at a
+//! with [`TrackedConnection::turn_to_close_or_migrate`](crate::drain::TrackedConnection::turn_to_close_or_migrate) is told [`Turn::Migrate`](crate::drain::Turn::Migrate), stops at a
 //! safe point of its own loop (nothing half-written, nothing read that is not in its state or
 //! its leftover bytes), and hands its stream over with
-//! [`TrackedConnection::migrate`]. The library sends it (descriptor, protocol, listener
+//! [`TrackedConnection::migrate`](crate::drain::TrackedConnection::migrate). The library sends it (descriptor, protocol, listener
 //! name, state, leftover) in batches over the handoff channel; the old process keeps its copy
 //! until the successor acknowledges the batch. A connection the successor refuses, or that
 //! it never acknowledges (it died, or did not answer within 5 s), comes back as a
@@ -23,8 +23,8 @@
 //! An echo that migrates its connections (see `examples/tcp_echo.rs` for the whole server):
 //!
 //! ```no_run
-//! use handoff::drain::{tcp, DrainStrategy, TrackedConnection};
-//! use handoff::migration::{Handover, Protocol, Resumed, Turn};
+//! use handoff::drain::{tcp, DrainStrategy, TrackedConnection, Turn};
+//! use handoff::migration::{Handover, Protocol, Resumed};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //! use tokio::net::TcpStream;
 //!
@@ -86,7 +86,6 @@ use std::sync::Mutex;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-pub use crate::drain::Turn;
 pub use crate::wire::Protocol;
 pub use error::{MigrationError, Returned};
 pub(crate) use inbound::{Inbound, Receiver};
@@ -96,10 +95,7 @@ use crate::wire::migration::State;
 pub use crate::wire::migration::{MAX_LEFTOVER_BYTES, MAX_STATE_BYTES};
 use crate::wire::{Bounded, ConnectionEntry};
 
-#[doc(no_inline)]
-pub use crate::drain::TrackedConnection;
-
-/// What a connection hands over with its stream: see [`TrackedConnection::migrate`].
+/// What a connection hands over with its stream: see [`TrackedConnection::migrate`](crate::drain::TrackedConnection::migrate).
 #[derive(Debug, Clone, Copy)]
 pub struct Handover<'a, T: ?Sized> {
     /// The name of the listener it was accepted from: the successor resumes it with what it

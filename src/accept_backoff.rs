@@ -1,4 +1,5 @@
-//! [`AcceptBackoff`]: what an accept loop does when `accept` fails.
+//! [`AcceptBackoff`]: what an accept loop does when `accept` fails. Shared by the drain's
+//! accept loop and the control server's.
 //!
 //! Two kinds of failure, per `accept(2)`:
 //! - **One connection's**: it was aborted or reset before we took it, or (Linux passes

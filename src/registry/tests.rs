@@ -1,0 +1,282 @@
+//! The registry's tests: claims, binds, inheritance, activation, Unix paths.
+
+use super::*;
+use std::os::unix::fs::FileTypeExt;
+
+use crate::wire::{verify, Inode};
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+#[tokio::test]
+async fn port_zero_is_resolved_in_the_manifest() {
+    let registry = ListenerRegistry::new();
+    let listener = registry.tcp("http", localhost()).unwrap();
+    let sockets = registry.sockets();
+    assert_eq!(
+        sockets[0].kind,
+        SocketKind::TcpListener {
+            address: listener.local_addr().unwrap()
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_name_is_registered_once() {
+    let registry = ListenerRegistry::new();
+    let _first = registry.tcp("http", localhost()).unwrap();
+    let err = registry.tcp("http", localhost()).unwrap_err();
+    assert_eq!(err.to_string(), "a socket named `http` is already registered");
+}
+
+#[tokio::test]
+async fn a_bind_error_names_the_socket_and_address() {
+    let registry = ListenerRegistry::new();
+    let taken = registry.tcp("one", localhost()).unwrap().local_addr().unwrap();
+    // No SO_REUSEPORT, so a second listener on the same port is refused.
+    let err = registry.tcp("two", taken).unwrap_err();
+    assert!(
+        err.to_string().starts_with(&format!("TCP listener `two` ({taken}): ")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_inherited_listener_is_the_same_kernel_socket() {
+    let first = ListenerRegistry::new();
+    let listener = first.tcp("http", localhost()).unwrap();
+    let address = listener.local_addr().unwrap();
+    let successor = ListenerRegistry::with_inherited(first.handoff_set().unwrap());
+    // Port 0 again: the inherited port is kept.
+    let adopted = successor.tcp("http", localhost()).unwrap();
+    assert_eq!(adopted.local_addr().unwrap(), address);
+    // A connection queued on the first is accepted through the second: one accept queue.
+    let _client = std::net::TcpStream::connect(address).unwrap();
+    adopted.accept().await.unwrap();
+}
+
+#[tokio::test]
+async fn ipv6_listeners_and_udp_sockets_are_handed_over_too() {
+    let first = ListenerRegistry::new();
+    let tcp6 = first
+        .tcp("v6", "[::1]:0".parse().unwrap())
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let udp6 = first
+        .udp("dns6", "[::1]:0".parse().unwrap())
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let set = first.handoff_set().unwrap();
+    for (entry, fd) in &set {
+        verify(entry, fd).unwrap();
+    }
+    let successor = ListenerRegistry::with_inherited(set);
+    assert_eq!(
+        successor
+            .tcp("v6", "[::1]:0".parse().unwrap())
+            .unwrap()
+            .local_addr()
+            .unwrap(),
+        tcp6
+    );
+    assert_eq!(
+        successor
+            .udp("dns6", "[::1]:0".parse().unwrap())
+            .unwrap()
+            .local_addr()
+            .unwrap(),
+        udp6
+    );
+    assert!(successor.close_unclaimed().is_empty());
+}
+
+#[tokio::test]
+async fn an_inherited_socket_at_another_address_is_replaced_and_closed_at_ready() {
+    let first = ListenerRegistry::new();
+    let _old = first.udp("dns", localhost()).unwrap();
+    let successor = ListenerRegistry::with_inherited(first.handoff_set().unwrap());
+    let other: SocketAddr = "127.0.0.2:0".parse().unwrap();
+    let fresh = successor.udp("dns", other).unwrap();
+    assert_eq!(fresh.local_addr().unwrap().ip(), other.ip());
+    let closed = successor.close_unclaimed();
+    assert_eq!(closed.len(), 1);
+    assert_eq!(closed[0].name, "dns");
+}
+
+#[tokio::test]
+async fn unix_listeners_replace_stale_files_and_keep_live_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let stale = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    drop(stale); // the file stays, nobody listens: stale
+    let registry = ListenerRegistry::new();
+    let _live = registry.unix("api", &path).unwrap();
+    let err = ListenerRegistry::new().unix("api", &path).unwrap_err();
+    assert!(err.to_string().contains("Address already in use"), "{err}");
+    let set = registry.handoff_set().unwrap();
+    verify(&set[0].0, &set[0].1).unwrap();
+}
+
+#[tokio::test]
+async fn registered_sockets_are_described_and_listeners_go_first() {
+    let registry = ListenerRegistry::new();
+    let udp = std::net::UdpSocket::bind(localhost()).unwrap();
+    let tcp = std::net::TcpListener::bind(localhost()).unwrap();
+    registry.register("dns", &udp).unwrap();
+    registry.register("http", &tcp).unwrap();
+    let names: Vec<_> = registry.sockets().into_iter().map(|e| e.name).collect();
+    assert_eq!(names, ["http", "dns"]);
+    let (read, _write) = nix::unistd::pipe().unwrap();
+    let err = registry.register("pipe", read).unwrap_err();
+    assert!(err.to_string().starts_with("socket `pipe`: not a socket"), "{err}");
+}
+
+fn refused(address: SocketAddr) -> bool {
+    matches!(std::net::TcpStream::connect(address), Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+}
+
+#[tokio::test]
+async fn close_all_refuses_new_clients_and_unlinks_its_own_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let registry = ListenerRegistry::new();
+    let tcp = registry.tcp("http", localhost()).unwrap();
+    let address = tcp.local_addr().unwrap();
+    drop(registry.unix("api", &path).unwrap());
+    drop(tcp); // the application's copy; the registry's duplicate still accepts
+    assert!(!refused(address));
+    registry.close_all();
+    assert!(refused(address));
+    assert!(!path.exists());
+    assert!(registry.sockets().is_empty());
+}
+
+#[tokio::test]
+async fn close_all_leaves_a_path_another_process_now_owns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let registry = ListenerRegistry::new();
+    let _ours = registry.unix("api", &path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let _theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    registry.close_all();
+    std::os::unix::net::UnixStream::connect(&path).expect("the other listener's path is still there");
+}
+
+#[tokio::test]
+async fn release_all_closes_everything_and_unlinks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let registry = ListenerRegistry::new();
+    let tcp = registry.tcp("http", localhost()).unwrap();
+    let address = tcp.local_addr().unwrap();
+    drop(registry.unix("api", &path).unwrap());
+    drop(tcp);
+    registry.release_all();
+    assert!(refused(address));
+    assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_socket());
+}
+
+#[tokio::test]
+async fn close_unclaimed_leaves_a_path_another_process_now_owns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let first = ListenerRegistry::new();
+    drop(first.unix("api", &path).unwrap());
+    let successor = ListenerRegistry::with_inherited(first.handoff_set().unwrap());
+    first.release_all();
+    std::fs::remove_file(&path).unwrap();
+    let _theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let closed = successor.close_unclaimed();
+    assert_eq!(closed.len(), 1);
+    std::os::unix::net::UnixStream::connect(&path).expect("the other listener's path is still there");
+}
+
+#[tokio::test]
+async fn close_unclaimed_unlinks_the_predecessors_path_while_it_is_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let first = ListenerRegistry::new();
+    drop(first.unix("api", &path).unwrap());
+    let successor = ListenerRegistry::with_inherited(first.handoff_set().unwrap());
+    first.release_all();
+    assert_eq!(successor.close_unclaimed().len(), 1);
+    assert!(!path.exists());
+}
+
+#[tokio::test]
+async fn a_path_without_a_recorded_inode_is_never_unlinked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // As from a peer that does not send the inode.
+    let entry = SocketEntry {
+        name: "api".into(),
+        kind: SocketKind::UnixListener {
+            path: path.clone(),
+            inode: None,
+        },
+    };
+    let successor = ListenerRegistry::with_inherited(vec![(entry, listener.into())]);
+    successor.close_all();
+    assert!(path.exists());
+}
+
+#[tokio::test]
+async fn activated_sockets_are_claimed_by_name_checked_and_the_rest_closed_at_ready() {
+    use crate::systemd::activation::Activated;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let http = std::net::TcpListener::bind(localhost()).unwrap();
+    let address = http.local_addr().unwrap();
+    let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let spare = std::net::TcpListener::bind(localhost()).unwrap();
+    let twin = std::net::TcpListener::bind(localhost()).unwrap();
+    let (pipe, _write) = nix::unistd::pipe().unwrap();
+    let activated = |name: Option<&str>, fd: OwnedFd| Activated {
+        name: name.map(str::to_owned),
+        fd,
+    };
+    let registry = ListenerRegistry::with_activated(vec![
+        activated(Some("http"), http.into()),
+        activated(Some("api"), unix.into()),
+        activated(None, spare.into()),
+        activated(Some("http"), twin.into()), // a name taken: never claimed
+        activated(Some("pipe"), pipe),        // not a socket: closed at once
+    ]);
+    assert_eq!(
+        registry.tcp("http", localhost()).unwrap().local_addr().unwrap(),
+        address
+    );
+    drop(registry.unix("api", &path).unwrap());
+    let pipe = registry.tcp("pipe", localhost()).unwrap();
+    assert_ne!(
+        pipe.local_addr().unwrap(),
+        address,
+        "nothing usable by that name: bound anew"
+    );
+    let closed = registry.close_unclaimed();
+    assert_eq!(closed.len(), 2, "{closed:?}");
+    // The socket unit owns the path of an activated Unix listener: a stop leaves it.
+    registry.close_all();
+    assert!(path.exists());
+}
+
+#[tokio::test]
+async fn a_registered_unix_listener_is_identified_and_unlinked_at_a_final_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let registry = ListenerRegistry::new();
+    registry.register("api", &listener).unwrap();
+    let recorded = match &registry.sockets()[0].kind {
+        SocketKind::UnixListener { inode, .. } => *inode,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(recorded, Some(Inode::of(&path).unwrap()));
+    registry.close_all();
+    assert!(!path.exists());
+}
