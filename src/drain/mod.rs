@@ -8,12 +8,13 @@
 //! [`TrackedConnection`] signals. A connection an HTTP request upgrades (a WebSocket) stays
 //! tracked, and learns when to wind down from its [`SharedConnection`].
 
+mod builder;
 mod connection;
 #[cfg(feature = "http")]
 pub mod http;
 mod listener;
-mod migrate;
-mod serve;
+mod report;
+mod shared;
 mod shared_connection;
 mod strategy;
 pub mod tcp;
@@ -21,9 +22,10 @@ mod tracker;
 #[cfg(feature = "websocket")]
 pub mod websocket;
 
-pub use connection::TrackedConnection;
+pub use builder::DrainBuilder;
+pub use connection::{TrackedConnection, Turn};
 pub use listener::Listener;
-pub use migrate::Turn;
+pub use report::DrainReport;
 pub use shared_connection::SharedConnection;
 pub use strategy::DrainStrategy;
-pub use tracker::{Drain, DrainBuilder, DrainReport};
+pub use tracker::Drain;

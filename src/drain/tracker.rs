@@ -1,15 +1,27 @@
-//! [`Drain`]: tracks open connections, tells them when to wind down, enforces the deadline.
+//! [`Drain`]: tracks open connections, tells them when to wind down, enforces the deadline;
+//! owns the loops users get wrong (a connection's task, the accept loop, a listener's whole
+//! life) and the drain's side of live migration.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use serde::Serialize;
-use tokio::sync::Notify;
+use serde::de::DeserializeOwned;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::TrackedConnection;
+use super::builder::DrainBuilder;
+use super::connection::TrackedConnection;
+use super::listener::Listener;
+use super::report::DrainReport;
+use super::shared::{Reached, Shared, Started};
+use super::strategy::DrainStrategy;
+use crate::accept_backoff::AcceptBackoff;
+use crate::lifecycle::{Handoff, Shutdown};
+use crate::migration::{Protocol, Receiver, Resumed};
 
 /// The connections of one process, and their drain.
 ///
@@ -54,129 +66,6 @@ use super::TrackedConnection;
 #[derive(Debug, Clone)]
 pub struct Drain {
     pub(super) shared: Arc<Shared>,
-}
-
-#[derive(Debug)]
-pub(super) struct Shared {
-    pub(super) config: DrainBuilder,
-    /// Cancelled when the drain starts: connections wind down.
-    pub(super) draining: CancellationToken,
-    /// Cancelled at the deadline: connections close at once.
-    pub(super) deadline: CancellationToken,
-    /// Cancelled by [`Drain::expire`]: the deadline is now.
-    expired: CancellationToken,
-    /// Cancelled [`Drain::GRACE_AFTER_DEADLINE`] after the deadline: the library drops the
-    /// connection tasks it spawned.
-    pub(super) hard_stop: CancellationToken,
-    open: AtomicUsize,
-    closed: Notify,
-    started: OnceLock<Started>,
-    reached: OnceLock<Reached>,
-    aborted: OnceLock<usize>,
-    /// Close spreading: the next free close slot, in nanoseconds after the drain started.
-    pub(super) next_slot: AtomicU64,
-    /// The way to a committed successor, once connections are to migrate.
-    pub(super) migration: OnceLock<crate::migration::Outbound>,
-    /// Connections the successor has taken.
-    pub(super) migrated: AtomicUsize,
-}
-
-/// The start of the drain, recorded once (a second `drain()` call reports the same drain).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Started {
-    pub(super) at: Instant,
-    connections: usize,
-}
-
-/// The deadline, as it was reached.
-#[derive(Debug, Clone, Copy)]
-struct Reached {
-    at: Instant,
-    left: usize,
-}
-
-/// Configures a [`Drain`]. Each option states its default.
-#[derive(Debug, Clone)]
-pub struct DrainBuilder {
-    deadline: Duration,
-    pub(super) idle_grace: Duration,
-    pub(super) spread: Option<f64>,
-}
-
-impl Default for DrainBuilder {
-    fn default() -> Self {
-        Self {
-            deadline: Duration::from_secs(30),
-            idle_grace: Duration::from_secs(1),
-            spread: None,
-        }
-    }
-}
-
-impl DrainBuilder {
-    /// How long connections have to finish once the drain starts; what is left then is told
-    /// to close, and counted. Default: 30 seconds.
-    pub fn deadline(mut self, deadline: Duration) -> Self {
-        self.deadline = deadline;
-        self
-    }
-
-    /// How long an idle HTTP/1 keep-alive connection is kept open once the drain starts, in
-    /// case its client is sending a request at that very moment (that request is answered,
-    /// with `Connection: close`). Default: 1 second.
-    pub fn idle_grace(mut self, grace: Duration) -> Self {
-        self.idle_grace = grace;
-        self
-    }
-
-    /// Spreads the closing of long-lived connections (WebSocket, raw TCP) at most `per_second`
-    /// a second over the drain, so that their clients do not all reconnect at once. Closes
-    /// that would fall after the deadline happen at the deadline. Default: all at once.
-    pub fn spread_closes(mut self, per_second: f64) -> Self {
-        self.spread = (per_second > 0.0).then_some(per_second);
-        self
-    }
-
-    /// The [`Drain`].
-    pub fn build(self) -> Drain {
-        Drain {
-            shared: Arc::new(Shared {
-                config: self,
-                draining: CancellationToken::new(),
-                deadline: CancellationToken::new(),
-                expired: CancellationToken::new(),
-                hard_stop: CancellationToken::new(),
-                open: AtomicUsize::new(0),
-                closed: Notify::new(),
-                started: OnceLock::new(),
-                reached: OnceLock::new(),
-                aborted: OnceLock::new(),
-                next_slot: AtomicU64::new(0),
-                migration: OnceLock::new(),
-                migrated: AtomicUsize::new(0),
-            }),
-        }
-    }
-}
-
-/// What a drain did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct DrainReport {
-    /// Connections open when the drain started.
-    pub connections: usize,
-    /// Connections still open at the deadline, closed by force.
-    pub forced: usize,
-    /// Of those, the ones still open [`Drain::GRACE_AFTER_DEADLINE`] after the deadline:
-    /// they ignored it. The drain ended without them; the library dropped the tasks of those
-    /// it spawned (a connection tracked by hand with [`Drain::track`] is its owner's to close).
-    pub aborted: usize,
-    /// From the start of the drain to its end.
-    #[serde(rename = "elapsed_ms", serialize_with = "millis")]
-    pub elapsed: Duration,
-    /// Of the connections open when the drain started, the ones migrated to the successor
-    /// ([`TrackedConnection::migrate`]) rather than drained.
-    pub migrated: usize,
 }
 
 impl Drain {
@@ -296,155 +185,200 @@ impl Drain {
             notified.await;
         }
     }
-}
 
-impl Shared {
-    /// When the drain started (now, if it has not: a close turn is asked for only once the
-    /// drain has started, so this is a fallback that does not happen).
-    pub(super) fn started_at(&self) -> Instant {
-        self.started.get().map_or_else(Instant::now, |started| started.at)
+    /// Tracks `io` and serves it with `strategy` in a task of its own. If the connection is
+    /// still open [`GRACE_AFTER_DEADLINE`](Self::GRACE_AFTER_DEADLINE) after the drain
+    /// deadline, the task is dropped (and `io` with it: its socket closes).
+    pub fn spawn<C, S>(&self, strategy: Arc<S>, io: C)
+    where
+        C: Send + 'static,
+        S: DrainStrategy<C>,
+    {
+        let connection = self.track();
+        tokio::spawn(Supervised {
+            hard_stop: self.shared.hard_stop.clone().cancelled_owned(),
+            connection: async move { strategy.serve(io, connection).await },
+        });
     }
 
-    /// A connection closed.
-    pub(super) fn close_one(&self) {
-        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.closed.notify_waiters();
+    /// Accepts connections from `listener` and serves each with `strategy` (in a task of its
+    /// own, as [`spawn`](Self::spawn) does) until `shutdown` resolves; then drops the
+    /// listener and returns what `shutdown` gave. Does not drain: that is
+    /// [`serve`](Self::serve), or [`drain`](Self::drain) once every accept loop has returned.
+    ///
+    /// `shutdown` is looked at first: once it has resolved, not one more connection is
+    /// accepted. Accept errors never end the loop: after one connection's error
+    /// (`ECONNABORTED`…) it accepts the next at once; after the process's (`EMFILE`,
+    /// `ENFILE`, `ENOBUFS`, `ENOMEM`…) it backs off, 10 ms doubling up to 1 s until an accept
+    /// succeeds, and logs the burst once when it starts and once when it ends, with a count.
+    ///
+    /// # Examples
+    ///
+    /// Several listeners, one drain:
+    ///
+    /// ```no_run
+    /// # use handoff::drain::{Drain, DrainStrategy};
+    /// # async fn example<S: DrainStrategy<tokio::net::TcpStream>>(
+    /// #     handoff: handoff::Handoff,
+    /// #     listeners: Vec<tokio::net::TcpListener>,
+    /// #     strategy: std::sync::Arc<S>,
+    /// # ) {
+    /// let drain = Drain::builder().build();
+    /// let loops = listeners
+    ///     .into_iter()
+    ///     .map(|listener| drain.accept(listener, strategy.clone(), handoff.shutdown_signal()));
+    /// futures_util::future::join_all(loops).await;
+    /// let report = drain.drain().await;
+    /// # }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: no connection is lost (an unaccepted one stays in the listener's queue),
+    /// though the listener is dropped with the future.
+    pub async fn accept<L, S, F>(&self, mut listener: L, strategy: Arc<S>, shutdown: F) -> F::Output
+    where
+        L: Listener,
+        S: DrainStrategy<L::Io>,
+        F: Future,
+    {
+        let mut backoff = AcceptBackoff::new();
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                reason = &mut shutdown => return reason,
+                accepted = listener.accept_connection() => accepted,
+            };
+            match accepted {
+                Ok(io) => {
+                    backoff.succeeded();
+                    self.spawn(strategy.clone(), io);
+                }
+                Err(error) => tokio::select! {
+                    biased;
+                    reason = &mut shutdown => return reason,
+                    () = backoff.failed(&error) => {}
+                },
+            }
         }
     }
+
+    /// The whole life of a listener: accepts and serves connections with `strategy` until
+    /// `handoff` says stop (a successor is ready, or a stop was requested), drops the
+    /// listener (a successor accepts from the same socket from then on), drains, logs the
+    /// report and returns it. A stop requested while draining (a second SIGTERM) makes the
+    /// deadline now ([`expire`](Self::expire)).
+    ///
+    /// Accepts as [`accept`](Self::accept) does: shutdown first, and accept errors back off
+    /// without ending the loop. The drain ends
+    /// [`GRACE_AFTER_DEADLINE`](Self::GRACE_AFTER_DEADLINE) after the deadline at the latest,
+    /// whatever the connections do.
+    ///
+    /// # Examples
+    ///
+    /// See [`Drain`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: cancelled while accepting, the listener is dropped; while draining,
+    /// the drain goes on, and [`drain`](Self::drain) waits for it.
+    pub async fn serve<L, S>(&self, handoff: &Handoff, listener: L, strategy: Arc<S>) -> DrainReport
+    where
+        L: Listener,
+        S: DrainStrategy<L::Io>,
+    {
+        handoff.count_connections::<S>(self);
+        let reason = self.accept(listener, strategy, handoff.shutdown_signal()).await;
+        let migrating = matches!(reason, Shutdown::Upgraded { .. }) && self.migrate_with(handoff);
+        tracing::info!(?reason, connections = self.open(), migrating, "draining");
+        let report = tokio::select! {
+            biased;
+            report = self.drain() => report,
+            () = handoff.deadline_now() => {
+                tracing::info!("stop requested while draining: the deadline is now");
+                self.expire();
+                self.drain().await
+            }
+        };
+        tracing::info!(
+            pid = std::process::id(),
+            generation = handoff.generation(),
+            connections = report.connections,
+            forced = report.forced,
+            aborted = report.aborted,
+            migrated = report.migrated,
+            drain_ms = report.elapsed.as_millis() as u64,
+            "drained"
+        );
+        report
+    }
+
+    /// From now on, connections that ask ([`TrackedConnection::turn_to_close_or_migrate`])
+    /// migrate to `handoff`'s successor, if it has committed to one; returns whether it has.
+    /// Call before [`drain`](Self::drain); [`serve`](Self::serve) calls it after an upgrade.
+    pub fn migrate_with(&self, handoff: &Handoff) -> bool {
+        match handoff.migration().outbound() {
+            Some(outbound) => {
+                let _ = self.shared.migration.set(outbound);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Resumes the connections that the predecessor migrates from its listener `listener`
+    /// speaking `protocol`: each is checked (an established TCP connection, as declared), its
+    /// state parsed as `S` (a state that does not parse is refused, and the predecessor drains
+    /// that connection), and served by `strategy` as a [`Resumed`] connection tracked by this
+    /// drain, which can migrate it again at the next upgrade.
+    ///
+    /// Call it before [`Handoff::ready`]: the predecessor migrates as soon as it has
+    /// committed. Connections of a listener with no receiver are refused, and drained.
+    pub fn resume_migrated<S, St>(&self, handoff: &Handoff, listener: &str, protocol: Protocol, strategy: Arc<St>)
+    where
+        S: DeserializeOwned + Send + 'static,
+        St: DrainStrategy<Resumed<S>>,
+    {
+        let drain = self.clone();
+        let receiver: Arc<Receiver> = Arc::new(move |stream, entry| {
+            let state = S::deserialize(&entry.state.0).map_err(|e| format!("a state this process cannot read: {e}"))?;
+            let resumed = Resumed {
+                stream,
+                state,
+                leftover: entry.leftover.clone(),
+            };
+            let (drain, strategy) = (drain.clone(), strategy.clone());
+            Ok(Box::new(move || drain.spawn(strategy, resumed)))
+        });
+        handoff.migration().inbound().register(listener, protocol, receiver);
+    }
 }
 
-fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1000.0)
+pin_project_lite::pin_project! {
+    /// A connection's task: its strategy's future, dropped at the hard stop. Raced in the
+    /// task itself, so that there is no handle to keep per connection; written out rather
+    /// than a `select!`, whose state would cost every idle connection another 24 bytes.
+    struct Supervised<F> {
+        #[pin]
+        hard_stop: WaitForCancellationFutureOwned,
+        #[pin]
+        connection: F,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Supervised<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        // The hard stop first: once it has come, the connection is not polled again.
+        if this.hard_stop.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        this.connection.poll(cx)
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// How long a test waits for a drain before it calls it stuck (virtual time: paused).
-    const STUCK: Duration = Duration::from_secs(600);
-
-    async fn drain_within_bound(drain: &Drain) -> DrainReport {
-        tokio::time::timeout(STUCK, drain.drain())
-            .await
-            .expect("the drain ends at the deadline plus the grace, whatever the connections do")
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_drain_with_no_connection_ends_at_once() {
-        let report = Drain::builder().build().drain().await;
-        assert_eq!((report.connections, report.forced, report.aborted), (0, 0, 0));
-        assert_eq!(report.elapsed, Duration::ZERO);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn connections_left_at_the_deadline_are_told_and_counted() {
-        let drain = Drain::builder().deadline(Duration::from_secs(5)).build();
-        let polite = drain.track();
-        let stubborn = drain.track();
-        tokio::spawn(async move {
-            polite.draining().await;
-            drop(polite);
-        });
-        let closer = tokio::spawn(async move {
-            stubborn.deadline().await;
-            drop(stubborn);
-        });
-        let report = drain.drain().await;
-        closer.await.unwrap();
-        assert_eq!((report.connections, report.forced, report.aborted), (2, 1, 0));
-        assert_eq!(report.elapsed, Duration::from_secs(5));
-        assert_eq!(drain.open(), 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_drain_ends_at_the_deadline_plus_the_grace_even_if_a_connection_never_closes() {
-        let drain = Drain::builder().deadline(Duration::from_secs(5)).build();
-        let _held_forever = drain.track();
-        let report = drain_within_bound(&drain).await;
-        assert_eq!((report.connections, report.forced, report.aborted), (1, 1, 1));
-        assert_eq!(report.elapsed, Duration::from_secs(5) + Drain::GRACE_AFTER_DEADLINE);
-    }
-
-    /// Dropped when its task is dropped: says so on a channel.
-    struct Dropped(Option<tokio::sync::oneshot::Sender<()>>);
-
-    impl Drop for Dropped {
-        fn drop(&mut self) {
-            let _ = self.0.take().map(|tx| tx.send(()));
-        }
-    }
-
-    struct IgnoresTheDrain;
-
-    impl super::super::DrainStrategy<Dropped> for IgnoresTheDrain {
-        async fn serve(&self, io: Dropped, connection: TrackedConnection) {
-            std::future::pending::<()>().await;
-            drop((io, connection));
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_spawned_connection_that_ignores_the_deadline_is_dropped_and_counted() {
-        let drain = Drain::builder().deadline(Duration::from_secs(5)).build();
-        let (tx, dropped) = tokio::sync::oneshot::channel();
-        drain.spawn(Arc::new(IgnoresTheDrain), Dropped(Some(tx)));
-        let report = drain_within_bound(&drain).await;
-        assert_eq!((report.connections, report.forced, report.aborted), (1, 1, 1));
-        assert_eq!(report.elapsed, Duration::from_secs(5) + Drain::GRACE_AFTER_DEADLINE);
-        tokio::time::timeout(STUCK, dropped)
-            .await
-            .expect("the connection's task is dropped, and its socket with it")
-            .unwrap();
-        tokio::task::yield_now().await;
-        assert_eq!(drain.open(), 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn expire_makes_the_deadline_now() {
-        let drain = Drain::builder().deadline(Duration::from_secs(60)).build();
-        let connection = drain.track();
-        tokio::spawn(async move {
-            connection.deadline().await;
-            drop(connection);
-        });
-        let expirer = tokio::spawn({
-            let drain = drain.clone();
-            async move {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                drain.expire();
-            }
-        });
-        let report = drain_within_bound(&drain).await;
-        expirer.await.unwrap();
-        assert_eq!((report.connections, report.forced, report.aborted), (1, 1, 0));
-        assert_eq!(report.elapsed, Duration::from_secs(2));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn expire_before_the_drain_starts_it_at_its_deadline() {
-        let drain = Drain::builder().deadline(Duration::from_secs(60)).build();
-        let connection = drain.track();
-        drain.expire();
-        let report = drain_within_bound(&drain).await;
-        assert_eq!((report.forced, report.aborted), (1, 1));
-        assert_eq!(report.elapsed, Drain::GRACE_AFTER_DEADLINE);
-        drop(connection);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_drain_called_again_reports_the_same_drain() {
-        let drain = Drain::builder().deadline(Duration::from_secs(5)).build();
-        let connection = drain.track();
-        let first = tokio::time::timeout(Duration::from_secs(1), drain.drain()).await;
-        assert!(first.is_err(), "cancelled while the connection is open");
-        let closer = tokio::spawn(async move {
-            connection.deadline().await;
-            drop(connection);
-        });
-        let report = drain_within_bound(&drain).await;
-        closer.await.unwrap();
-        assert_eq!((report.connections, report.forced, report.aborted), (1, 1, 0));
-        assert_eq!(report.elapsed, Duration::from_secs(5));
-    }
-}
+mod tests;

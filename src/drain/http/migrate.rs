@@ -38,7 +38,7 @@ use super::rewind::{joined, Rewind};
 use super::wind_down::{wind_down, CloseOnDrain};
 use super::{serve_connection_with, BoxError, HttpService};
 use crate::drain::connection::TrackedConnection;
-use crate::drain::migrate::Turn;
+use crate::drain::connection::Turn;
 use crate::drain::shared_connection::SharedConnection;
 use crate::migration::{Handover, Protocol, Returned};
 

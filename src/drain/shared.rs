@@ -1,0 +1,83 @@
+//! [`Shared`]: the state a [`Drain`](super::Drain) shares with its connections.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::builder::DrainBuilder;
+
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) config: DrainBuilder,
+    /// Cancelled when the drain starts: connections wind down.
+    pub(super) draining: CancellationToken,
+    /// Cancelled at the deadline: connections close at once.
+    pub(super) deadline: CancellationToken,
+    /// Cancelled by [`Drain::expire`](super::Drain::expire): the deadline is now.
+    pub(super) expired: CancellationToken,
+    /// Cancelled [`Drain::GRACE_AFTER_DEADLINE`](super::Drain::GRACE_AFTER_DEADLINE) after the deadline: the library drops the
+    /// connection tasks it spawned.
+    pub(super) hard_stop: CancellationToken,
+    pub(super) open: AtomicUsize,
+    pub(super) closed: Notify,
+    pub(super) started: OnceLock<Started>,
+    pub(super) reached: OnceLock<Reached>,
+    pub(super) aborted: OnceLock<usize>,
+    /// Close spreading: the next free close slot, in nanoseconds after the drain started.
+    pub(super) next_slot: AtomicU64,
+    /// The way to a committed successor, once connections are to migrate.
+    pub(super) migration: OnceLock<crate::migration::Outbound>,
+    /// Connections the successor has taken.
+    pub(super) migrated: AtomicUsize,
+}
+
+/// The start of the drain, recorded once (a second `drain()` call reports the same drain).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Started {
+    pub(super) at: Instant,
+    pub(super) connections: usize,
+}
+
+/// The deadline, as it was reached.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Reached {
+    pub(super) at: Instant,
+    pub(super) left: usize,
+}
+
+impl Shared {
+    /// A drain not started, with no connection.
+    pub(super) fn new(config: DrainBuilder) -> Self {
+        Self {
+            config,
+            draining: CancellationToken::new(),
+            deadline: CancellationToken::new(),
+            expired: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            open: AtomicUsize::new(0),
+            closed: Notify::new(),
+            started: OnceLock::new(),
+            reached: OnceLock::new(),
+            aborted: OnceLock::new(),
+            next_slot: AtomicU64::new(0),
+            migration: OnceLock::new(),
+            migrated: AtomicUsize::new(0),
+        }
+    }
+
+    /// When the drain started (now, if it has not: a close turn is asked for only once the
+    /// drain has started, so this is a fallback that does not happen).
+    pub(super) fn started_at(&self) -> Instant {
+        self.started.get().map_or_else(Instant::now, |started| started.at)
+    }
+
+    /// A connection closed.
+    pub(super) fn close_one(&self) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.closed.notify_waiters();
+        }
+    }
+}
