@@ -8,7 +8,6 @@
 //! [`TrackedConnection`] signals. A connection an HTTP request upgrades (a WebSocket) stays
 //! tracked, and learns when to wind down from its [`SharedConnection`].
 
-mod builder;
 mod connection;
 #[cfg(feature = "http")]
 pub mod http;
@@ -22,10 +21,9 @@ mod tracker;
 #[cfg(feature = "websocket")]
 pub mod websocket;
 
-pub use builder::DrainBuilder;
 pub use connection::{TrackedConnection, Turn};
 pub use listener::Listener;
 pub use report::DrainReport;
 pub use shared_connection::SharedConnection;
 pub use strategy::DrainStrategy;
-pub use tracker::Drain;
+pub use tracker::{Drain, DrainBuilder};

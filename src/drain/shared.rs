@@ -2,16 +2,33 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::builder::DrainBuilder;
+/// A drain's options, as its [`DrainBuilder`](super::DrainBuilder) sets them.
+#[derive(Debug, Clone)]
+pub(super) struct Config {
+    pub(super) deadline: Duration,
+    pub(super) idle_grace: Duration,
+    pub(super) spread: Option<f64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(30),
+            idle_grace: Duration::from_secs(1),
+            spread: None,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub(super) struct Shared {
-    pub(super) config: DrainBuilder,
+    pub(super) config: Config,
     /// Cancelled when the drain starts: connections wind down.
     pub(super) draining: CancellationToken,
     /// Cancelled at the deadline: connections close at once.
@@ -50,7 +67,7 @@ pub(super) struct Reached {
 
 impl Shared {
     /// A drain not started, with no connection.
-    pub(super) fn new(config: DrainBuilder) -> Self {
+    pub(super) fn new(config: Config) -> Self {
         Self {
             config,
             draining: CancellationToken::new(),

@@ -13,11 +13,10 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::builder::DrainBuilder;
 use super::connection::TrackedConnection;
 use super::listener::Listener;
 use super::report::DrainReport;
-use super::shared::{Reached, Shared, Started};
+use super::shared::{Config, Reached, Shared, Started};
 use super::strategy::DrainStrategy;
 use crate::accept_backoff::AcceptBackoff;
 use crate::lifecycle::{Handoff, Shutdown};
@@ -66,6 +65,42 @@ use crate::migration::{Protocol, Receiver, Resumed};
 #[derive(Debug, Clone)]
 pub struct Drain {
     pub(super) shared: Arc<Shared>,
+}
+
+/// Configures a [`Drain`]. Each option states its default.
+#[derive(Debug, Clone, Default)]
+pub struct DrainBuilder(Config);
+
+impl DrainBuilder {
+    /// How long connections have to finish once the drain starts; what is left then is told
+    /// to close, and counted. Default: 30 seconds.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.0.deadline = deadline;
+        self
+    }
+
+    /// How long an idle HTTP/1 keep-alive connection is kept open once the drain starts, in
+    /// case its client is sending a request at that very moment (that request is answered,
+    /// with `Connection: close`). Default: 1 second.
+    pub fn idle_grace(mut self, grace: Duration) -> Self {
+        self.0.idle_grace = grace;
+        self
+    }
+
+    /// Spreads the closing of long-lived connections (WebSocket, raw TCP) at most `per_second`
+    /// a second over the drain, so that their clients do not all reconnect at once. Closes
+    /// that would fall after the deadline happen at the deadline. Default: all at once.
+    pub fn spread_closes(mut self, per_second: f64) -> Self {
+        self.0.spread = (per_second > 0.0).then_some(per_second);
+        self
+    }
+
+    /// The [`Drain`].
+    pub fn build(self) -> Drain {
+        Drain {
+            shared: Arc::new(Shared::new(self.0)),
+        }
+    }
 }
 
 impl Drain {
