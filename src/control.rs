@@ -228,16 +228,6 @@ fn status(handoff: &Handoff) -> Value {
     })
 }
 
-/// Sends `command` to the control socket at `path` and returns the reply. Blocking: for
-/// command-line tools and tests. No timeouts: [`Client`] has them.
-///
-/// # Errors
-///
-/// If the socket cannot be reached or the reply is not JSON.
-pub fn request(path: impl AsRef<Path>, command: &str) -> io::Result<Value> {
-    Client::new(path.as_ref()).request(command)
-}
-
 /// A blocking client of the control socket, with connect and read timeouts.
 ///
 /// # Examples

@@ -21,7 +21,7 @@ fn signal(pid: u32, signal: Signal) {
 /// the control socket and is named by the PID file, or nothing serves and neither path is
 /// left behind. Never a mix.
 fn assert_settled_consistently(server: &Server) {
-    match handoff::control::request(server.control_path(), "status") {
+    match handoff::control::Client::new(server.control_path()).request("status") {
         Ok(status) => {
             let pid = status["pid"].as_u64().unwrap() as u32;
             assert!(is_running(pid));
@@ -51,7 +51,7 @@ fn a_stop_racing_an_upgrade_either_cancels_it_or_follows_its_commit() {
         let old = server.first_pid();
         let address = server.address("http");
         let control = server.control_path();
-        let upgrade = std::thread::spawn(move || handoff::control::request(control, "upgrade"));
+        let upgrade = std::thread::spawn(move || handoff::control::Client::new(control).request("upgrade"));
         std::thread::sleep(Duration::from_micros(delay_us)); // the race's spread, not a wait
         signal(old, Signal::SIGTERM);
         let _reply = upgrade.join().unwrap(); // may be cut short by the old process's exit
@@ -389,7 +389,7 @@ async fn the_successor_answers_the_control_socket_only_after_the_commit() {
     let (server, mut channel) = fake_handover(2).await;
     expect_ready(&server, &mut channel).await;
     let path = server.control_path();
-    let status = std::thread::spawn(move || handoff::control::request(path, "status"));
+    let status = std::thread::spawn(move || handoff::control::Client::new(path).request("status"));
     channel.send(&Message::Commit { counters: None }, &[]).await.unwrap();
     let status = status.join().unwrap().unwrap();
     assert_eq!(status["state"], "ready", "{status}");

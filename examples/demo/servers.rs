@@ -90,7 +90,7 @@ impl ServerProcess {
     }
 
     pub fn status(&self) -> std::io::Result<Value> {
-        handoff::control::request(&self.control, "status")
+        handoff::control::Client::new(&self.control).request("status")
     }
 
     /// Waits until the previous generation has exited, triggers an upgrade, and measures it.
@@ -106,7 +106,9 @@ impl ServerProcess {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        let reply = handoff::control::request(&self.control, "upgrade").map_err(|e| format!("upgrade: {e}"))?;
+        let reply = handoff::control::Client::new(&self.control)
+            .request("upgrade")
+            .map_err(|e| format!("upgrade: {e}"))?;
         if reply["ok"] != true {
             return Err(reply["error"].as_str().unwrap_or("unknown").to_owned());
         }

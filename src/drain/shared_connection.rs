@@ -45,7 +45,7 @@ pub struct SharedConnection(Arc<TrackedConnection>);
 
 impl SharedConnection {
     /// Shares `connection`: it counts as open until the last clone is dropped.
-    pub fn new(connection: TrackedConnection) -> Self {
+    pub(crate) fn new(connection: TrackedConnection) -> Self {
         Self(Arc::new(connection))
     }
 }

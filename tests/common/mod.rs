@@ -178,7 +178,8 @@ impl Server {
 
     /// Sends a command to the control socket (which always reaches the serving generation).
     pub fn control(&self, command: &str) -> Value {
-        handoff::control::request(self.control_path(), command)
+        handoff::control::Client::new(self.control_path())
+            .request(command)
             .unwrap_or_else(|e| panic!("control {command}: {e}\nlog:\n{}", self.log()))
     }
 

@@ -51,8 +51,8 @@ use wind_down::{wind_down, CloseOnDrain};
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A hyper service this module can serve on tokio, over HTTP/1.1 and HTTP/2: every
-/// `hyper::service::Service<Request<Incoming>>` answering a `Response` whose body is an
-/// [`HttpBody`], with futures that can move between threads and an error that can be boxed.
+/// `hyper::service::Service<Request<Incoming>>` whose futures, response bodies and their
+/// chunks can move between threads, and whose errors (its own and its bodies') can be boxed.
 /// Implemented for every such service; there is nothing to implement.
 pub trait HttpService:
     hyper::service::Service<
@@ -64,7 +64,7 @@ pub trait HttpService:
     + 'static
 {
     /// The body of its responses.
-    type Body: HttpBody;
+    type Body: Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
 }
 
 impl<S, B> HttpService for S
@@ -72,21 +72,11 @@ where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
-    B: HttpBody,
-{
-    type Body = B;
-}
-
-/// A response body this module can send: every `hyper::body::Body` that can move between
-/// threads, with an error that can be boxed. Implemented for every such body.
-pub trait HttpBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
-
-impl<B> HttpBody for B
-where
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    type Body = B;
 }
 
 /// The connection builder [`serve_connection`] uses: hyper-util's defaults (HTTP/1.1 and
