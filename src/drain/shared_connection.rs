@@ -58,12 +58,6 @@ impl Deref for SharedConnection {
     }
 }
 
-impl From<TrackedConnection> for SharedConnection {
-    fn from(connection: TrackedConnection) -> Self {
-        Self::new(connection)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::Drain;

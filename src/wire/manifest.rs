@@ -65,6 +65,7 @@ impl TryFrom<FlatEntry> for SocketEntry {
 /// The kind of a socket and its local address, as the sender saw them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum SocketKind {
     /// A listening TCP socket.
     TcpListener {
