@@ -9,10 +9,11 @@ use tracing::Instrument;
 use super::connections::{ConnectionCounts, Connections};
 use super::counters::{Counters, UpgradeCounters};
 use super::inheritance::{await_commit, inherit, Verdict};
+use super::machine::Lifecycle;
 use super::notify::Announcer;
 use super::progress::{Phases, Progress};
 use super::successor::{self, Program, ReadySuccessor, StartupDeadline};
-use super::transitions::{Effect, Event, Lifecycle, Refusal};
+use super::transitions::{Effect, Event, Refusal};
 use super::trigger::{self, Signals};
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 use super::{pid_file, Builder, Shutdown, State};
@@ -316,7 +317,10 @@ impl Handoff {
                 "the predecessor vanished after handing over its sockets; serving alone"
             );
         }
-        let effect = inner.lifecycle.apply(Event::Committed).unwrap_or(Effect::None);
+        let effect = inner
+            .lifecycle
+            .apply(Event::Committed)
+            .map_or(Effect::None, |t| t.effect);
         if effect == Effect::FinalStop {
             self.carry_out(effect);
             return Err(Error::Stopped);
@@ -468,8 +472,8 @@ impl Handoff {
         let migration = self.inner.migration.prepare_outbound();
         let carried = serde_json::to_value(self.inner.counters.handed_over(successor.report(), trigger)).ok();
         match self.inner.lifecycle.apply_with(event, |_| successor.commit(carried)) {
-            Ok(Ok(effect)) => {
-                self.carry_out(effect);
+            Ok(Ok(transition)) => {
+                self.carry_out(transition.effect);
                 let report = successor.report().clone();
                 migration.start(successor.keep_until_exit());
                 Ok(report)
@@ -513,7 +517,7 @@ impl Handoff {
         let inner = &self.inner;
         // The effect (closing the listeners) happens before the accept loops hear of the stop:
         // a client that connects once they have stopped accepting is refused, never queued.
-        let stopped = inner.lifecycle.transition_with(Event::Stop, |effect| {
+        let stopped = inner.lifecycle.apply_with(Event::Stop, |effect| {
             self.carry_out(effect);
             Ok::<(), std::convert::Infallible>(())
         });
@@ -644,14 +648,16 @@ impl RevertUnlessCommitted<'_> {
     /// Reverts now, saying why (the service manager's status shows it) if the upgrade failed.
     fn finish(self, result: &Result<UpgradeReport, UpgradeError>) {
         if let Err(error) = result {
-            let _ = self.0.fail_upgrade(&error.to_string());
+            let why = error.to_string();
+            let _ = self.0.apply(Event::UpgradeFailed { why });
         }
     }
 }
 
 impl Drop for RevertUnlessCommitted<'_> {
     fn drop(&mut self) {
-        let _ = self.0.fail_upgrade("the upgrade was abandoned");
+        let why = "the upgrade was abandoned".to_owned();
+        let _ = self.0.apply(Event::UpgradeFailed { why });
     }
 }
 

@@ -6,6 +6,7 @@ mod connections;
 mod counters;
 mod handoff;
 mod inheritance;
+mod machine;
 mod notify;
 mod pid_file;
 mod platform;

@@ -1,19 +1,11 @@
-//! The one place where a process's state changes: an explicit transition table ([`next`]),
-//! and [`Lifecycle`], which applies it atomically and lets everything else watch the result.
-//! The diagram on [`State`] draws this table.
-//!
-//! A successor starts in `Starting` without the shared paths (Unix listener paths, the control
-//! socket's, the PID file): its predecessor owns them until it commits. The commit is the
-//! point of no return for both sides: the predecessor decides it, in the same critical
-//! section as its state change, so a stop, a timeout or a cancel either happens before it (the
-//! upgrade is abandoned, the successor never acts) or after it (the successor owns it all).
+//! The transition table of a process's life ([`next`]) and its types: what a process's
+//! status is ([`Status`]), what can happen to it ([`Event`]), what the caller must do after a
+//! transition ([`Effect`]) and why an event is refused ([`Refusal`]). Pure: no I/O, no
+//! locking; `machine` applies it. The diagram on [`State`] draws this table.
 
-use tokio::sync::watch;
-
-use super::notify::Announcer;
 use super::{Shutdown, State};
 
-/// Everything a process's lifecycle knows. Observers read it through [`Lifecycle::watch`].
+/// Everything a process's lifecycle knows. Observers read it through `Lifecycle::watch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Status {
     pub state: State,
@@ -55,7 +47,7 @@ impl Status {
 }
 
 /// What can happen to a process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Event {
     /// Successor side: the predecessor committed (or vanished after handing everything over).
     Committed,
@@ -64,7 +56,10 @@ pub(crate) enum Event {
     /// An upgrade was triggered.
     Trigger,
     /// The upgrade under way failed or was abandoned before its commit.
-    UpgradeFailed,
+    UpgradeFailed {
+        /// Why, for the service manager's status.
+        why: String,
+    },
     /// Predecessor side: the successor is ready and we commit to it.
     Commit {
         /// The successor's pid.
@@ -105,8 +100,9 @@ pub(crate) enum Refusal {
 }
 
 /// The transition table.
-pub(crate) fn next(status: Status, event: Event) -> Result<(Status, Effect), Refusal> {
+pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), Refusal> {
     use State::*;
+    let status = *status;
     let with = |state: State| Status { state, ..status };
     let unchanged = Ok((status, Effect::None));
     match (status.state, event) {
@@ -137,10 +133,10 @@ pub(crate) fn next(status: Status, event: Event) -> Result<(Status, Effect), Ref
         (Upgrading, Event::Trigger) => Err(Refusal::InProgress),
         (Draining | Stopping, Event::Trigger) => Err(Refusal::ShuttingDown),
 
-        (Upgrading, Event::UpgradeFailed) => Ok((with(Ready), Effect::None)),
-        (_, Event::UpgradeFailed) => unchanged, // a stop won the race: it stays a stop
+        (Upgrading, Event::UpgradeFailed { .. }) => Ok((with(Ready), Effect::None)),
+        (_, Event::UpgradeFailed { .. }) => unchanged, // a stop won the race: it stays a stop
 
-        (Upgrading, Event::Commit { successor_pid }) => Ok((
+        (Upgrading, &Event::Commit { successor_pid }) => Ok((
             Status {
                 state: Draining,
                 owns_paths: false,
@@ -185,113 +181,6 @@ pub(crate) fn next(status: Status, event: Event) -> Result<(Status, Effect), Ref
     }
 }
 
-/// A process's status behind a watch channel: [`apply`](Self::apply) is the only way to change
-/// it, and it runs [`next`] atomically. Each transition is announced to the service manager,
-/// if there is one, from inside the same critical section (see `notify`).
-#[derive(Debug)]
-pub(crate) struct Lifecycle {
-    status: watch::Sender<Status>,
-    announcer: Announcer,
-}
-
-impl Lifecycle {
-    #[cfg(test)]
-    pub fn new(inherited: bool) -> Self {
-        Self::announcing(inherited, Announcer::silent())
-    }
-
-    /// A lifecycle whose transitions `announcer` tells the service manager about.
-    pub fn announcing(inherited: bool, announcer: Announcer) -> Self {
-        Self {
-            status: watch::Sender::new(Status::new(inherited)),
-            announcer,
-        }
-    }
-
-    pub fn announcer(&self) -> &Announcer {
-        &self.announcer
-    }
-
-    /// Applies [`Event::UpgradeFailed`], announcing `why` the upgrade failed.
-    pub fn fail_upgrade(&self, why: &str) -> Result<Effect, Refusal> {
-        self.transition_because(Event::UpgradeFailed, Some(why), |_| {
-            Ok::<(), std::convert::Infallible>(())
-        })
-        .map(|acted| acted.unwrap_or_else(|never| match never {}).effect)
-    }
-
-    pub fn status(&self) -> Status {
-        *self.status.borrow()
-    }
-
-    pub fn watch(&self) -> watch::Receiver<Status> {
-        self.status.subscribe()
-    }
-
-    /// Applies `event`; returns what the caller must do next.
-    pub fn apply(&self, event: Event) -> Result<Effect, Refusal> {
-        self.transition(event).map(|transition| transition.effect)
-    }
-
-    /// Applies `event`; returns the whole transition: the status before and after, and the
-    /// effect.
-    pub fn transition(&self, event: Event) -> Result<Transition, Refusal> {
-        self.transition_with(event, |_| Ok::<(), std::convert::Infallible>(()))
-            .map(|acted| acted.unwrap_or_else(|never| match never {}))
-    }
-
-    /// Applies `event` only if the transition is allowed and `act` then succeeds, both in the
-    /// same critical section, before any observer sees the new state: for an act that must
-    /// happen exactly when the state changes (the commit message) or before anyone acts on
-    /// the change (a final stop closes the listeners before the accept loops hear of it).
-    /// `act` gets the transition's effect; it must not block.
-    pub fn apply_with<E>(
-        &self,
-        event: Event,
-        act: impl FnOnce(Effect) -> Result<(), E>,
-    ) -> Result<Result<Effect, E>, Refusal> {
-        self.transition_with(event, act)
-            .map(|acted| acted.map(|transition| transition.effect))
-    }
-
-    /// [`apply_with`](Self::apply_with), returning the whole transition.
-    pub fn transition_with<E>(
-        &self,
-        event: Event,
-        act: impl FnOnce(Effect) -> Result<(), E>,
-    ) -> Result<Result<Transition, E>, Refusal> {
-        self.transition_because(event, None, act)
-    }
-
-    fn transition_because<E>(
-        &self,
-        event: Event,
-        why: Option<&str>,
-        act: impl FnOnce(Effect) -> Result<(), E>,
-    ) -> Result<Result<Transition, E>, Refusal> {
-        let mut outcome = None;
-        self.status.send_if_modified(|status| {
-            let (after, effect) = match next(*status, event) {
-                Ok(transition) => transition,
-                Err(refusal) => {
-                    outcome = Some(Err(refusal));
-                    return false;
-                }
-            };
-            if let Err(error) = act(effect) {
-                outcome = Some(Ok(Err(error)));
-                return false;
-            }
-            let before = std::mem::replace(status, after);
-            let transition = Transition { before, after, effect };
-            self.announcer.announce(event, &transition, why);
-            outcome = Some(Ok(Ok(transition)));
-            before != after
-        });
-        outcome.expect("send_if_modified runs its closure once")
-    }
-}
-
 /// One applied transition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Transition {
@@ -316,7 +205,7 @@ mod tests {
         Event::Committed,
         Event::Ready,
         Event::Trigger,
-        Event::UpgradeFailed,
+        Event::UpgradeFailed { why: String::new() },
         Event::Commit { successor_pid: 7 },
         Event::Stop,
         Event::PredecessorExited,
@@ -324,65 +213,76 @@ mod tests {
 
     #[test]
     fn the_upgrade_path() {
-        let (s, _) = next(Status::new(false), Event::Ready).unwrap();
-        let (s, _) = next(s, Event::Trigger).unwrap();
+        let (s, _) = next(&Status::new(false), &Event::Ready).unwrap();
+        let (s, _) = next(&s, &Event::Trigger).unwrap();
         assert_eq!(s.state, Upgrading);
-        let (s, effect) = next(s, Event::Commit { successor_pid: 7 }).unwrap();
+        let (s, effect) = next(&s, &Event::Commit { successor_pid: 7 }).unwrap();
         assert_eq!((s.state, effect, s.owns_paths), (Draining, Effect::Handover, false));
         assert_eq!(s.shutdown(), Some(Shutdown::Upgraded { successor_pid: 7 }));
     }
 
     #[test]
     fn a_stop_during_an_upgrade_wins_over_a_later_commit() {
-        let (s, effect) = next(at(Upgrading), Event::Stop).unwrap();
+        let (s, effect) = next(&at(Upgrading), &Event::Stop).unwrap();
         assert_eq!((s.state, effect), (Stopping, Effect::FinalStop));
-        assert_eq!(next(s, Event::Commit { successor_pid: 7 }), Err(Refusal::Stopped));
-        assert_eq!(next(s, Event::UpgradeFailed).unwrap().0.state, Stopping);
+        assert_eq!(next(&s, &Event::Commit { successor_pid: 7 }), Err(Refusal::Stopped));
+        assert_eq!(
+            next(
+                &s,
+                &Event::UpgradeFailed {
+                    why: "cancelled".into()
+                }
+            )
+            .unwrap()
+            .0
+            .state,
+            Stopping
+        );
     }
 
     #[test]
     fn a_commit_wins_over_a_later_stop_and_a_second_stop_means_hurry() {
-        let (s, _) = next(at(Upgrading), Event::Commit { successor_pid: 7 }).unwrap();
-        let (s, effect) = next(s, Event::Stop).unwrap();
+        let (s, _) = next(&at(Upgrading), &Event::Commit { successor_pid: 7 }).unwrap();
+        let (s, effect) = next(&s, &Event::Stop).unwrap();
         assert_eq!((s.state, s.hurry, effect), (Draining, false, Effect::None));
-        let (s, _) = next(s, Event::Stop).unwrap();
+        let (s, _) = next(&s, &Event::Stop).unwrap();
         assert_eq!((s.state, s.hurry), (Draining, true));
     }
 
     #[test]
     fn a_second_stop_means_hurry() {
-        let (s, _) = next(at(Ready), Event::Stop).unwrap();
+        let (s, _) = next(&at(Ready), &Event::Stop).unwrap();
         assert!(!s.hurry);
-        let (s, _) = next(s, Event::Stop).unwrap();
+        let (s, _) = next(&s, &Event::Stop).unwrap();
         assert_eq!((s.state, s.hurry), (Stopping, true));
     }
 
     #[test]
     fn a_successor_owns_nothing_until_committed() {
         let s = Status::new(true);
-        let (stopped, effect) = next(s, Event::Stop).unwrap();
+        let (stopped, effect) = next(&s, &Event::Stop).unwrap();
         assert_eq!(effect, Effect::None, "the predecessor's paths are not ours to remove");
-        let (_, effect) = next(stopped, Event::Committed).unwrap();
+        let (_, effect) = next(&stopped, &Event::Committed).unwrap();
         assert_eq!(
             effect,
             Effect::FinalStop,
             "committed while stopping: ours now, and we stop"
         );
-        assert_eq!(next(stopped, Event::Ready), Err(Refusal::Stopped));
+        assert_eq!(next(&stopped, &Event::Ready), Err(Refusal::Stopped));
     }
 
     #[test]
     fn triggers_are_refused_with_their_reason() {
-        assert_eq!(next(at(Starting), Event::Trigger), Err(Refusal::NotReady));
-        assert_eq!(next(at(Upgrading), Event::Trigger), Err(Refusal::InProgress));
-        assert_eq!(next(at(Draining), Event::Trigger), Err(Refusal::ShuttingDown));
-        assert_eq!(next(at(Stopping), Event::Trigger), Err(Refusal::ShuttingDown));
+        assert_eq!(next(&at(Starting), &Event::Trigger), Err(Refusal::NotReady));
+        assert_eq!(next(&at(Upgrading), &Event::Trigger), Err(Refusal::InProgress));
+        assert_eq!(next(&at(Draining), &Event::Trigger), Err(Refusal::ShuttingDown));
+        assert_eq!(next(&at(Stopping), &Event::Trigger), Err(Refusal::ShuttingDown));
         let draining_predecessor = Status {
             predecessor_running: true,
             ..at(Ready)
         };
         assert_eq!(
-            next(draining_predecessor, Event::Trigger),
+            next(&draining_predecessor, &Event::Trigger),
             Err(Refusal::PredecessorDraining)
         );
     }
@@ -390,12 +290,12 @@ mod tests {
     #[test]
     fn only_an_upgrade_leads_to_draining_and_nothing_leaves_stopping() {
         for state in [Starting, Ready, Upgrading, Draining, Stopping] {
-            for event in EVENTS {
-                let Ok((after, _)) = next(at(state), event) else {
+            for event in &EVENTS {
+                let Ok((after, _)) = next(&at(state), event) else {
                     continue;
                 };
                 if after.state == Draining && state != Draining {
-                    assert_eq!((state, event), (Upgrading, Event::Commit { successor_pid: 7 }));
+                    assert_eq!((state, event), (Upgrading, &Event::Commit { successor_pid: 7 }));
                 }
                 if state == Stopping {
                     assert_eq!(after.state, Stopping, "{event:?} left Stopping");
@@ -405,18 +305,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn apply_with_changes_nothing_when_the_act_fails() {
-        let lifecycle = Lifecycle::new(false);
-        assert_eq!(lifecycle.apply(Event::Ready), Ok(Effect::None));
-        assert_eq!(lifecycle.apply(Event::Trigger), Ok(Effect::None));
-        let failed = lifecycle.apply_with(Event::Commit { successor_pid: 7 }, |_| Err("peer gone"));
-        assert_eq!(failed, Ok(Err("peer gone")));
-        assert_eq!(lifecycle.status().state, Upgrading);
-        let acted = lifecycle.apply_with(Event::Commit { successor_pid: 7 }, |_| Ok::<(), ()>(()));
-        assert_eq!(acted, Ok(Ok(Effect::Handover)));
-        assert_eq!(lifecycle.status().state, Draining);
     }
 }
