@@ -319,7 +319,7 @@ impl Handoff {
         }
         let effect = inner
             .lifecycle
-            .apply(Event::Committed)
+            .apply(Event::PredecessorCommitted)
             .map_or(Effect::None, |t| t.effect);
         if effect == Effect::FinalStop {
             self.carry_out(effect);
@@ -468,7 +468,7 @@ impl Handoff {
     /// the change to `Draining`, and only if nothing (a stop) has changed the state first.
     async fn commit(&self, successor: ReadySuccessor, trigger: Instant) -> Result<UpgradeReport, UpgradeError> {
         let pid = successor.report().successor_pid;
-        let event = Event::Commit { successor_pid: pid };
+        let event = Event::CommitTo { successor_pid: pid };
         let migration = self.inner.migration.prepare_outbound();
         let carried = serde_json::to_value(self.inner.counters.handed_over(successor.report(), trigger)).ok();
         match self.inner.lifecycle.apply_with(event, |_| successor.commit(carried)) {

@@ -105,10 +105,10 @@ mod tests {
         let lifecycle = Lifecycle::new(false);
         assert_eq!(lifecycle.apply(Event::Ready).map(|t| t.effect), Ok(Effect::None));
         assert_eq!(lifecycle.apply(Event::Trigger).map(|t| t.effect), Ok(Effect::None));
-        let failed = lifecycle.apply_with(Event::Commit { successor_pid: 7 }, |_| Err("peer gone"));
+        let failed = lifecycle.apply_with(Event::CommitTo { successor_pid: 7 }, |_| Err("peer gone"));
         assert_eq!(failed, Ok(Err("peer gone")));
         assert_eq!(lifecycle.status().state, Upgrading);
-        let acted = lifecycle.apply_with(Event::Commit { successor_pid: 7 }, |_| Ok::<(), ()>(()));
+        let acted = lifecycle.apply_with(Event::CommitTo { successor_pid: 7 }, |_| Ok::<(), ()>(()));
         assert_eq!(acted.map(|acted| acted.map(|t| t.effect)), Ok(Ok(Effect::Handover)));
         assert_eq!(lifecycle.status().state, Draining);
     }

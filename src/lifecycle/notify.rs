@@ -131,7 +131,7 @@ impl Announcer {
                     one_line(why)
                 );
             }
-            (State::Upgrading, State::Draining, &Event::Commit { successor_pid }) => {
+            (State::Upgrading, State::Draining, &Event::CommitTo { successor_pid }) => {
                 message = format!(
                     "MAINPID={successor_pid}\nREADY=1\nSTATUS=serving: generation {} (pid {successor_pid}); \
                      generation {generation} (pid {pid}) drains",
@@ -194,7 +194,7 @@ mod tests {
         let events = [
             Event::Ready,
             Event::Trigger,
-            Event::Commit { successor_pid: 7 },
+            Event::CommitTo { successor_pid: 7 },
             Event::Stop,
         ];
         let announced = announcements(&announcer(false), Status::new(false), &events);
@@ -257,7 +257,7 @@ mod tests {
         let said = messages(&announcements(
             &successor,
             Status::new(true),
-            &[Event::Committed, Event::Ready],
+            &[Event::PredecessorCommitted, Event::Ready],
         ));
         assert_eq!(said, ["", ""], "its predecessor announced it");
         // A stop before the commit: not the main process, nothing to say; the commit that
@@ -265,7 +265,7 @@ mod tests {
         let said = messages(&announcements(
             &successor,
             Status::new(true),
-            &[Event::Stop, Event::Committed],
+            &[Event::Stop, Event::PredecessorCommitted],
         ));
         assert_eq!(said[0], "");
         assert!(said[1].starts_with("STOPPING=1\n"), "{}", said[1]);

@@ -46,11 +46,12 @@ impl Status {
     }
 }
 
-/// What can happen to a process.
+/// What can happen to a process, named after who acts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Event {
-    /// Successor side: the predecessor committed (or vanished after handing everything over).
-    Committed,
+    /// Successor side: our predecessor committed to us (or vanished after handing everything
+    /// over).
+    PredecessorCommitted,
     /// The application reports that it serves.
     Ready,
     /// An upgrade was triggered.
@@ -60,8 +61,8 @@ pub(crate) enum Event {
         /// Why, for the service manager's status.
         why: String,
     },
-    /// Predecessor side: the successor is ready and we commit to it.
-    Commit {
+    /// Predecessor side: our successor is ready and we commit to it.
+    CommitTo {
         /// The successor's pid.
         successor_pid: u32,
     },
@@ -99,14 +100,15 @@ pub(crate) enum Refusal {
     Stopped,
 }
 
-/// The transition table.
+/// The transition table. Every arm names the states it covers: a new state must be placed in
+/// each, never inherit "unchanged" by default.
 pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), Refusal> {
     use State::*;
     let status = *status;
     let with = |state: State| Status { state, ..status };
     let unchanged = Ok((status, Effect::None));
     match (status.state, event) {
-        (Starting, Event::Committed) => Ok((
+        (Starting, Event::PredecessorCommitted) => Ok((
             Status {
                 owns_paths: true,
                 ..status
@@ -114,18 +116,19 @@ pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), R
             Effect::None,
         )),
         // A stop arrived while we waited for the commit: we own it all now, and stop.
-        (Stopping, Event::Committed) => Ok((
+        (Stopping, Event::PredecessorCommitted) => Ok((
             Status {
                 owns_paths: true,
                 ..status
             },
             Effect::FinalStop,
         )),
-        (_, Event::Committed) => unchanged,
+        // Unreachable: a successor is committed to while it starts (or stops).
+        (Ready | Upgrading | Draining, Event::PredecessorCommitted) => unchanged,
 
         (Starting, Event::Ready) => Ok((with(Ready), Effect::None)),
         (Stopping, Event::Ready) => Err(Refusal::Stopped),
-        (_, Event::Ready) => unchanged,
+        (Ready | Upgrading | Draining, Event::Ready) => unchanged,
 
         (Starting, Event::Trigger) => Err(Refusal::NotReady),
         (Ready, Event::Trigger) if status.predecessor_running => Err(Refusal::PredecessorDraining),
@@ -134,9 +137,11 @@ pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), R
         (Draining | Stopping, Event::Trigger) => Err(Refusal::ShuttingDown),
 
         (Upgrading, Event::UpgradeFailed { .. }) => Ok((with(Ready), Effect::None)),
-        (_, Event::UpgradeFailed { .. }) => unchanged, // a stop won the race: it stays a stop
+        // A stop won the race: it stays a stop. Before a trigger or after a commit: nothing
+        // to revert.
+        (Starting | Ready | Draining | Stopping, Event::UpgradeFailed { .. }) => unchanged,
 
-        (Upgrading, &Event::Commit { successor_pid }) => Ok((
+        (Upgrading, &Event::CommitTo { successor_pid }) => Ok((
             Status {
                 state: Draining,
                 owns_paths: false,
@@ -145,9 +150,9 @@ pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), R
             },
             Effect::Handover,
         )),
-        (Stopping, Event::Commit { .. }) => Err(Refusal::Stopped),
+        (Stopping, Event::CommitTo { .. }) => Err(Refusal::Stopped),
         // Unreachable: only an upgrade under way commits.
-        (Starting | Ready | Draining, Event::Commit { .. }) => Err(Refusal::ShuttingDown),
+        (Starting | Ready | Draining, Event::CommitTo { .. }) => Err(Refusal::ShuttingDown),
 
         (Starting | Ready | Upgrading, Event::Stop) => {
             let effect = if status.owns_paths {
@@ -171,7 +176,7 @@ pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), R
         )),
         (Draining | Stopping, Event::Stop) => Ok((Status { hurry: true, ..status }, Effect::None)),
 
-        (_, Event::PredecessorExited) => Ok((
+        (Starting | Ready | Upgrading | Draining | Stopping, Event::PredecessorExited) => Ok((
             Status {
                 predecessor_running: false,
                 ..status
@@ -201,22 +206,166 @@ mod tests {
         }
     }
 
-    const EVENTS: [Event; 7] = [
-        Event::Committed,
-        Event::Ready,
-        Event::Trigger,
-        Event::UpgradeFailed { why: String::new() },
-        Event::Commit { successor_pid: 7 },
-        Event::Stop,
-        Event::PredecessorExited,
-    ];
+    /// Every state, each once: `state_index` fails to compile when a state is added, and
+    /// `the_lists_are_complete` fails until it is listed here.
+    const ALL_STATES: [State; 5] = [Starting, Ready, Upgrading, Draining, Stopping];
+
+    fn state_index(state: State) -> usize {
+        match state {
+            Starting => 0,
+            Ready => 1,
+            Upgrading => 2,
+            Draining => 3,
+            Stopping => 4,
+        }
+    }
+
+    /// Every event, each once (as for the states: `event_index`).
+    fn all_events() -> Vec<Event> {
+        vec![
+            Event::PredecessorCommitted,
+            Event::Ready,
+            Event::Trigger,
+            Event::UpgradeFailed { why: "x".into() },
+            Event::CommitTo { successor_pid: 7 },
+            Event::Stop,
+            Event::PredecessorExited,
+        ]
+    }
+
+    fn event_index(event: &Event) -> usize {
+        match event {
+            Event::PredecessorCommitted => 0,
+            Event::Ready => 1,
+            Event::Trigger => 2,
+            Event::UpgradeFailed { .. } => 3,
+            Event::CommitTo { .. } => 4,
+            Event::Stop => 5,
+            Event::PredecessorExited => 6,
+        }
+    }
+
+    /// Every status: each state with every combination of the other fields (some of them
+    /// unreachable: the table must still answer them).
+    fn all_statuses() -> Vec<Status> {
+        let mut all = Vec::new();
+        for state in ALL_STATES {
+            for bits in 0..32u8 {
+                let bit = |n: u8| bits & (1 << n) != 0;
+                all.push(Status {
+                    state,
+                    owns_paths: bit(0),
+                    predecessor_running: bit(1),
+                    successor_pid: bit(2).then_some(7),
+                    stop_requested: bit(3),
+                    hurry: bit(4),
+                });
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn the_lists_are_complete() {
+        let states: Vec<usize> = ALL_STATES.iter().map(|&s| state_index(s)).collect();
+        assert_eq!(states, (0..ALL_STATES.len()).collect::<Vec<_>>());
+        let events: Vec<usize> = all_events().iter().map(event_index).collect();
+        assert_eq!(events, (0..all_events().len()).collect::<Vec<_>>());
+    }
+
+    /// The refusals each event may meet; an event not listed is never refused.
+    fn may_refuse(event: &Event) -> &'static [Refusal] {
+        match event {
+            Event::Ready => &[Refusal::Stopped],
+            Event::Trigger => &[
+                Refusal::NotReady,
+                Refusal::InProgress,
+                Refusal::PredecessorDraining,
+                Refusal::ShuttingDown,
+            ],
+            Event::CommitTo { .. } => &[Refusal::Stopped, Refusal::ShuttingDown],
+            Event::PredecessorCommitted | Event::UpgradeFailed { .. } | Event::Stop | Event::PredecessorExited => &[],
+        }
+    }
+
+    /// Every state × every event (× every value of the other fields): a transition or a
+    /// refusal that the event may meet, and the invariants of the diagram on [`State`].
+    #[test]
+    fn every_state_and_event() {
+        let mut edges = Vec::new();
+        for before in all_statuses() {
+            for event in all_events() {
+                let (after, effect) = match next(&before, &event) {
+                    Ok(transition) => transition,
+                    Err(refusal) => {
+                        assert!(
+                            may_refuse(&event).contains(&refusal),
+                            "{event:?} in {before:?}: unexpected refusal {refusal:?}"
+                        );
+                        continue;
+                    }
+                };
+                let case = format!("{event:?} in {before:?} gave {after:?}, {effect:?}");
+                if before.state != after.state {
+                    edges.push((before.state, event_index(&event), after.state));
+                }
+                // Nothing leaves the two last states.
+                if matches!(before.state, Draining | Stopping) {
+                    assert_eq!(after.state, before.state, "{case}");
+                }
+                // Each effect comes from one kind of event.
+                match effect {
+                    Effect::None => {}
+                    Effect::FinalStop => {
+                        assert_eq!(after.state, Stopping, "{case}");
+                        assert!(after.owns_paths, "only the owner removes the paths: {case}");
+                    }
+                    Effect::Handover => {
+                        assert!(matches!(event, Event::CommitTo { .. }), "{case}");
+                        assert!(!after.owns_paths, "{case}");
+                    }
+                }
+                // The paths change hands only at a commit.
+                if after.owns_paths != before.owns_paths {
+                    let commit = matches!(event, Event::PredecessorCommitted | Event::CommitTo { .. });
+                    assert!(commit, "{case}");
+                }
+                // What is learnt is never forgotten.
+                assert!(!before.stop_requested || after.stop_requested, "{case}");
+                assert!(!before.hurry || after.hurry, "{case}");
+                assert!(before.predecessor_running || !after.predecessor_running, "{case}");
+                if after.successor_pid != before.successor_pid {
+                    assert!(matches!(event, Event::CommitTo { .. }), "{case}");
+                }
+                // Hurry is a second stop, once draining or stopping.
+                if after.hurry && !before.hurry {
+                    let second_stop = before.stop_requested && matches!(before.state, Draining | Stopping);
+                    assert!(second_stop, "{case}");
+                }
+            }
+        }
+        edges.sort_by_key(|&(from, event, to)| (state_index(from), event, state_index(to)));
+        edges.dedup();
+        let event = |e: Event| event_index(&e);
+        // The arrows of the diagram on `State`, and no other.
+        let diagram = [
+            (Starting, event(Event::Ready), Ready),
+            (Starting, event(Event::Stop), Stopping),
+            (Ready, event(Event::Trigger), Upgrading),
+            (Ready, event(Event::Stop), Stopping),
+            (Upgrading, event(Event::UpgradeFailed { why: String::new() }), Ready),
+            (Upgrading, event(Event::CommitTo { successor_pid: 7 }), Draining),
+            (Upgrading, event(Event::Stop), Stopping),
+        ];
+        assert_eq!(edges, diagram);
+    }
 
     #[test]
     fn the_upgrade_path() {
         let (s, _) = next(&Status::new(false), &Event::Ready).unwrap();
         let (s, _) = next(&s, &Event::Trigger).unwrap();
         assert_eq!(s.state, Upgrading);
-        let (s, effect) = next(&s, &Event::Commit { successor_pid: 7 }).unwrap();
+        let (s, effect) = next(&s, &Event::CommitTo { successor_pid: 7 }).unwrap();
         assert_eq!((s.state, effect, s.owns_paths), (Draining, Effect::Handover, false));
         assert_eq!(s.shutdown(), Some(Shutdown::Upgraded { successor_pid: 7 }));
     }
@@ -225,7 +374,7 @@ mod tests {
     fn a_stop_during_an_upgrade_wins_over_a_later_commit() {
         let (s, effect) = next(&at(Upgrading), &Event::Stop).unwrap();
         assert_eq!((s.state, effect), (Stopping, Effect::FinalStop));
-        assert_eq!(next(&s, &Event::Commit { successor_pid: 7 }), Err(Refusal::Stopped));
+        assert_eq!(next(&s, &Event::CommitTo { successor_pid: 7 }), Err(Refusal::Stopped));
         assert_eq!(
             next(
                 &s,
@@ -242,7 +391,7 @@ mod tests {
 
     #[test]
     fn a_commit_wins_over_a_later_stop_and_a_second_stop_means_hurry() {
-        let (s, _) = next(&at(Upgrading), &Event::Commit { successor_pid: 7 }).unwrap();
+        let (s, _) = next(&at(Upgrading), &Event::CommitTo { successor_pid: 7 }).unwrap();
         let (s, effect) = next(&s, &Event::Stop).unwrap();
         assert_eq!((s.state, s.hurry, effect), (Draining, false, Effect::None));
         let (s, _) = next(&s, &Event::Stop).unwrap();
@@ -262,7 +411,7 @@ mod tests {
         let s = Status::new(true);
         let (stopped, effect) = next(&s, &Event::Stop).unwrap();
         assert_eq!(effect, Effect::None, "the predecessor's paths are not ours to remove");
-        let (_, effect) = next(&stopped, &Event::Committed).unwrap();
+        let (_, effect) = next(&stopped, &Event::PredecessorCommitted).unwrap();
         assert_eq!(
             effect,
             Effect::FinalStop,
@@ -285,25 +434,5 @@ mod tests {
             next(&draining_predecessor, &Event::Trigger),
             Err(Refusal::PredecessorDraining)
         );
-    }
-
-    #[test]
-    fn only_an_upgrade_leads_to_draining_and_nothing_leaves_stopping() {
-        for state in [Starting, Ready, Upgrading, Draining, Stopping] {
-            for event in &EVENTS {
-                let Ok((after, _)) = next(&at(state), event) else {
-                    continue;
-                };
-                if after.state == Draining && state != Draining {
-                    assert_eq!((state, event), (Upgrading, &Event::Commit { successor_pid: 7 }));
-                }
-                if state == Stopping {
-                    assert_eq!(after.state, Stopping, "{event:?} left Stopping");
-                }
-                if state == Draining {
-                    assert_eq!(after.state, Draining, "{event:?} left Draining");
-                }
-            }
-        }
     }
 }
