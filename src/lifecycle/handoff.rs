@@ -12,6 +12,7 @@ use super::inheritance::{await_commit, inherit, Verdict};
 use super::machine::Lifecycle;
 use super::notify::Announcer;
 use super::progress::{Phases, Progress};
+use super::shared_error::SharedError;
 use super::successor::{self, Program, ReadySuccessor, StartupDeadline};
 use super::transitions::{Effect, Event, Refusal};
 use super::trigger::{self, Signals};
@@ -54,8 +55,6 @@ struct Inner {
     lifecycle: Lifecycle,
     /// The channel to the predecessor, until this process reports ready.
     predecessor: tokio::sync::Mutex<Option<Channel>>,
-    /// How far `ready()` has got: its work runs in a task of its own.
-    readiness: tokio::sync::Mutex<Readiness>,
     predecessor_pid: Option<u32>,
     /// The sockets the predecessor handed over, as it described them.
     inherited: Vec<SocketEntry>,
@@ -103,7 +102,6 @@ impl Handoff {
                 started: Instant::now(),
                 lifecycle: Lifecycle::announcing(inherited, announcer),
                 predecessor: tokio::sync::Mutex::new(predecessor),
-                readiness: tokio::sync::Mutex::new(Readiness::NotStarted),
                 predecessor_pid,
                 inherited: inherited_sockets,
                 config,
@@ -211,31 +209,34 @@ impl Handoff {
     /// dropped call loses nothing, and every later call waits for the same outcome (an
     /// error is reported in full to the call that sees it first).
     pub async fn ready(&self) -> Result<(), Error> {
-        let mut readiness = self.inner.readiness.lock().await;
-        loop {
-            match &mut *readiness {
-                Readiness::NotStarted => {
-                    let handoff = self.clone();
-                    let span = tracing::info_span!("ready", pid = std::process::id(), generation = self.generation());
-                    let becoming = async move { handoff.become_ready().await }.instrument(span);
-                    *readiness = Readiness::Running(tokio::spawn(becoming));
-                }
-                Readiness::Running(task) => {
-                    let outcome = task
-                        .await
-                        .unwrap_or_else(|e| Err(Error::io("becoming ready", std::io::Error::other(e))));
-                    *readiness = Readiness::Done(outcome.as_ref().map(|_| ()).map_err(ToString::to_string));
-                    return outcome;
-                }
-                Readiness::Done(Ok(())) => return Ok(()),
-                Readiness::Done(Err(reason)) => {
-                    return Err(Error::io(
-                        "an earlier ready() failed",
-                        std::io::Error::other(reason.clone()),
-                    ))
-                }
-            }
+        let lifecycle = &self.inner.lifecycle;
+        let mut status = lifecycle.watch();
+        if let Ok(called) = lifecycle.apply(Event::ReadyCalled) {
+            self.carry_out(called.effect); // the first call starts the work
         }
+        let outcome = match status.wait_for(|s| s.readiness.outcome().is_some()).await {
+            Ok(status) => status.readiness.outcome().cloned(),
+            Err(_) => None, // never: `self` holds the lifecycle
+        };
+        let outcome = outcome.unwrap_or_else(|| {
+            Err(SharedError::new(Error::io(
+                "becoming ready",
+                std::io::Error::other("the lifecycle is gone"),
+            )))
+        });
+        outcome.map_err(|error| error.to_error())
+    }
+
+    /// Runs the work of `ready()` in a task of its own, and records its outcome in the
+    /// lifecycle (what every call returns).
+    fn start_becoming_ready(&self) {
+        let handoff = self.clone();
+        let span = tracing::info_span!("ready", pid = std::process::id(), generation = self.generation());
+        let becoming = async move {
+            let done = ReadyDoneOnDrop(Some(&handoff.inner.lifecycle));
+            done.record(handoff.become_ready().await);
+        };
+        tokio::spawn(becoming.instrument(span));
     }
 
     async fn become_ready(&self) -> Result<(), Error> {
@@ -550,6 +551,7 @@ impl Handoff {
                 self.remove_pid_file();
             }
             Effect::Handover => registry.release_all(),
+            Effect::BecomeReady => self.start_becoming_ready(),
         }
     }
 
@@ -631,13 +633,28 @@ async fn refuse(channel: Option<Channel>, error: Error) -> Error {
 /// How long we try to tell a peer that we give up; it finds out from our exit otherwise.
 const ABORT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The work of `ready()`, run once in a task of its own.
-#[derive(Debug)]
-enum Readiness {
-    NotStarted,
-    Running(tokio::task::JoinHandle<Result<(), Error>>),
-    /// The outcome; an error as the first caller saw it.
-    Done(Result<(), String>),
+/// Records the outcome of `ready()`'s work in the lifecycle; dropped before it could (the
+/// task panicked, or its runtime shut down), records a failure, so that no call waits forever.
+struct ReadyDoneOnDrop<'a>(Option<&'a Lifecycle>);
+
+impl ReadyDoneOnDrop<'_> {
+    fn record(mut self, outcome: Result<(), Error>) {
+        if let Some(lifecycle) = self.0.take() {
+            let outcome = outcome.map_err(SharedError::new);
+            let _ = lifecycle.apply(Event::ReadyDone { outcome });
+        }
+    }
+}
+
+impl Drop for ReadyDoneOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(lifecycle) = self.0.take() {
+            let cut_short =
+                std::io::Error::other("the work ended before its outcome (a panic, or its runtime shut down)");
+            let outcome = Err(SharedError::new(Error::io("becoming ready", cut_short)));
+            let _ = lifecycle.apply(Event::ReadyDone { outcome });
+        }
+    }
 }
 
 /// Reverts `Upgrading` to `Ready` when dropped: on every path out of an upgrade, including a
@@ -770,5 +787,21 @@ mod tests {
         handoff.stop();
         tokio::time::timeout(Duration::from_secs(5), hurry).await.unwrap();
         assert!(matches!(handoff.upgrade().await, Err(UpgradeError::ShuttingDown)));
+    }
+
+    #[tokio::test]
+    async fn every_ready_call_after_a_failure_returns_the_same_typed_error() {
+        let handoff = Handoff::builder()
+            .upgrade_signal(None)
+            .stop_on_signals(false)
+            .start()
+            .await
+            .unwrap();
+        handoff.stop();
+        let (first, second) = tokio::join!(handoff.ready(), handoff.ready());
+        assert!(matches!(first, Err(Error::Stopped)), "{first:?}");
+        assert!(matches!(second, Err(Error::Stopped)), "{second:?}");
+        let later = handoff.ready().await;
+        assert!(matches!(later, Err(Error::Stopped)), "{later:?}");
     }
 }

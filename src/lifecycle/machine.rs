@@ -46,8 +46,17 @@ impl Lifecycle {
         &self.announcer
     }
 
+    /// A lifecycle at `status`, for the tests that sweep the table.
+    #[cfg(test)]
+    fn at(status: Status) -> Self {
+        Self {
+            status: watch::Sender::new(status),
+            announcer: Announcer::silent(),
+        }
+    }
+
     pub fn status(&self) -> Status {
-        *self.status.borrow()
+        self.status.borrow().clone()
     }
 
     pub fn watch(&self) -> watch::Receiver<Status> {
@@ -85,11 +94,12 @@ impl Lifecycle {
                 outcome = Some(Ok(Err(error)));
                 return false;
             }
-            let before = std::mem::replace(status, after);
+            let before = std::mem::replace(status, after.clone());
             let transition = Transition { before, after, effect };
             self.announcer.announce(&event, &transition);
+            let changed = transition.before != transition.after;
             outcome = Some(Ok(Ok(transition)));
-            before != after
+            changed
         });
         outcome.expect("send_if_modified runs its closure once")
     }
@@ -111,6 +121,38 @@ mod tests {
         let acted = lifecycle.apply_with(Event::CommitTo { successor_pid: 7 }, |_| Ok::<(), ()>(()));
         assert_eq!(acted.map(|acted| acted.map(|t| t.effect)), Ok(Ok(Effect::Handover)));
         assert_eq!(lifecycle.status().state, Draining);
+    }
+
+    /// Every status × every event, through the lock: a refusal changes nothing and wakes no
+    /// observer; a transition is the table's, and observers hear of it when it changes
+    /// something.
+    #[test]
+    fn a_refusal_changes_nothing_and_a_transition_is_the_tables() {
+        use crate::lifecycle::transitions::next;
+        use crate::lifecycle::transitions::tests::{all_events, all_statuses};
+        for before in all_statuses() {
+            for event in all_events() {
+                let lifecycle = Lifecycle::at(before.clone());
+                let observer = lifecycle.watch();
+                let expected = next(&before, &event);
+                let case = format!("{event:?} in {before:?}");
+                match lifecycle.apply(event) {
+                    Err(refusal) => {
+                        assert_eq!(expected, Err(refusal), "{case}");
+                        assert_eq!(lifecycle.status(), before, "{case}");
+                        assert!(!observer.has_changed().unwrap(), "{case}");
+                    }
+                    Ok(transition) => {
+                        let (after, effect) = expected.unwrap();
+                        let before = before.clone();
+                        assert_eq!(transition, Transition { before, after, effect }, "{case}");
+                        assert_eq!(lifecycle.status(), transition.after, "{case}");
+                        let changed = transition.before != transition.after;
+                        assert_eq!(observer.has_changed().unwrap(), changed, "{case}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

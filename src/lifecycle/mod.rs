@@ -12,6 +12,7 @@ mod pid_file;
 mod platform;
 mod process;
 mod progress;
+mod shared_error;
 mod state;
 mod successor;
 mod transitions;

@@ -172,8 +172,8 @@ mod tests {
             .map(|event| {
                 let (after, effect) = next(&status, event).unwrap();
                 let transition = Transition {
-                    before: status,
-                    after,
+                    before: status.clone(),
+                    after: after.clone(),
                     effect,
                 };
                 status = after;

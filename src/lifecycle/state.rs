@@ -26,7 +26,9 @@ use serde::Serialize;
 /// commit to our ready successor, the point of no return. `Stop`: SIGTERM, SIGINT or
 /// [`stop`](super::handoff::Handoff::stop). The events that change no state are not drawn:
 /// `PredecessorCommitted` (a successor's predecessor committed to it: it owns the shared
-/// paths from then on) and `PredecessorExited`.
+/// paths from then on), `PredecessorExited`, and the steps of `ready()`'s own work,
+/// `ReadyCalled` (the first call starts it) and `ReadyDone` (its outcome, which every call
+/// returns).
 ///
 /// In `Stopping`, a second stop makes the drain's deadline now; in `Draining`, the first stop
 /// is only noted (a supervisor stopping a service signals old processes too) and the second

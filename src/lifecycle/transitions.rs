@@ -3,12 +3,15 @@
 //! transition ([`Effect`]) and why an event is refused ([`Refusal`]). Pure: no I/O, no
 //! locking; `machine` applies it. The diagram on [`State`] draws this table.
 
+use super::shared_error::SharedError;
 use super::{Shutdown, State};
 
 /// Everything a process's lifecycle knows. Observers read it through `Lifecycle::watch`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Status {
     pub state: State,
+    /// How far the work of `ready()` has got.
+    pub readiness: Readiness,
     /// Whether this process owns the shared paths: a first generation from its start, a
     /// successor from its predecessor's commit, and neither once it has handed over.
     pub owns_paths: bool,
@@ -28,6 +31,7 @@ impl Status {
     pub fn new(inherited: bool) -> Self {
         Self {
             state: State::Starting,
+            readiness: Readiness::NotStarted,
             owns_paths: !inherited,
             predecessor_running: inherited,
             successor_pid: None,
@@ -46,14 +50,45 @@ impl Status {
     }
 }
 
+/// How far the work of `ready()` has got: it runs once, in a task of its own started by the
+/// first call, and every call returns its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// `ready()` has not been called.
+    NotStarted,
+    /// The first call started the work; every call waits for its outcome.
+    Running,
+    /// The work is over: what every call returns, an error included (typed, the same for
+    /// every call).
+    Done(Result<(), SharedError>),
+}
+
+impl Readiness {
+    /// The outcome, once the work is over.
+    pub fn outcome(&self) -> Option<&Result<(), SharedError>> {
+        match self {
+            Self::Done(outcome) => Some(outcome),
+            Self::NotStarted | Self::Running => None,
+        }
+    }
+}
+
 /// What can happen to a process, named after who acts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Event {
     /// Successor side: our predecessor committed to us (or vanished after handing everything
     /// over).
     PredecessorCommitted,
-    /// The application reports that it serves.
+    /// The application called `ready()`: the first call starts its work.
+    ReadyCalled,
+    /// The work of `ready()` got through (a successor's includes the commit): this process
+    /// serves.
     Ready,
+    /// The work of `ready()` is over, with what every call returns.
+    ReadyDone {
+        /// Its outcome.
+        outcome: Result<(), SharedError>,
+    },
     /// An upgrade was triggered.
     Trigger,
     /// The upgrade under way failed or was abandoned before its commit.
@@ -83,6 +118,8 @@ pub(crate) enum Effect {
     FinalStop,
     /// Handed over: let go of every descriptor (the successor owns the paths).
     Handover,
+    /// Start the work of `ready()`, in a task of its own.
+    BecomeReady,
 }
 
 /// Why an event was refused: the state stays as it was.
@@ -104,14 +141,16 @@ pub(crate) enum Refusal {
 /// each, never inherit "unchanged" by default.
 pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), Refusal> {
     use State::*;
-    let status = *status;
-    let with = |state: State| Status { state, ..status };
-    let unchanged = Ok((status, Effect::None));
+    let with = |state: State| Status {
+        state,
+        ..status.clone()
+    };
+    let unchanged = || Ok((status.clone(), Effect::None));
     match (status.state, event) {
         (Starting, Event::PredecessorCommitted) => Ok((
             Status {
                 owns_paths: true,
-                ..status
+                ..status.clone()
             },
             Effect::None,
         )),
@@ -119,16 +158,42 @@ pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), R
         (Stopping, Event::PredecessorCommitted) => Ok((
             Status {
                 owns_paths: true,
-                ..status
+                ..status.clone()
             },
             Effect::FinalStop,
         )),
         // Unreachable: a successor is committed to while it starts (or stops).
-        (Ready | Upgrading | Draining, Event::PredecessorCommitted) => unchanged,
+        (Ready | Upgrading | Draining, Event::PredecessorCommitted) => unchanged(),
+
+        // Whatever the state: the work itself finds out what there is to do (a stop first:
+        // it tells the predecessor, if any, that we give up).
+        (Starting | Ready | Upgrading | Draining | Stopping, Event::ReadyCalled) => match status.readiness {
+            Readiness::NotStarted => Ok((
+                Status {
+                    readiness: Readiness::Running,
+                    ..status.clone()
+                },
+                Effect::BecomeReady,
+            )),
+            // Later calls wait for the first one's outcome.
+            Readiness::Running | Readiness::Done(_) => unchanged(),
+        },
 
         (Starting, Event::Ready) => Ok((with(Ready), Effect::None)),
         (Stopping, Event::Ready) => Err(Refusal::Stopped),
-        (Ready | Upgrading | Draining, Event::Ready) => unchanged,
+        (Ready | Upgrading | Draining, Event::Ready) => unchanged(),
+
+        (Starting | Ready | Upgrading | Draining | Stopping, Event::ReadyDone { outcome }) => match status.readiness {
+            Readiness::Running => Ok((
+                Status {
+                    readiness: Readiness::Done(outcome.clone()),
+                    ..status.clone()
+                },
+                Effect::None,
+            )),
+            // Unreachable: an outcome without the work, or a second one (the first stands).
+            Readiness::NotStarted | Readiness::Done(_) => unchanged(),
+        },
 
         (Starting, Event::Trigger) => Err(Refusal::NotReady),
         (Ready, Event::Trigger) if status.predecessor_running => Err(Refusal::PredecessorDraining),
@@ -139,14 +204,14 @@ pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), R
         (Upgrading, Event::UpgradeFailed { .. }) => Ok((with(Ready), Effect::None)),
         // A stop won the race: it stays a stop. Before a trigger or after a commit: nothing
         // to revert.
-        (Starting | Ready | Draining | Stopping, Event::UpgradeFailed { .. }) => unchanged,
+        (Starting | Ready | Draining | Stopping, Event::UpgradeFailed { .. }) => unchanged(),
 
         (Upgrading, &Event::CommitTo { successor_pid }) => Ok((
             Status {
                 state: Draining,
                 owns_paths: false,
                 successor_pid: Some(successor_pid),
-                ..status
+                ..status.clone()
             },
             Effect::Handover,
         )),
@@ -163,23 +228,29 @@ pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), R
             let stopping = Status {
                 state: Stopping,
                 stop_requested: true,
-                ..status
+                ..status.clone()
             };
             Ok((stopping, effect))
         }
         (Draining | Stopping, Event::Stop) if !status.stop_requested => Ok((
             Status {
                 stop_requested: true,
-                ..status
+                ..status.clone()
             },
             Effect::None,
         )),
-        (Draining | Stopping, Event::Stop) => Ok((Status { hurry: true, ..status }, Effect::None)),
+        (Draining | Stopping, Event::Stop) => Ok((
+            Status {
+                hurry: true,
+                ..status.clone()
+            },
+            Effect::None,
+        )),
 
         (Starting | Ready | Upgrading | Draining | Stopping, Event::PredecessorExited) => Ok((
             Status {
                 predecessor_running: false,
-                ..status
+                ..status.clone()
             },
             Effect::None,
         )),
@@ -187,7 +258,7 @@ pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), R
 }
 
 /// One applied transition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Transition {
     pub before: Status,
     pub after: Status,
@@ -195,7 +266,7 @@ pub(crate) struct Transition {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use State::*;
 
@@ -221,10 +292,15 @@ mod tests {
     }
 
     /// Every event, each once (as for the states: `event_index`).
-    fn all_events() -> Vec<Event> {
+    pub(crate) fn all_events() -> Vec<Event> {
         vec![
             Event::PredecessorCommitted,
+            Event::ReadyCalled,
             Event::Ready,
+            Event::ReadyDone { outcome: Ok(()) },
+            Event::ReadyDone {
+                outcome: Err(SharedError::new(crate::error::Error::Stopped)),
+            },
             Event::Trigger,
             Event::UpgradeFailed { why: "x".into() },
             Event::CommitTo { successor_pid: 7 },
@@ -236,24 +312,49 @@ mod tests {
     fn event_index(event: &Event) -> usize {
         match event {
             Event::PredecessorCommitted => 0,
-            Event::Ready => 1,
-            Event::Trigger => 2,
-            Event::UpgradeFailed { .. } => 3,
-            Event::CommitTo { .. } => 4,
-            Event::Stop => 5,
-            Event::PredecessorExited => 6,
+            Event::ReadyCalled => 1,
+            Event::Ready => 2,
+            Event::ReadyDone { .. } => 3,
+            Event::Trigger => 4,
+            Event::UpgradeFailed { .. } => 5,
+            Event::CommitTo { .. } => 6,
+            Event::Stop => 7,
+            Event::PredecessorExited => 8,
+        }
+    }
+
+    /// Every step of `ready()`'s work (an error: one, as every error is the same to the table).
+    fn all_readiness() -> Vec<Readiness> {
+        let failed = SharedError::new(crate::error::Error::Stopped);
+        vec![
+            Readiness::NotStarted,
+            Readiness::Running,
+            Readiness::Done(Ok(())),
+            Readiness::Done(Err(failed)),
+        ]
+    }
+
+    fn readiness_index(readiness: &Readiness) -> usize {
+        match readiness {
+            Readiness::NotStarted => 0,
+            Readiness::Running => 1,
+            Readiness::Done(_) => 2,
         }
     }
 
     /// Every status: each state with every combination of the other fields (some of them
     /// unreachable: the table must still answer them).
-    fn all_statuses() -> Vec<Status> {
+    pub(crate) fn all_statuses() -> Vec<Status> {
         let mut all = Vec::new();
-        for state in ALL_STATES {
+        for (state, readiness) in ALL_STATES
+            .iter()
+            .flat_map(|&s| all_readiness().into_iter().map(move |r| (s, r)))
+        {
             for bits in 0..32u8 {
                 let bit = |n: u8| bits & (1 << n) != 0;
                 all.push(Status {
                     state,
+                    readiness: readiness.clone(),
                     owns_paths: bit(0),
                     predecessor_running: bit(1),
                     successor_pid: bit(2).then_some(7),
@@ -269,8 +370,12 @@ mod tests {
     fn the_lists_are_complete() {
         let states: Vec<usize> = ALL_STATES.iter().map(|&s| state_index(s)).collect();
         assert_eq!(states, (0..ALL_STATES.len()).collect::<Vec<_>>());
-        let events: Vec<usize> = all_events().iter().map(event_index).collect();
-        assert_eq!(events, (0..all_events().len()).collect::<Vec<_>>());
+        let mut events: Vec<usize> = all_events().iter().map(event_index).collect();
+        events.dedup();
+        assert_eq!(events, (0..=event_index(&Event::PredecessorExited)).collect::<Vec<_>>());
+        let mut readiness: Vec<usize> = all_readiness().iter().map(readiness_index).collect();
+        readiness.dedup();
+        assert_eq!(readiness, [0, 1, 2]);
     }
 
     /// The refusals each event may meet; an event not listed is never refused.
@@ -284,7 +389,12 @@ mod tests {
                 Refusal::ShuttingDown,
             ],
             Event::CommitTo { .. } => &[Refusal::Stopped, Refusal::ShuttingDown],
-            Event::PredecessorCommitted | Event::UpgradeFailed { .. } | Event::Stop | Event::PredecessorExited => &[],
+            Event::PredecessorCommitted
+            | Event::ReadyCalled
+            | Event::ReadyDone { .. }
+            | Event::UpgradeFailed { .. }
+            | Event::Stop
+            | Event::PredecessorExited => &[],
         }
     }
 
@@ -324,6 +434,21 @@ mod tests {
                         assert!(matches!(event, Event::CommitTo { .. }), "{case}");
                         assert!(!after.owns_paths, "{case}");
                     }
+                    Effect::BecomeReady => {
+                        assert_eq!(event, Event::ReadyCalled, "{case}");
+                        assert_eq!(before.readiness, Readiness::NotStarted, "once: {case}");
+                    }
+                }
+                // The work of `ready()` moves on, never back, and its outcome stands.
+                assert!(
+                    readiness_index(&after.readiness) >= readiness_index(&before.readiness),
+                    "{case}"
+                );
+                if let Readiness::Done(_) = before.readiness {
+                    assert_eq!(after.readiness, before.readiness, "{case}");
+                }
+                if after.readiness != before.readiness {
+                    assert!(matches!(event, Event::ReadyCalled | Event::ReadyDone { .. }), "{case}");
                 }
                 // The paths change hands only at a commit.
                 if after.owns_paths != before.owns_paths {
