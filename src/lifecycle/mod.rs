@@ -2,6 +2,7 @@
 //! over to a successor), drain, exit; or back to ready when an upgrade fails.
 
 mod builder;
+mod child;
 mod connections;
 mod counters;
 mod handoff;
@@ -10,9 +11,9 @@ mod machine;
 mod notify;
 mod pid_file;
 mod platform;
-mod process;
 mod progress;
 mod shared_error;
+mod spawn;
 mod state;
 mod successor;
 mod transitions;

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use nix::sys::signal::SigSet;
 
+use super::child::Child;
 use super::inheritance::CHANNEL_FD_VAR;
-use super::process::{self, Successor as Child};
 use super::progress::{self, Progress};
+use super::spawn::{self, Spawn};
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 use super::Builder;
 use crate::wire::{self, Channel, Message, SocketEntry, WireError, PROTOCOL_VERSION};
@@ -483,12 +484,12 @@ const FOREIGN_DESCRIPTOR_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_
 
 /// Starts the executable (what its path names now) with our arguments, working directory
 /// and environment, plus the channel's descriptor number. The channel is the only descriptor
-/// it inherits, and the held signals are blocked from before its `exec` (see [`process`]).
+/// it inherits, and the held signals are blocked from before its `exec` (see [`spawn`]).
 fn spawn(program: &Program, channel: BorrowedFd<'_>) -> Result<Child, UpgradeError> {
     let working_dir = program.working_dir();
     let mut args = vec![program.argv0()];
     args.extend(program.args.iter().skip(1).cloned());
-    let start = process::Spawn {
+    let start = Spawn {
         executable: &program.executable,
         args,
         working_dir,
@@ -496,11 +497,11 @@ fn spawn(program: &Program, channel: BorrowedFd<'_>) -> Result<Child, UpgradeErr
         set: vec![
             // What a shell would say after `cd`: the successor finds its start directory in it.
             ("PWD", working_dir.as_os_str().to_owned()),
-            (CHANNEL_FD_VAR, process::inherited_number(channel).to_string().into()),
+            (CHANNEL_FD_VAR, spawn::inherited_number(channel).to_string().into()),
         ],
         held_signals: program.held_signals,
     };
-    process::spawn(&start, channel).map_err(|source| program.spawn_error(working_dir, source))
+    spawn::spawn(&start, channel).map_err(|source| program.spawn_error(working_dir, source))
 }
 
 /// Kills and reaps the successor unless disarmed: whatever path leaves `launch` early
