@@ -11,6 +11,7 @@ mod machine;
 mod notify;
 mod pid_file;
 mod platform;
+mod program;
 mod progress;
 mod shared_error;
 mod spawn;
