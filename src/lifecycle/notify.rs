@@ -15,14 +15,14 @@
 //! (a successor's own message could be read before that and be refused), and a successor
 //! says nothing until it has been named. The barrier after the commit makes sure the
 //! manager has read the new `MAINPID=` before the old process can exit (see
-//! [`Handoff::shutdown_signal`](crate::Handoff::shutdown_signal)); otherwise it could see
+//! `Handoff::shutdown_signal`); otherwise it could see
 //! its main process exit and stop the whole service. A handoff never sends `STOPPING=1`.
 
 use std::fmt::Write;
 use std::time::Duration;
 
+use super::state::State;
 use super::transitions::{Effect, Event, Transition};
-use super::State;
 use crate::systemd::notify::{monotonic_usec, Notifier};
 
 /// One notification: its lines, and whether a barrier must follow it.

@@ -19,12 +19,12 @@ use serde::Serialize;
 ///    └────────────────────┴────▶ Stopping ◀────┘ ⟲ Stop
 /// ```
 ///
-/// `Ready`: the work of [`ready`](super::handoff::Handoff::ready) got through (a successor's
+/// `Ready`: the work of `Handoff::ready` got through (a successor's
 /// includes its predecessor's commit). `Trigger`: an upgrade is asked for
-/// ([`upgrade`](super::handoff::Handoff::upgrade), SIGUSR2, the control socket).
+/// (`Handoff::upgrade`, SIGUSR2, the control socket).
 /// `UpgradeFailed`: the upgrade failed or was abandoned before its commit. `CommitTo`: we
 /// commit to our ready successor, the point of no return. `Stop`: SIGTERM, SIGINT or
-/// [`stop`](super::handoff::Handoff::stop). The events that change no state are not drawn:
+/// `Handoff::stop`. The events that change no state are not drawn:
 /// `PredecessorCommitted` (a successor's predecessor committed to it: it owns the shared
 /// paths from then on), `PredecessorExited`, and the steps of `ready()`'s own work,
 /// `ReadyCalled` (the first call starts it) and `ReadyDone` (its outcome, which every call
@@ -53,7 +53,7 @@ pub enum State {
     Stopping,
 }
 
-/// Why a process stops serving: what [`Handoff::shutdown_signal`](crate::Handoff::shutdown_signal)
+/// Why a process stops serving: what `Handoff::shutdown_signal`
 /// resolves to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "reason")]
@@ -64,6 +64,6 @@ pub enum Shutdown {
         /// The successor's pid.
         successor_pid: u32,
     },
-    /// A final stop (SIGTERM, SIGINT or [`Handoff::stop`](crate::Handoff::stop)): drain and exit.
+    /// A final stop (SIGTERM, SIGINT or `Handoff::stop`): drain and exit.
     Stopped,
 }

@@ -4,7 +4,7 @@
 //! locking; `machine` applies it. The diagram on [`State`] draws this table.
 
 use super::shared_error::SharedError;
-use super::{Shutdown, State};
+use super::state::{Shutdown, State};
 
 /// Everything a process's lifecycle knows. Observers read it through `Lifecycle::watch`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -115,7 +115,16 @@ impl Handoff {
             }),
         };
         tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");
-        signals.serve(&handoff);
+        let (stopping, upgrading) = (handoff.clone(), handoff.clone());
+        signals.serve(
+            move || stopping.stop(),
+            move || {
+                let handoff = upgrading.clone();
+                async move {
+                    let _ = handoff.upgrade().await; // logged by upgrade()
+                }
+            },
+        );
         Ok(handoff)
     }
 
@@ -187,6 +196,22 @@ impl Handoff {
     /// Follows the phase of the upgrade under way (`None` between upgrades).
     pub(crate) fn upgrade_progress(&self) -> &Phases {
         &self.inner.progress
+    }
+}
+
+impl Builder {
+    /// Starts: inherits the predecessor's sockets if this process was started by an upgrade,
+    /// and installs the signal handlers. Call it early: signals that arrive before are not
+    /// handled.
+    ///
+    /// Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Inherit`] if a predecessor's handoff fails or is refused (the predecessor is
+    /// told why and goes on serving; this process should exit), or [`Error::Io`].
+    pub async fn start(self) -> Result<Handoff, Error> {
+        Handoff::start(self).await
     }
 }
 
