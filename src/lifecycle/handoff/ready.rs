@@ -180,7 +180,7 @@ impl Handoff {
     /// as often as needed, before [`ready`](Self::ready).
     ///
     /// A successor asks its predecessor, which moves its upgrade deadline, never past its
-    /// [`Builder::max_upgrade_time`] (a successor that keeps asking is still killed there),
+    /// [`Builder::max_upgrade_time`](crate::lifecycle::builder::Builder::max_upgrade_time) (a successor that keeps asking is still killed there),
     /// and tells the service manager (`EXTEND_TIMEOUT_USEC=`). A first generation under
     /// systemd asks the service manager. Otherwise, and once ready, there is no deadline to
     /// move and this does nothing.

@@ -17,7 +17,8 @@ use crate::lifecycle::upgrade_error::{Phase, UpgradeError, UpgradeReport};
 impl Handoff {
     /// Starts the successor and hands it every socket; returns once it is ready and this
     /// process has committed to it, at which point
-    /// [`shutdown_signal`](Self::shutdown_signal) resolves with [`Shutdown::Upgraded`]. This
+    /// [`shutdown_signal`](Self::shutdown_signal) resolves with
+    /// [`Shutdown::Upgraded`](crate::lifecycle::state::Shutdown::Upgraded). This
     /// is what SIGUSR2 and the control socket's `upgrade` call.
     ///
     /// # Errors
