@@ -45,7 +45,8 @@ impl Status {
         match (self.state, self.successor_pid) {
             (State::Draining, Some(successor_pid)) => Some(Shutdown::Upgraded { successor_pid }),
             (State::Stopping, _) => Some(Shutdown::Stopped),
-            _ => None,
+            // Draining without a successor cannot be: only a commit leads there.
+            (State::Starting | State::Ready | State::Upgrading | State::Draining, _) => None,
         }
     }
 }

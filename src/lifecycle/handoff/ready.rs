@@ -37,8 +37,8 @@ impl Handoff {
     /// # Cancel safety
     ///
     /// Cancel safe: the work runs in a task of its own, started by the first call; a
-    /// dropped call loses nothing, and every later call waits for the same outcome (an
-    /// error is reported in full to the call that sees it first).
+    /// dropped call loses nothing, and every call waits for the same outcome (an error: the
+    /// same variant, with the same message, for every call).
     pub async fn ready(&self) -> Result<(), Error> {
         let lifecycle = &self.inner.lifecycle;
         let mut status = lifecycle.watch();
@@ -47,15 +47,16 @@ impl Handoff {
         }
         let outcome = match status.wait_for(|s| s.readiness.outcome().is_some()).await {
             Ok(status) => status.readiness.outcome().cloned(),
-            Err(_) => None, // never: `self` holds the lifecycle
+            Err(_) => None,
         };
-        let outcome = outcome.unwrap_or_else(|| {
-            Err(SharedError::new(Error::io(
+        match outcome {
+            Some(outcome) => outcome.map_err(|error| error.to_error()),
+            // Never: `self` holds the lifecycle, whose sender outlives this wait.
+            None => Err(Error::io(
                 "becoming ready",
                 std::io::Error::other("the lifecycle is gone"),
-            )))
-        });
-        outcome.map_err(|error| error.to_error())
+            )),
+        }
     }
 
     /// Runs the work of `ready()` in a task of its own, and records its outcome in the
