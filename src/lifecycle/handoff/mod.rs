@@ -54,7 +54,7 @@ struct Inner {
     registry: ListenerRegistry,
     generation: u64,
     started: Instant,
-    /// The one place where the state changes (see `transitions`).
+    /// The one place where the state changes (see `machine`, and the table in `transitions`).
     lifecycle: Lifecycle,
     /// The channel to the predecessor, until this process reports ready.
     predecessor: tokio::sync::Mutex<Option<Channel>>,
