@@ -1,14 +1,12 @@
-//! [`Builder`]: how a process takes part in upgrades.
+//! [`Builder`]: how a process takes part in upgrades (its options; `Handoff` starts from it).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::signal::unix::SignalKind;
 
-use super::Handoff;
-use crate::Error;
-
-/// Configures and starts a [`Handoff`]. Each option states its default.
+/// Configures and starts a `Handoff` ([`start`](Self::start), beside `Handoff`). Each option
+/// states its default.
 ///
 /// # Examples
 ///
@@ -53,7 +51,7 @@ impl Default for Builder {
 impl Builder {
     /// How long a successor has, from its start, to adopt the sockets and report ready
     /// before it is killed and this process carries on, unless it asks for more time
-    /// ([`Handoff::extend_startup`], up to [`max_upgrade_time`](Self::max_upgrade_time)).
+    /// (`Handoff::extend_startup`, up to [`max_upgrade_time`](Self::max_upgrade_time)).
     /// Default: 30 seconds.
     pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
         self.upgrade_timeout = timeout;
@@ -61,7 +59,7 @@ impl Builder {
     }
 
     /// The most a successor can get, from its start, by asking for more time
-    /// ([`Handoff::extend_startup`]): past it, it is killed however often it asked. Never
+    /// (`Handoff::extend_startup`): past it, it is killed however often it asked. Never
     /// less than the [`upgrade_timeout`](Self::upgrade_timeout). Default: 5 minutes.
     pub fn max_upgrade_time(mut self, maximum: Duration) -> Self {
         self.max_upgrade_time = maximum;
@@ -76,14 +74,14 @@ impl Builder {
     }
 
     /// The signal that triggers an upgrade, or `None` for none (upgrade through
-    /// [`Handoff::upgrade`] or the control socket only). Default: `SIGUSR2`.
+    /// `Handoff::upgrade` or the control socket only). Default: `SIGUSR2`.
     pub fn upgrade_signal(mut self, signal: Option<SignalKind>) -> Self {
         self.upgrade_signal = signal;
         self
     }
 
     /// Whether SIGTERM and SIGINT request a final, graceful stop
-    /// ([`Shutdown::Stopped`](crate::Shutdown::Stopped)). Default: true.
+    /// ([`Shutdown::Stopped`](super::state::Shutdown::Stopped)). Default: true.
     pub fn stop_on_signals(mut self, enabled: bool) -> Self {
         self.stop_on_signals = enabled;
         self
@@ -114,19 +112,5 @@ impl Builder {
     pub fn working_dir(mut self, path: impl Into<PathBuf>) -> Self {
         self.working_dir = Some(path.into());
         self
-    }
-
-    /// Starts: inherits the predecessor's sockets if this process was started by an upgrade,
-    /// and installs the signal handlers. Call it early: signals that arrive before are not
-    /// handled.
-    ///
-    /// Must be called within a tokio runtime.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Inherit`] if a predecessor's handoff fails or is refused (the predecessor is
-    /// told why and goes on serving; this process should exit), or [`Error::Io`].
-    pub async fn start(self) -> Result<Handoff, Error> {
-        Handoff::start(self).await
     }
 }

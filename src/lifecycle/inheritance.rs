@@ -7,8 +7,8 @@ use std::time::Duration;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
 use super::progress;
+use crate::error::Error;
 use crate::wire::{self, Channel, Message, SocketEntry, WireError, PROTOCOL_VERSION};
-use crate::Error;
 
 /// The environment variable that carries the channel's descriptor number to a successor.
 pub const CHANNEL_FD_VAR: &str = "HANDOFF_FD";

@@ -1,16 +1,27 @@
 //! The life of one process: start (inheriting sockets), ready, upgrade (spawning and handing
 //! over to a successor), drain, exit; or back to ready when an upgrade fails.
+//!
+//! The state machine: `state` (the public states), `transitions` (the pure table),
+//! `machine` (applies it under a lock), `notify` (what the service manager hears of each
+//! transition). The handle: `handoff` (by side: `ready`, `upgrade`, `stop`), `builder`. The
+//! predecessor's side of an upgrade: `successor` (launch, handshake, the ready successor, its
+//! deadline), `program` (what to start), `spawn` and `child` (`posix_spawn`, the child
+//! process), `platform` (what the C library offers). The successor's side: `inheritance`.
 
 mod builder;
+mod child;
 mod connections;
 mod counters;
 mod handoff;
 mod inheritance;
+mod machine;
 mod notify;
 mod pid_file;
 mod platform;
-mod process;
+mod program;
 mod progress;
+mod shared_error;
+mod spawn;
 mod state;
 mod successor;
 mod transitions;

@@ -15,14 +15,14 @@
 //! (a successor's own message could be read before that and be refused), and a successor
 //! says nothing until it has been named. The barrier after the commit makes sure the
 //! manager has read the new `MAINPID=` before the old process can exit (see
-//! [`Handoff::shutdown_signal`](crate::Handoff::shutdown_signal)); otherwise it could see
+//! `Handoff::shutdown_signal`); otherwise it could see
 //! its main process exit and stop the whole service. A handoff never sends `STOPPING=1`.
 
 use std::fmt::Write;
 use std::time::Duration;
 
+use super::state::State;
 use super::transitions::{Effect, Event, Transition};
-use super::State;
 use crate::systemd::notify::{monotonic_usec, Notifier};
 
 /// One notification: its lines, and whether a barrier must follow it.
@@ -60,14 +60,14 @@ impl Announcer {
         Self::new(Notifier::default(), 1, false, Duration::ZERO)
     }
 
-    /// Announces `transition`, caused by `event` (and, for a failed upgrade, `why`). Queues
-    /// without blocking: the lifecycle calls it inside its critical section, so that the
-    /// manager hears the transitions in the order they happened.
-    pub fn announce(&self, event: Event, transition: &Transition, why: Option<&str>) {
+    /// Announces `transition`, caused by `event`. Queues without blocking: the lifecycle
+    /// calls it inside its critical section, so that the manager hears the transitions in the
+    /// order they happened.
+    pub fn announce(&self, event: &Event, transition: &Transition) {
         if !self.notifier.is_active() {
             return;
         }
-        if let Some(Announcement { message, barrier }) = self.announcement(event, transition, why, monotonic_usec()) {
+        if let Some(Announcement { message, barrier }) = self.announcement(event, transition, monotonic_usec()) {
             self.notifier.notify(message, barrier);
         }
     }
@@ -104,13 +104,7 @@ impl Announcer {
     }
 
     /// The announcement for a transition, if any: the table at the top of this module.
-    pub fn announcement(
-        &self,
-        event: Event,
-        transition: &Transition,
-        why: Option<&str>,
-        now_usec: u64,
-    ) -> Option<Announcement> {
+    pub fn announcement(&self, event: &Event, transition: &Transition, now_usec: u64) -> Option<Announcement> {
         let (pid, generation) = (self.pid, self.generation);
         let (before, after) = (transition.before.state, transition.after.state);
         let mut message = String::new();
@@ -131,14 +125,13 @@ impl Announcer {
                     generation.saturating_add(1),
                 );
             }
-            (State::Upgrading, State::Ready, _) => {
-                let why = why.unwrap_or("abandoned");
+            (State::Upgrading, State::Ready, Event::UpgradeFailed { why }) => {
                 message = format!(
                     "READY=1\nSTATUS=upgrade failed: {}; generation {generation} (pid {pid}) serves",
                     one_line(why)
                 );
             }
-            (State::Upgrading, State::Draining, Event::Commit { successor_pid }) => {
+            (State::Upgrading, State::Draining, &Event::CommitTo { successor_pid }) => {
                 message = format!(
                     "MAINPID={successor_pid}\nREADY=1\nSTATUS=serving: generation {} (pid {successor_pid}); \
                      generation {generation} (pid {pid}) drains",
@@ -176,15 +169,15 @@ mod tests {
     fn announcements(announcer: &Announcer, mut status: Status, events: &[Event]) -> Vec<Option<Announcement>> {
         events
             .iter()
-            .map(|&event| {
-                let (after, effect) = next(status, event).unwrap();
+            .map(|event| {
+                let (after, effect) = next(&status, event).unwrap();
                 let transition = Transition {
-                    before: status,
-                    after,
+                    before: status.clone(),
+                    after: after.clone(),
                     effect,
                 };
                 status = after;
-                announcer.announcement(event, &transition, Some("successor pid 7 exited\n(1)"), 55)
+                announcer.announcement(event, &transition, 55)
             })
             .collect()
     }
@@ -201,7 +194,7 @@ mod tests {
         let events = [
             Event::Ready,
             Event::Trigger,
-            Event::Commit { successor_pid: 7 },
+            Event::CommitTo { successor_pid: 7 },
             Event::Stop,
         ];
         let announced = announcements(&announcer(false), Status::new(false), &events);
@@ -231,7 +224,8 @@ mod tests {
 
     #[test]
     fn a_failed_upgrade_is_ready_again_with_the_reason_on_one_line() {
-        let events = [Event::Ready, Event::Trigger, Event::UpgradeFailed];
+        let why = "successor pid 7 exited\n(1)".to_owned();
+        let events = [Event::Ready, Event::Trigger, Event::UpgradeFailed { why }];
         let said = messages(&announcements(&announcer(false), Status::new(false), &events));
         assert_eq!(
             said[2],
@@ -247,7 +241,8 @@ mod tests {
             &[Event::Ready, Event::Stop],
         ));
         assert!(said[1].starts_with("STOPPING=1\n"), "{}", said[1]);
-        let events = [Event::Ready, Event::Trigger, Event::Stop, Event::UpgradeFailed];
+        let why = "a stop was requested".to_owned();
+        let events = [Event::Ready, Event::Trigger, Event::Stop, Event::UpgradeFailed { why }];
         let said = messages(&announcements(&announcer(false), Status::new(false), &events));
         assert!(said[2].starts_with("STOPPING=1\n"), "{}", said[2]);
         assert_eq!(
@@ -262,7 +257,7 @@ mod tests {
         let said = messages(&announcements(
             &successor,
             Status::new(true),
-            &[Event::Committed, Event::Ready],
+            &[Event::PredecessorCommitted, Event::Ready],
         ));
         assert_eq!(said, ["", ""], "its predecessor announced it");
         // A stop before the commit: not the main process, nothing to say; the commit that
@@ -270,7 +265,7 @@ mod tests {
         let said = messages(&announcements(
             &successor,
             Status::new(true),
-            &[Event::Stop, Event::Committed],
+            &[Event::Stop, Event::PredecessorCommitted],
         ));
         assert_eq!(said[0], "");
         assert!(said[1].starts_with("STOPPING=1\n"), "{}", said[1]);

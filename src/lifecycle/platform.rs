@@ -4,7 +4,8 @@
 //! `posix_spawn_file_actions_addchdir_np` (glibc 2.29, musl 1.1.24) and `pidfd_open` (Linux
 //! 5.3). Linked by name, the first two would keep the crate from linking on glibc 2.31
 //! (Debian 11, Ubuntu 20.04) or 2.28 (RHEL 8), and from building on musl at all; so they are
-//! looked up with `dlsym`, and each has a fallback (see [`crate::lifecycle::process`]).
+//! looked up with `dlsym`, and each has a fallback, which the spawn chooses when the piece
+//! is missing.
 
 use std::ffi::{c_char, c_int, CStr};
 use std::sync::OnceLock;
@@ -72,7 +73,7 @@ mod tests {
     #[test]
     #[cfg(target_env = "gnu")]
     fn this_glibc_has_what_the_fast_spawn_uses() {
-        // The CI machine's glibc is recent; the fallbacks have their own tests in `process`.
+        // The CI machine's glibc is recent; the fallbacks have their own tests in `spawn`.
         let platform = Platform::detected();
         assert!(platform.close_from.is_some() && platform.chdir.is_some());
     }

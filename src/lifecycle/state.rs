@@ -2,24 +2,37 @@
 
 use serde::Serialize;
 
-/// Where a process is in its life. Every change goes through one transition table (in
-/// `src/lifecycle/transitions.rs`), which this diagram draws:
+/// Where a process is in its life. Every change goes through one transition table (`next`,
+/// in `src/lifecycle/transitions.rs`, which a test holds to this diagram): each arrow is an
+/// event of the table.
 ///
 /// ```text
-///           ready()           trigger             commit: the successor is ready
-/// Starting ─────────▶ Ready ───────────▶ Upgrading ── and we have not given up ──▶ Draining
+///           Ready             Trigger             CommitTo: the successor is ready
+/// Starting ─────────▶ Ready ───────────▶ Upgrading ── and we have not given up ──▶ Draining ⟲ Stop
 ///    │                ▲   │               │    │
 ///    │                └───┼───────────────┘    │
+///    │                    │  UpgradeFailed:    │
 ///    │                    │  failure, timeout, │
 ///    │                    │  cancel            │
-///    │ stop               │ stop               │ stop: the successor is killed and reaped
+///    │ Stop               │ Stop               │ Stop: the successor is killed and reaped
 ///    ▼                    ▼                    ▼
-///    └────────────────────┴────▶ Stopping ◀────┘
+///    └────────────────────┴────▶ Stopping ◀────┘ ⟲ Stop
 /// ```
+///
+/// `Ready`: the work of `Handoff::ready` got through (a successor's
+/// includes its predecessor's commit). `Trigger`: an upgrade is asked for
+/// (`Handoff::upgrade`, SIGUSR2, the control socket).
+/// `UpgradeFailed`: the upgrade failed or was abandoned before its commit. `CommitTo`: we
+/// commit to our ready successor, the point of no return. `Stop`: SIGTERM, SIGINT or
+/// `Handoff::stop`. The events that change no state are not drawn:
+/// `PredecessorCommitted` (a successor's predecessor committed to it: it owns the shared
+/// paths from then on), `PredecessorExited`, and the steps of `ready()`'s own work,
+/// `ReadyCalled` (the first call starts it) and `ReadyDone` (its outcome, which every call
+/// returns).
 ///
 /// In `Stopping`, a second stop makes the drain's deadline now; in `Draining`, the first stop
 /// is only noted (a supervisor stopping a service signals old processes too) and the second
-/// makes the deadline now.
+/// makes the deadline now. Nothing leaves `Draining` or `Stopping`.
 /// Triggers are refused, with their reason, everywhere but in `Ready`, and in `Ready` while
 /// the previous generation still drains. A successor owns no shared path (Unix listener
 /// paths, the control socket's, the PID file) until its predecessor commits; a stop before
@@ -40,7 +53,7 @@ pub enum State {
     Stopping,
 }
 
-/// Why a process stops serving: what [`Handoff::shutdown_signal`](crate::Handoff::shutdown_signal)
+/// Why a process stops serving: what `Handoff::shutdown_signal`
 /// resolves to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "reason")]
@@ -51,6 +64,6 @@ pub enum Shutdown {
         /// The successor's pid.
         successor_pid: u32,
     },
-    /// A final stop (SIGTERM, SIGINT or [`Handoff::stop`](crate::Handoff::stop)): drain and exit.
+    /// A final stop (SIGTERM, SIGINT or `Handoff::stop`): drain and exit.
     Stopped,
 }

@@ -1,11 +1,15 @@
-//! Signals: the upgrade trigger (SIGUSR2 by default) and the final stop (SIGTERM, SIGINT).
+//! Signals: the upgrade trigger (SIGUSR2 by default) and the final stop (SIGTERM, SIGINT),
+//! installed at start and answered by what the handle that serves them gives
+//! ([`Signals::serve`]).
 
+use std::future::Future;
 use std::io;
 
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal as Number};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use super::{Builder, Handoff};
+use super::builder::Builder;
+use super::upgrade_error::UpgradeError;
 
 /// The process's signal handlers, installed but not yet answered.
 #[derive(Debug)]
@@ -42,15 +46,19 @@ impl Signals {
     }
 
     /// Answers the signals, those that arrived since [`install`](Self::install) first, in a
-    /// task of its own.
-    pub(crate) fn serve(mut self, handoff: &Handoff) {
+    /// task of its own: a stop with `stop`, a trigger with the future `upgrade` returns, run
+    /// in a task of its own.
+    pub(crate) fn serve<F>(mut self, stop: impl Fn() + Send + 'static, upgrade: impl Fn() -> F + Send + 'static)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
         for signal in std::mem::take(&mut self.early) {
             let handled = |kind: &Option<Signal>| kind.is_some();
             match signal {
-                Number::SIGTERM if handled(&self.terminate) => handoff.stop(),
-                Number::SIGINT if handled(&self.interrupt) => handoff.stop(),
+                Number::SIGTERM if handled(&self.terminate) => stop(),
+                Number::SIGINT if handled(&self.interrupt) => stop(),
                 _ if handled(&self.upgrade) && !matches!(signal, Number::SIGTERM | Number::SIGINT) => tracing::warn!(
-                    error = %super::UpgradeError::NotReady,
+                    error = %UpgradeError::NotReady,
                     ?signal,
                     "upgrade refused: the trigger came before this process started"
                 ),
@@ -61,20 +69,16 @@ impl Signals {
         if self.upgrade.is_none() && self.terminate.is_none() && self.interrupt.is_none() {
             return;
         }
-        let handoff = handoff.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     Some(()) = next(&mut self.upgrade) => {
-                        let handoff = handoff.clone();
                         // In a task of its own, so that signals keep being answered meanwhile:
                         // a second trigger during an upgrade is refused, a stop cancels it.
-                        tokio::spawn(async move {
-                            let _ = handoff.upgrade().await; // logged by upgrade()
-                        });
+                        tokio::spawn(upgrade());
                     }
-                    Some(()) = next(&mut self.terminate) => handoff.stop(),
-                    Some(()) = next(&mut self.interrupt) => handoff.stop(),
+                    Some(()) = next(&mut self.terminate) => stop(),
+                    Some(()) = next(&mut self.interrupt) => stop(),
                     else => break,
                 }
             }

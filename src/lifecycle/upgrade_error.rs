@@ -62,7 +62,7 @@ pub struct UpgradeReport {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpgradeError {
-    /// This process has not called [`Handoff::ready`](crate::Handoff::ready) yet.
+    /// This process has not called `Handoff::ready` yet.
     #[error("not ready yet: an upgrade can start only once this process serves")]
     NotReady,
     /// Another upgrade is under way.

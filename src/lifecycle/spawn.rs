@@ -1,4 +1,4 @@
-//! Starting a successor with `posix_spawn`, and the handle on it.
+//! Starting a successor with `posix_spawn`: [`spawn`] a [`Spawn`] into a [`Child`].
 //!
 //! Not `std::process::Command`: its `pre_exec` hook (needed to hold signals and to keep every
 //! descriptor but the channel from the successor) forces a `fork`, which copies this process's
@@ -16,24 +16,20 @@
 //!   (glibc before 2.29), the successor starts where we are, and another directory is an
 //!   error that says why.
 //!
-//! Its exit is awaited through a pidfd; without one (Linux before 5.3), a thread of its own
-//! waits for it. What the system offers is found at run time ([`Platform`]), so that the crate
+//! The started process is a [`Child`], whose exit is awaited through a pidfd or a thread of
+//! its own. What the system offers is found at run time ([`Platform`]), so that the crate
 //! links and runs on any of them.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::ExitStatus;
 
 use nix::sys::signal::SigSet;
 
+use super::child::Child;
 use super::platform::{AddChdir, AddCloseFrom, Platform};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
-use tokio::sync::oneshot;
 
 /// What to start.
 pub(crate) struct Spawn<'a> {
@@ -61,12 +57,12 @@ pub(crate) fn inherited_number(channel: BorrowedFd<'_>) -> RawFd {
 }
 
 /// Starts `spawn` with `channel` as its one inherited descriptor (at [`inherited_number`]).
-pub(crate) fn spawn(spawn: &Spawn<'_>, channel: BorrowedFd<'_>) -> io::Result<Successor> {
+pub(crate) fn spawn(spawn: &Spawn<'_>, channel: BorrowedFd<'_>) -> io::Result<Child> {
     spawn_on(&Platform::detected(), spawn, channel)
 }
 
 /// [`spawn`], with what `platform` offers.
-fn spawn_on(platform: &Platform, spawn: &Spawn<'_>, channel: BorrowedFd<'_>) -> io::Result<Successor> {
+fn spawn_on(platform: &Platform, spawn: &Spawn<'_>, channel: BorrowedFd<'_>) -> io::Result<Child> {
     let program = c_string(spawn.executable.as_os_str())?;
     let args = spawn.args.iter().map(|a| c_string(a)).collect::<io::Result<Vec<_>>>()?;
     let env = environment(spawn)?;
@@ -107,7 +103,7 @@ fn spawn_on(platform: &Platform, spawn: &Spawn<'_>, channel: BorrowedFd<'_>) -> 
     if error != 0 {
         return Err(io::Error::from_raw_os_error(error));
     }
-    Successor::new(pid, platform.pidfd)
+    Child::new(pid, platform.pidfd)
 }
 
 /// Marks every descriptor of this process from `first` on close-on-exec, so that a child
@@ -255,174 +251,13 @@ fn check(error: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// A started successor: its exit awaited through a pidfd (or, without one, a thread of its
-/// own), reaped with `waitpid`. Dropped before it was reaped, it is reaped by a thread of its
-/// own (it may be running still: a committed successor outlives us).
-#[derive(Debug)]
-pub(crate) struct Successor {
-    pid: libc::pid_t,
-    exit: Exit,
-    status: Option<ExitStatus>,
-}
-
-/// How a successor's exit is learnt.
-#[derive(Debug)]
-enum Exit {
-    /// A pidfd, readable once the process has exited (we reap it then).
-    Pidfd(AsyncFd<OwnedFd>),
-    /// A thread that waits for it, reaps it and sends its status.
-    Thread(oneshot::Receiver<io::Result<ExitStatus>>),
-}
-
-impl Successor {
-    fn new(pid: libc::pid_t, pidfd: bool) -> io::Result<Self> {
-        let exit = match pidfd.then(|| pidfd_open(pid)) {
-            Some(Ok(fd)) => Exit::Pidfd(fd),
-            Some(Err(error)) if error.raw_os_error() != Some(libc::ENOSYS) => {
-                // No handle on it: do not leave it running unwatched.
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-                let _ = reap(pid);
-                return Err(error);
-            }
-            Some(Err(_)) | None => Exit::Thread(reaper(pid)),
-        };
-        Ok(Self {
-            pid,
-            exit,
-            status: None,
-        })
-    }
-
-    pub fn id(&self) -> u32 {
-        self.pid as u32
-    }
-
-    /// Waits for it to exit, and reaps it.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe: the status is taken only by the call that returns it.
-    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        if let Some(status) = self.status {
-            return Ok(status);
-        }
-        let status = match &mut self.exit {
-            Exit::Pidfd(fd) => {
-                let mut ready = fd.readable().await?;
-                ready.retain_ready();
-                reap(self.pid)?
-            }
-            Exit::Thread(exited) => exited
-                .await
-                .map_err(|_| io::Error::other("the reaper thread is gone"))??,
-        };
-        self.status = Some(status);
-        Ok(status)
-    }
-
-    /// Sends `SIGKILL`, unless it has been reaped (its pid may then be another process's).
-    pub fn start_kill(&mut self) -> io::Result<()> {
-        if self.status.is_some() {
-            return Ok(());
-        }
-        let result = match &mut self.exit {
-            // SAFETY: pidfd_send_signal signals the process the pidfd refers to, never a
-            // reused pid.
-            Exit::Pidfd(fd) => unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.get_ref().as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            },
-            Exit::Thread(exited) => match exited.try_recv() {
-                // Reaped already: nothing to kill.
-                Ok(status) => {
-                    self.status = Some(status?);
-                    return Ok(());
-                }
-                // Not reaped when we looked (the thread may reap it an instant later: a pid
-                // is reused only after many others, so the window is only theoretical).
-                // SAFETY: kill sends a signal to a pid.
-                Err(_) => unsafe { libc::kill(self.pid, libc::SIGKILL) }.into(),
-            },
-        };
-        if result == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
-    /// Kills it and waits until it is reaped.
-    pub async fn kill(&mut self) -> io::Result<()> {
-        self.start_kill()?;
-        self.wait().await.map(drop)
-    }
-}
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        if self.status.is_none() && matches!(self.exit, Exit::Pidfd(_)) {
-            let pid = self.pid;
-            let _ = std::thread::Builder::new()
-                .name("handoff-reaper".into())
-                .spawn(move || reap(pid));
-        }
-    }
-}
-
-/// A pidfd for `pid`, close-on-exec, registered with the runtime.
-fn pidfd_open(pid: libc::pid_t) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open just returned this new descriptor; nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
-    // SAFETY: an `OwnedFd` is open until dropped, which happens only with the `AsyncFd`,
-    // and always returns the same descriptor; we never swap it through `get_mut`.
-    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
-}
-
-/// A thread that waits for `pid` to exit and reaps it: what watches a child without a pidfd.
-fn reaper(pid: libc::pid_t) -> oneshot::Receiver<io::Result<ExitStatus>> {
-    let (exited, receiver) = oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("handoff-reaper".into())
-        .spawn(move || drop(exited.send(reap(pid))));
-    if let Err(error) = spawned {
-        let (failed, receiver) = oneshot::channel();
-        let _ = failed.send(Err(error));
-        return receiver;
-    }
-    receiver
-}
-
-/// `waitpid` on our child `pid`, retried on `EINTR`.
-fn reap(pid: libc::pid_t) -> io::Result<ExitStatus> {
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid writes the status into the integer we own.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
-            return Ok(ExitStatus::from_raw(status));
-        }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(error);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::os::fd::{AsFd, OwnedFd};
+
     use nix::sys::signal::Signal;
-    use std::os::fd::AsFd;
+
+    use super::*;
 
     /// Starts `sleep 30` on `platform` in `working_dir` with a stray descriptor open here,
     /// reads what the child got, kills it, then checks: exactly the channel (no stray), the

@@ -1,0 +1,276 @@
+//! [`Handoff`]: one process's part in the chain of generations: the type, its start and its
+//! accessors. What it does is split by side: `ready` (the successor's way to serving),
+//! `upgrade` (the predecessor's handoff to a successor), `stop` (the final stop, and what a
+//! transition's effect sets off).
+
+mod ready;
+mod stop;
+mod upgrade;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::builder::Builder;
+use super::connections::{ConnectionCounts, Connections};
+use super::counters::{Counters, UpgradeCounters};
+use super::inheritance::inherit;
+use super::machine::Lifecycle;
+use super::notify::Announcer;
+use super::program::Program;
+use super::progress::Phases;
+use super::state::State;
+use super::trigger::{self, Signals};
+use crate::error::Error;
+use crate::registry::ListenerRegistry;
+use crate::systemd::activation;
+use crate::systemd::notify::Notifier;
+use crate::wire::{Channel, SocketEntry};
+
+/// A process's handle on zero-downtime upgrades: its sockets, its state, its successor.
+///
+/// Cheap to clone; every clone is the same handle.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn serve(_: tokio::net::TcpListener, _: impl std::future::Future) {}
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// let handoff = handoff::Handoff::builder().start().await?;
+/// // The inherited listener after an upgrade, a new one on first start.
+/// let listener = handoff.registry().tcp("http", "127.0.0.1:8081".parse()?)?;
+/// handoff.ready().await?; // the predecessor, if any, stops accepting now
+/// serve(listener, handoff.shutdown_signal()).await; // until a successor takes over
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Handoff {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Builder,
+    program: Program,
+    registry: ListenerRegistry,
+    generation: u64,
+    started: Instant,
+    /// The one place where the state changes (see `machine`, and the table in `transitions`).
+    lifecycle: Lifecycle,
+    /// The channel to the predecessor, until this process reports ready.
+    predecessor: tokio::sync::Mutex<Option<Channel>>,
+    predecessor_pid: Option<u32>,
+    /// The sockets the predecessor handed over, as it described them.
+    inherited: Vec<SocketEntry>,
+    /// What `status` reports: upgrades, and connections per protocol.
+    counters: Counters,
+    connections: Connections,
+    /// The phase of the upgrade under way, if any.
+    progress: Phases,
+    /// Established connections: sent to a committed successor, received from a predecessor.
+    migration: crate::migration::Endpoints,
+}
+
+impl Handoff {
+    /// A [`Builder`] with the defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    pub(crate) async fn start(config: Builder) -> Result<Self, Error> {
+        let mut program = Program::configured(&config).map_err(|e| Error::io("finding our executable", e))?;
+        program.held_signals = trigger::held_until_installed(&config);
+        let signals = Signals::install(&config).map_err(|e| Error::io("installing signal handlers", e))?;
+        let inheritance = inherit(config.upgrade_timeout).await?;
+        let inherited_sockets: Vec<SocketEntry> = inheritance
+            .iter()
+            .flat_map(|i| i.sockets.iter().map(|(e, _)| e.clone()))
+            .collect();
+        let (registry, generation, predecessor, predecessor_pid) = match inheritance {
+            Some(i) => (
+                ListenerRegistry::with_inherited(i.sockets),
+                i.generation,
+                Some(i.channel),
+                Some(i.predecessor_pid),
+            ),
+            // A first start: the sockets systemd passed, if any (socket activation).
+            None => (ListenerRegistry::with_activated(activation::take()), 1, None, None),
+        };
+        let inherited = predecessor.is_some();
+        let announcer = Announcer::new(Notifier::from_env(), generation, inherited, config.upgrade_timeout);
+        let handoff = Self {
+            inner: Arc::new(Inner {
+                program,
+                registry,
+                generation,
+                started: Instant::now(),
+                lifecycle: Lifecycle::announcing(inherited, announcer),
+                predecessor: tokio::sync::Mutex::new(predecessor),
+                predecessor_pid,
+                inherited: inherited_sockets,
+                config,
+                counters: Counters::default(),
+                connections: Connections::default(),
+                progress: Phases::default(),
+                migration: Default::default(),
+            }),
+        };
+        tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");
+        let (stopping, upgrading) = (handoff.clone(), handoff.clone());
+        signals.serve(
+            move || stopping.stop(),
+            move || {
+                let handoff = upgrading.clone();
+                async move {
+                    let _ = handoff.upgrade().await; // logged by upgrade()
+                }
+            },
+        );
+        Ok(handoff)
+    }
+
+    /// The two ends of live migration (see [`crate::migration`]).
+    pub(crate) fn migration(&self) -> &crate::migration::Endpoints {
+        &self.inner.migration
+    }
+
+    /// The registry of this process's named sockets.
+    pub fn registry(&self) -> &ListenerRegistry {
+        &self.inner.registry
+    }
+
+    /// This process's generation: 1 on a fresh start, one more at each upgrade.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    /// The pid of the process that handed its sockets to this one, if any.
+    pub fn predecessor_pid(&self) -> Option<u32> {
+        self.inner.predecessor_pid
+    }
+
+    /// Whether the previous generation is still alive (draining). No upgrade starts until it
+    /// has exited.
+    pub fn predecessor_running(&self) -> bool {
+        self.inner.lifecycle.status().predecessor_running
+    }
+
+    /// Where this process is in its life.
+    pub fn state(&self) -> State {
+        self.inner.lifecycle.status().state
+    }
+
+    /// The sockets this process holds and would hand over.
+    pub fn sockets(&self) -> Vec<SocketEntry> {
+        self.inner.registry.sockets()
+    }
+
+    /// This process's upgrade counters: attempts, outcomes, the last failure and the timings
+    /// of the last handoff (the `upgrades` object of the control socket's `status`).
+    pub fn upgrade_counters(&self) -> UpgradeCounters {
+        self.inner.counters.snapshot()
+    }
+
+    /// The connections this process holds, per protocol: one entry per drain strategy type
+    /// that [`Drain::serve`](crate::drain::Drain::serve) runs for this handle.
+    pub fn connections(&self) -> Vec<ConnectionCounts> {
+        self.inner.connections.counts()
+    }
+
+    /// Counts `drain`'s connections in [`connections`](Self::connections), under the name of
+    /// the strategy type `S`.
+    pub(crate) fn count_connections<S: ?Sized>(&self, drain: &crate::drain::Drain) {
+        self.inner.connections.register::<S>(drain);
+    }
+
+    /// How long this process has run (since `start`).
+    pub fn uptime(&self) -> std::time::Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Whether `entry` is a socket the predecessor handed over (rather than one this process
+    /// bound).
+    pub(crate) fn was_inherited(&self, entry: &SocketEntry) -> bool {
+        self.inner.inherited.contains(entry)
+    }
+
+    /// Follows the phase of the upgrade under way (`None` between upgrades).
+    pub(crate) fn upgrade_progress(&self) -> &Phases {
+        &self.inner.progress
+    }
+}
+
+impl Builder {
+    /// Starts: inherits the predecessor's sockets if this process was started by an upgrade,
+    /// and installs the signal handlers. Call it early: signals that arrive before are not
+    /// handled.
+    ///
+    /// Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Inherit`] if a predecessor's handoff fails or is refused (the predecessor is
+    /// told why and goes on serving; this process should exit), or [`Error::Io`].
+    pub async fn start(self) -> Result<Handoff, Error> {
+        Handoff::start(self).await
+    }
+}
+
+/// What the tests of every side start from.
+#[cfg(test)]
+mod testing {
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use super::Handoff;
+
+    /// A successor that records its pid and never says hello.
+    pub(super) fn silent_successor(dir: &Path) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("successor");
+        let pid_file = dir.join("successor.pid");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\necho $$ > {}\nexec sleep 30\n", pid_file.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        (script, pid_file)
+    }
+
+    pub(super) async fn started(executable: &Path) -> Handoff {
+        let handoff = Handoff::builder()
+            .executable(executable)
+            .upgrade_signal(None)
+            .stop_on_signals(false)
+            .start()
+            .await
+            .unwrap();
+        handoff.ready().await.unwrap();
+        handoff
+    }
+
+    /// Waits (bounded) until the successor has written its pid.
+    pub(super) async fn successor_pid(pid_file: &Path) -> i32 {
+        for _ in 0..1000 {
+            if let Some(pid) = std::fs::read_to_string(pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the successor never started");
+    }
+
+    /// Waits (bounded) until `pid` is gone: killed and reaped.
+    pub(super) async fn assert_gone(pid: i32) {
+        for _ in 0..1000 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("successor pid {pid} is still there");
+    }
+}

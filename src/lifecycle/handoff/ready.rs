@@ -1,0 +1,290 @@
+//! The successor's way to serving: [`Handoff::ready`] (run once, in a task of its own, its
+//! outcome kept in the lifecycle), the wait for the predecessor's commit, and asking it for
+//! more time.
+
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use super::Handoff;
+use crate::error::Error;
+use crate::lifecycle::inheritance::{await_commit, Verdict};
+use crate::lifecycle::machine::Lifecycle;
+use crate::lifecycle::pid_file;
+use crate::lifecycle::shared_error::SharedError;
+use crate::lifecycle::state::State;
+use crate::lifecycle::transitions::{Effect, Event, Refusal};
+use crate::wire::{Channel, Message, WireError};
+
+impl Handoff {
+    /// Reports that this process serves, and from then on accepts upgrade triggers.
+    ///
+    /// A successor first tells its predecessor it is ready and waits for its commit (bounded
+    /// by the upgrade timeout): only then does it answer on the control socket, close the
+    /// inherited sockets nobody claimed, unlink their paths and put its PID file in place.
+    /// Until the commit the predecessor serves and may still give up (its timeout, a stop),
+    /// and then this process has done nothing that cannot be undone. A predecessor that
+    /// vanishes after handing its sockets over counts as a commit: this process holds every
+    /// socket and serves alone.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Io`] if the PID file cannot be prepared (before anything is reported);
+    /// - [`Error::Ready`] if the predecessor cannot be told or gives up on us: it goes on
+    ///   serving, and this process should exit;
+    /// - [`Error::Stopped`] if a stop was requested first: exit.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the work runs in a task of its own, started by the first call; a
+    /// dropped call loses nothing, and every call waits for the same outcome (an error: the
+    /// same variant, with the same message, for every call).
+    pub async fn ready(&self) -> Result<(), Error> {
+        let lifecycle = &self.inner.lifecycle;
+        let mut status = lifecycle.watch();
+        if let Ok(called) = lifecycle.apply(Event::ReadyCalled) {
+            self.carry_out(called.effect); // the first call starts the work
+        }
+        let outcome = match status.wait_for(|s| s.readiness.outcome().is_some()).await {
+            Ok(status) => status.readiness.outcome().cloned(),
+            Err(_) => None,
+        };
+        match outcome {
+            Some(outcome) => outcome.map_err(|error| error.to_error()),
+            // Never: `self` holds the lifecycle, whose sender outlives this wait.
+            None => Err(Error::io(
+                "becoming ready",
+                std::io::Error::other("the lifecycle is gone"),
+            )),
+        }
+    }
+
+    /// Runs the work of `ready()` in a task of its own, and records its outcome in the
+    /// lifecycle (what every call returns).
+    pub(super) fn start_becoming_ready(&self) {
+        let handoff = self.clone();
+        let span = tracing::info_span!("ready", pid = std::process::id(), generation = self.generation());
+        let becoming = async move {
+            let done = ReadyDoneOnDrop(Some(&handoff.inner.lifecycle));
+            done.record(handoff.become_ready().await);
+        };
+        tokio::spawn(becoming.instrument(span));
+    }
+
+    async fn become_ready(&self) -> Result<(), Error> {
+        let inner = &self.inner;
+        let channel = inner.predecessor.lock().await.take();
+        match inner.lifecycle.status().state {
+            State::Starting => {}
+            State::Stopping => return Err(refuse(channel, Error::Stopped).await),
+            _ => return Ok(()),
+        }
+        let control = match &inner.config.control_socket {
+            Some(path) => match crate::control::claim(self, path) {
+                Ok(listener) => Some(listener),
+                Err(error) => return Err(refuse(channel, error).await),
+            },
+            None => None,
+        };
+        let pid_file = match &inner.config.pid_file {
+            Some(path) => match pid_file::prepare(path, std::process::id()) {
+                Ok(prepared) => Some(prepared),
+                Err(e) => {
+                    let error = Error::io(format!("writing the PID file {}", path.display()), e);
+                    return Err(refuse(channel, error).await);
+                }
+            },
+            None => None,
+        };
+        if let Some(channel) = channel {
+            self.commit_from(channel).await?;
+        }
+        // Past the commit: this process owns the paths.
+        for entry in inner.registry.close_unclaimed() {
+            tracing::info!(socket = %entry, "closed an inherited socket that nothing claimed");
+        }
+        if let Some(prepared) = pid_file {
+            if let Err(error) = prepared.place() {
+                // Too late to give up (the predecessor drains): serve, and say so loudly. The
+                // file must not go on naming the predecessor, which will exit.
+                tracing::error!(%error, "could not put the PID file in place; serving without it");
+                self.remove_pid_file();
+            }
+        }
+        if let Err(refusal) = inner.lifecycle.apply(Event::Ready) {
+            // A stop arrived since the commit, and has cleaned up before our PID file landed.
+            debug_assert_eq!(refusal, Refusal::Stopped);
+            self.remove_pid_file();
+            return Err(Error::Stopped);
+        }
+        if let Some(listener) = control {
+            crate::control::serve(self, listener);
+        }
+        tracing::info!(
+            pid = std::process::id(),
+            generation = inner.generation,
+            sockets = inner.registry.sockets().len(),
+            "ready"
+        );
+        Ok(())
+    }
+
+    /// Tells the predecessor we are ready and takes its verdict: from the commit (or its
+    /// vanishing) on, this process owns the paths.
+    async fn commit_from(&self, mut channel: Channel) -> Result<(), Error> {
+        let inner = &self.inner;
+        let startup = inner.started.elapsed();
+        let verdict = await_commit(&mut channel, startup.as_millis() as u64, inner.config.upgrade_timeout).await?;
+        let commit_wait = inner.started.elapsed().saturating_sub(startup);
+        if let Verdict::Committed(Some(carried)) = &verdict {
+            match serde_json::from_value(carried.clone()) {
+                Ok(counters) => inner.counters.inherit(counters),
+                Err(error) => tracing::debug!(%error, "the predecessor's counters were unreadable; counting from zero"),
+            }
+        }
+        inner.counters.arrived(inner.predecessor_pid, startup, commit_wait);
+        let vanished = verdict == Verdict::Vanished;
+        if vanished {
+            tracing::warn!(
+                predecessor_pid = ?inner.predecessor_pid,
+                "the predecessor vanished after handing over its sockets; serving alone"
+            );
+        }
+        let effect = inner
+            .lifecycle
+            .apply(Event::PredecessorCommitted)
+            .map_or(Effect::None, |t| t.effect);
+        if effect == Effect::FinalStop {
+            self.carry_out(effect);
+            return Err(Error::Stopped);
+        }
+        self.watch_predecessor(channel, vanished);
+        Ok(())
+    }
+
+    /// Records the predecessor's exit, which its end of the channel reports as EOF.
+    fn watch_predecessor(&self, mut channel: Channel, vanished: bool) {
+        let handoff = self.clone();
+        tokio::spawn(async move {
+            if !vanished {
+                handoff.inner.migration.inbound().receive(&mut channel).await;
+            }
+            drop(channel);
+            // The next upgrade is allowed before anyone can read that it is.
+            let _ = handoff.inner.lifecycle.apply(Event::PredecessorExited);
+            tracing::info!(predecessor_pid = ?handoff.inner.predecessor_pid, "predecessor exited");
+        });
+    }
+
+    /// Asks for more time to get ready: the deadline this start must meet becomes at least
+    /// `more` from now, for a start that is slow but healthy (warming a cache, say). Call it
+    /// as often as needed, before [`ready`](Self::ready).
+    ///
+    /// A successor asks its predecessor, which moves its upgrade deadline, never past its
+    /// [`Builder::max_upgrade_time`](crate::lifecycle::builder::Builder::max_upgrade_time) (a successor that keeps asking is still killed there),
+    /// and tells the service manager (`EXTEND_TIMEOUT_USEC=`). A first generation under
+    /// systemd asks the service manager. Otherwise, and once ready, there is no deadline to
+    /// move and this does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Ready`] if the predecessor cannot be told (it has gone, or does not read
+    /// within a second).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the request is sent whole or not at all.
+    pub async fn extend_startup(&self, more: Duration) -> Result<(), Error> {
+        let inner = &self.inner;
+        if inner.lifecycle.status().state != State::Starting {
+            return Ok(());
+        }
+        let predecessor = inner.predecessor.lock().await;
+        let Some(channel) = &*predecessor else {
+            if inner.predecessor_pid.is_none() {
+                inner.lifecycle.announcer().extend_own_startup(more);
+            }
+            return Ok(()); // else ready() has taken the channel: too late to ask
+        };
+        let request = Message::ExtendStartup {
+            more_ms: u64::try_from(more.as_millis()).unwrap_or(u64::MAX),
+        };
+        match tokio::time::timeout(ABORT_SEND_TIMEOUT, channel.send(&request, &[])).await {
+            Ok(sent) => sent.map_err(Error::Ready),
+            Err(_) => Err(Error::Ready(WireError::TimedOut {
+                waiting_for: "room to ask for more time",
+                after: ABORT_SEND_TIMEOUT,
+            })),
+        }
+    }
+
+    /// Resolves once no predecessor is alive: at once for a first generation, else when the
+    /// predecessor has exited (its end of the channel closed).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn predecessor_exited(&self) {
+        let mut status = self.inner.lifecycle.watch();
+        let _ = status.wait_for(|s| !s.predecessor_running).await;
+    }
+}
+
+/// Tells the predecessor (if any) that we give up, and returns `error`: it goes on serving.
+async fn refuse(channel: Option<Channel>, error: Error) -> Error {
+    if let Some(channel) = channel {
+        let abort = Message::Abort {
+            reason: error.to_string(),
+        };
+        let _ = tokio::time::timeout(ABORT_SEND_TIMEOUT, channel.send(&abort, &[])).await;
+    }
+    error
+}
+
+/// How long we try to tell a peer that we give up; it finds out from our exit otherwise.
+const ABORT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Records the outcome of `ready()`'s work in the lifecycle; dropped before it could (the
+/// task panicked, or its runtime shut down), records a failure, so that no call waits forever.
+struct ReadyDoneOnDrop<'a>(Option<&'a Lifecycle>);
+
+impl ReadyDoneOnDrop<'_> {
+    fn record(mut self, outcome: Result<(), Error>) {
+        if let Some(lifecycle) = self.0.take() {
+            let outcome = outcome.map_err(SharedError::new);
+            let _ = lifecycle.apply(Event::ReadyDone { outcome });
+        }
+    }
+}
+
+impl Drop for ReadyDoneOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(lifecycle) = self.0.take() {
+            let cut_short =
+                std::io::Error::other("the work ended before its outcome (a panic, or its runtime shut down)");
+            let outcome = Err(SharedError::new(Error::io("becoming ready", cut_short)));
+            let _ = lifecycle.apply(Event::ReadyDone { outcome });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_ready_call_after_a_failure_returns_the_same_typed_error() {
+        let handoff = Handoff::builder()
+            .upgrade_signal(None)
+            .stop_on_signals(false)
+            .start()
+            .await
+            .unwrap();
+        handoff.stop();
+        let (first, second) = tokio::join!(handoff.ready(), handoff.ready());
+        assert!(matches!(first, Err(Error::Stopped)), "{first:?}");
+        assert!(matches!(second, Err(Error::Stopped)), "{second:?}");
+        let later = handoff.ready().await;
+        assert!(matches!(later, Err(Error::Stopped)), "{later:?}");
+    }
+}
