@@ -212,6 +212,10 @@ impl DrainStrategy<TcpStream> for Room {
         // the handshake's, instead of sitting beside it for the whole life of the connection.
         self.member(ws, None, &connection).await;
     }
+
+    fn protocol(&self) -> &str {
+        "websocket"
+    }
 }
 
 impl DrainStrategy<Resumed<MemberState>> for Room {

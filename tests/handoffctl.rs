@@ -108,7 +108,7 @@ fn upgrade_prints_its_phases_and_status_counts_what_happened() {
         |s| s["connections"][0]["active"] == 1,
     );
     assert_eq!(status["generation"], 2);
-    assert_eq!(status["connections"][0]["protocol"], "Echo");
+    assert_eq!(status["connections"][0]["protocol"], "tcp");
     assert_eq!(status["upgrades"]["arrival"]["predecessor_pid"], first);
     assert!(status["uptime_s"].as_f64().unwrap() > 0.0);
     let echo = status["sockets"]
@@ -124,7 +124,7 @@ fn upgrade_prints_its_phases_and_status_counts_what_happened() {
     let (table, _) = text(&output);
     assert_eq!(output.status.code(), Some(0));
     // Counted across generations: the upgrade that brought generation 2 in.
-    for expected in ["generation  2", "state       ready", "inherited", "Echo", "attempted 1"] {
+    for expected in ["generation  2", "state       ready", "inherited", "tcp", "attempted 1"] {
         assert!(table.contains(expected), "{expected:?} not in\n{table}");
     }
 

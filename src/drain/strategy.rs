@@ -61,4 +61,11 @@ pub trait DrainStrategy<C>: Send + Sync + 'static {
     /// open [`Drain::GRACE_AFTER_DEADLINE`](super::Drain::GRACE_AFTER_DEADLINE) after the
     /// deadline is dropped, this future with it.
     fn serve(&self, io: C, connection: TrackedConnection) -> impl Future<Output = ()> + Send;
+
+    /// The protocol's name in `status` ([`Handoff::connections`](crate::lifecycle::Handoff::connections)):
+    /// `http`, `websocket`, `tcp`, or a name of the application's. The connections of every
+    /// strategy giving the same name are counted together. Default: `"tcp"`.
+    fn protocol(&self) -> &str {
+        "tcp"
+    }
 }

@@ -19,7 +19,7 @@ use super::report::DrainReport;
 use super::shared::{Config, Reached, Shared, Started};
 use super::strategy::DrainStrategy;
 use crate::accept_backoff::AcceptBackoff;
-use crate::lifecycle::{Handoff, Shutdown};
+use crate::lifecycle::{Census, Handoff, Shutdown};
 use crate::migration::{Protocol, Receiver, Resumed};
 
 /// The connections of one process, and their drain.
@@ -131,11 +131,6 @@ impl Drain {
     /// the deadline.
     pub fn forced(&self) -> usize {
         self.shared.reached.get().map_or(0, |reached| reached.left)
-    }
-
-    /// Whether `other` is a clone of this drain.
-    pub(crate) fn same_as(&self, other: &Drain) -> bool {
-        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// Whether the drain has started.
@@ -323,7 +318,14 @@ impl Drain {
         L: Listener,
         S: DrainStrategy<L::Io>,
     {
-        handoff.count_connections::<S>(self);
+        let drain = self.clone();
+        let census = Box::new(move || Census {
+            open: drain.open(),
+            draining: drain.is_draining(),
+            forced: drain.forced(),
+        });
+        // The shared state's address tells drains apart: clones of one drain count once.
+        handoff.count_connections(Arc::as_ptr(&self.shared) as usize, strategy.protocol(), census);
         let reason = self.accept(listener, strategy, handoff.shutdown_signal()).await;
         let migrating = matches!(reason, Shutdown::Upgraded { .. }) && self.migrate_with(handoff);
         tracing::info!(?reason, connections = self.open(), migrating, "draining");

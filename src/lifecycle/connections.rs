@@ -1,18 +1,18 @@
-//! The connections a process serves, per protocol, for `status`: every [`Drain`] that
-//! [`Drain::serve`] runs for a [`Handoff`](super::Handoff) registers here.
+//! The connections a process serves, per protocol, for `status`: every drain that
+//! `Drain::serve` runs for a `Handoff` registers a census here (a closure: the lifecycle
+//! knows nothing of drains).
 
 use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::drain::Drain;
-
-/// The connections of one protocol (one strategy type) in this process: an element of the
-/// `connections` array of `status`.
+/// The connections of one protocol in this process: an element of the `connections` array of
+/// `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct ConnectionCounts {
-    /// The drain strategy's type name (`Http`, `Echo`…), which names the protocol.
+    /// The protocol, as its drain strategy names it (`http`, `websocket`, `tcp`, or a name
+    /// the application gives).
     pub protocol: String,
     /// Open connections while this process serves.
     pub active: usize,
@@ -22,31 +22,62 @@ pub struct ConnectionCounts {
     pub forced: usize,
 }
 
+/// What one drain reports when `status` asks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Census {
+    /// Open connections.
+    pub(crate) open: usize,
+    /// Whether the drain has started.
+    pub(crate) draining: bool,
+    /// Connections closed by force at its deadline.
+    pub(crate) forced: usize,
+}
+
+/// Takes a drain's census.
+pub(crate) type CensusTaker = Box<dyn Fn() -> Census + Send + Sync>;
+
+/// One registered drain.
+struct Source {
+    /// Tells drains apart: several listeners may share one drain, counted once.
+    identity: usize,
+    protocol: String,
+    census: CensusTaker,
+}
+
 /// The drains of one process, by protocol. Registered once per listener: a handful.
-#[derive(Debug, Default)]
-pub(crate) struct Connections(Mutex<Vec<(&'static str, Drain)>>);
+#[derive(Default)]
+pub(crate) struct Connections(Mutex<Vec<Source>>);
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections").finish_non_exhaustive()
+    }
+}
 
 impl Connections {
-    /// Counts `drain`'s connections under the name of the strategy type `S`.
-    pub fn register<S: ?Sized>(&self, drain: &Drain) {
-        let protocol = short_type_name(std::any::type_name::<S>());
-        let mut drains = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        // Several listeners may share one drain: count its connections once.
-        if !drains.iter().any(|(_, known)| known.same_as(drain)) {
-            drains.push((protocol, drain.clone()));
+    /// Counts the connections `census` reports under `protocol`, unless the drain `identity`
+    /// names is counted already.
+    pub(crate) fn register(&self, identity: usize, protocol: &str, census: CensusTaker) {
+        let mut sources = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !sources.iter().any(|known| known.identity == identity) {
+            sources.push(Source {
+                identity,
+                protocol: protocol.to_owned(),
+                census,
+            });
         }
     }
 
     /// The counts, one entry per protocol, in the order of registration.
-    pub fn counts(&self) -> Vec<ConnectionCounts> {
-        let drains = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    pub(crate) fn counts(&self) -> Vec<ConnectionCounts> {
+        let sources = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut counts: Vec<ConnectionCounts> = Vec::new();
-        for (protocol, drain) in drains.iter() {
-            let index = match counts.iter().position(|c| c.protocol == *protocol) {
+        for source in sources.iter() {
+            let index = match counts.iter().position(|c| c.protocol == source.protocol) {
                 Some(index) => index,
                 None => {
                     counts.push(ConnectionCounts {
-                        protocol: (*protocol).to_owned(),
+                        protocol: source.protocol.clone(),
                         active: 0,
                         draining: 0,
                         forced: 0,
@@ -54,58 +85,52 @@ impl Connections {
                     counts.len() - 1
                 }
             };
+            let census = (source.census)();
             let entry = &mut counts[index];
-            if drain.is_draining() {
-                entry.draining += drain.open();
+            if census.draining {
+                entry.draining += census.open;
             } else {
-                entry.active += drain.open();
+                entry.active += census.open;
             }
-            entry.forced += drain.forced();
+            entry.forced += census.forced;
         }
         counts
     }
 }
 
-/// `my_crate::drain::Http<Router>` → `Http`.
-fn short_type_name(full: &'static str) -> &'static str {
-    let path = full.split('<').next().unwrap_or(full);
-    path.rsplit("::").next().unwrap_or(path)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
 
-    struct Echo;
-    struct Http<T>(T);
+    /// A drain's census whose open count the test sets.
+    fn source(open: &Arc<AtomicUsize>, draining: bool) -> CensusTaker {
+        let open = open.clone();
+        Box::new(move || Census {
+            open: open.load(Ordering::Relaxed),
+            draining,
+            forced: 0,
+        })
+    }
 
-    #[tokio::test]
-    async fn counts_are_per_protocol_and_a_shared_drain_counts_once() {
+    #[test]
+    fn counts_are_per_protocol_and_a_shared_drain_counts_once() {
         let connections = Connections::default();
-        let (web, echo) = (Drain::builder().build(), Drain::builder().build());
-        connections.register::<Http<Vec<u8>>>(&web);
-        connections.register::<Http<Vec<u8>>>(&web);
-        connections.register::<Echo>(&echo);
-        let _a = web.track();
-        let _b = web.track();
-        let _c = echo.track();
-        let counts = connections.counts();
-        let summary: Vec<_> = counts
-            .iter()
-            .map(|c| (c.protocol.as_str(), c.active, c.draining))
+        let (web, echo, ws) = (Arc::default(), Arc::default(), Arc::default());
+        connections.register(1, "http", source(&web, false));
+        connections.register(1, "http", source(&web, false));
+        connections.register(2, "tcp", source(&echo, true));
+        connections.register(3, "http", source(&ws, false));
+        web.store(2, Ordering::Relaxed);
+        echo.store(1, Ordering::Relaxed);
+        ws.store(4, Ordering::Relaxed);
+        let summary: Vec<_> = connections
+            .counts()
+            .into_iter()
+            .map(|c| (c.protocol, c.active, c.draining))
             .collect();
-        assert_eq!(summary, [("Http", 2, 0), ("Echo", 1, 0)]);
-        let draining = tokio::spawn({
-            let echo = echo.clone();
-            async move { echo.drain().await }
-        });
-        tokio::task::yield_now().await;
-        while !echo.is_draining() {
-            tokio::task::yield_now().await;
-        }
-        let echo_counts = connections.counts().remove(1);
-        assert_eq!((echo_counts.active, echo_counts.draining), (0, 1));
-        drop(_c);
-        draining.await.unwrap();
+        assert_eq!(summary, [("http".to_owned(), 6, 0), ("tcp".to_owned(), 0, 1)]);
     }
 }

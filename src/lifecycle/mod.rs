@@ -29,6 +29,7 @@ mod trigger;
 mod upgrade_error;
 
 pub use builder::Builder;
+pub(crate) use connections::Census;
 pub use connections::ConnectionCounts;
 pub use counters::{ArrivalTimings, HandoffTimings, UpgradeCounters, UpgradeFailure};
 pub use handoff::Handoff;

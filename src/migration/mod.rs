@@ -76,7 +76,6 @@
 //! of JSON, the leftover at most [`MAX_LEFTOVER_BYTES`].
 //! A connection handed to the successor after it has started to stop is drained there.
 
-mod ended;
 mod error;
 mod inbound;
 mod outbound;

@@ -165,6 +165,10 @@ where
             tracing::debug!(%error, "HTTP connection ended with an error");
         }
     }
+
+    fn protocol(&self) -> &str {
+        "http"
+    }
 }
 
 impl<S> DrainStrategy<Resumed<()>> for Server<S>
@@ -192,6 +196,10 @@ where
         if let Err(error) = result {
             tracing::debug!(%error, "resumed HTTP connection ended with an error");
         }
+    }
+
+    fn protocol(&self) -> &str {
+        "http"
     }
 }
 

@@ -1,8 +1,10 @@
 //! [`Handoff`]: one process's part in the chain of generations: the type, its start and its
 //! accessors. What it does is split by side: `ready` (the successor's way to serving),
 //! `upgrade` (the predecessor's handoff to a successor), `stop` (the final stop, and what a
-//! transition's effect sets off).
+//! transition's effect sets off); and `control_server`, which answers the control socket for
+//! the handle.
 
+mod control_server;
 mod ready;
 mod stop;
 mod upgrade;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::builder::Builder;
-use super::connections::{ConnectionCounts, Connections};
+use super::connections::{CensusTaker, ConnectionCounts, Connections};
 use super::counters::{Counters, UpgradeCounters};
 use super::inheritance::inherit;
 use super::machine::Lifecycle;
@@ -170,16 +172,37 @@ impl Handoff {
         self.inner.counters.snapshot()
     }
 
-    /// The connections this process holds, per protocol: one entry per drain strategy type
-    /// that [`Drain::serve`](crate::drain::Drain::serve) runs for this handle.
+    /// The connections this process holds, per protocol: one entry per protocol that the
+    /// drains [`Drain::serve`](crate::drain::Drain::serve) runs for this handle name
+    /// ([`DrainStrategy::protocol`](crate::drain::DrainStrategy::protocol)).
     pub fn connections(&self) -> Vec<ConnectionCounts> {
         self.inner.connections.counts()
     }
 
-    /// Counts `drain`'s connections in [`connections`](Self::connections), under the name of
-    /// the strategy type `S`.
-    pub(crate) fn count_connections<S: ?Sized>(&self, drain: &crate::drain::Drain) {
-        self.inner.connections.register::<S>(drain);
+    /// Counts the connections a drain reports in [`connections`](Self::connections), under
+    /// `protocol`; a drain registered again (`identity`) is counted once.
+    pub(crate) fn count_connections(&self, identity: usize, protocol: &str, census: CensusTaker) {
+        self.inner.connections.register(identity, protocol, census);
+    }
+
+    /// Resolves once the predecessor can migrate nothing more (it has exited: its end of the
+    /// channel closed; at once for a first generation), with how many connections of
+    /// `listener` this process resumed from it. Every one of them has been handed to its
+    /// strategy by then ([`Drain::resume_migrated`](crate::drain::Drain::resume_migrated)),
+    /// though its task may not have run yet.
+    ///
+    /// For state shared between connections that must not split between two processes (a
+    /// chat room): wait for this, and for that many resumed connections to have joined,
+    /// before serving new ones. A predecessor exits once its drain has ended, so bound the
+    /// wait: its connections that are drained rather than migrated may hold it up to its
+    /// drain deadline.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn migration_ended(&self, listener: &str) -> usize {
+        self.predecessor_exited().await;
+        self.migration().inbound().resumed(listener)
     }
 
     /// How long this process has run (since `start`).

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
+use super::control_server;
 use super::Handoff;
 use crate::error::Error;
 use crate::lifecycle::inheritance::{await_commit, Verdict};
@@ -80,7 +81,7 @@ impl Handoff {
             _ => return Ok(()),
         }
         let control = match &inner.config.control_socket {
-            Some(path) => match crate::control::claim(self, path) {
+            Some(path) => match control_server::claim(self, path) {
                 Ok(listener) => Some(listener),
                 Err(error) => return Err(refuse(channel, error).await),
             },
@@ -118,7 +119,7 @@ impl Handoff {
             return Err(Error::Stopped);
         }
         if let Some(listener) = control {
-            crate::control::serve(self, listener);
+            control_server::serve(self, listener);
         }
         tracing::info!(
             pid = std::process::id(),

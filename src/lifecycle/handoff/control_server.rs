@@ -1,0 +1,181 @@
+//! The control server: answers the commands of the control socket ([`crate::control`]
+//! documents the protocol) for the process that serves; successors inherit the socket.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::Handoff;
+use crate::accept_backoff::AcceptBackoff;
+use crate::control::{CONTROL_SOCKET_NAME, REQUEST_TIMEOUT};
+use crate::error::Error;
+use crate::lifecycle::upgrade_error::Phase;
+
+/// The longest command line read; the rest is ignored.
+const MAX_REQUEST_BYTES: u64 = 1024;
+
+/// Binds (or adopts) the control socket, without answering yet: a successor claims it before
+/// its commit (so that it is not closed as unclaimed) and answers only after.
+pub(crate) fn claim(handoff: &Handoff, path: &Path) -> Result<tokio::net::UnixListener, Error> {
+    let listener = handoff.registry().unix(CONTROL_SOCKET_NAME, path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("restricting the control socket {}", path.display()), e))?;
+    Ok(listener)
+}
+
+/// Answers commands on `listener` until this process stops serving.
+pub(crate) fn serve(handoff: &Handoff, listener: tokio::net::UnixListener) {
+    let handoff = handoff.clone();
+    tokio::spawn(async move {
+        let shutdown = handoff.shutdown_signal();
+        tokio::pin!(shutdown);
+        let mut errors = AcceptBackoff::new();
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break, // the successor answers from now on
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        errors.succeeded();
+                        let handoff = handoff.clone();
+                        tokio::spawn(async move {
+                            if let Err(error) = answer(&handoff, stream).await {
+                                tracing::debug!(%error, "control connection failed");
+                            }
+                        });
+                    }
+                    // Out of descriptors, say: wait and retry, never give up for good.
+                    Err(error) => errors.failed(&error).await,
+                },
+            }
+        }
+    });
+}
+
+async fn answer(handoff: &Handoff, mut stream: UnixStream) -> io::Result<()> {
+    let peer = stream.peer_cred()?;
+    if peer.uid() != nix::unistd::Uid::effective().as_raw() {
+        let refusal = json!({"ok": false, "error": format!("uid {} may not control this process", peer.uid())});
+        return send_line(&mut stream, &refusal).await;
+    }
+    let mut line = String::new();
+    let mut reader = BufReader::new((&mut stream).take(MAX_REQUEST_BYTES));
+    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no command received"))??;
+    let reply = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["upgrade", "--progress"] => upgrade_with_progress(handoff, &mut stream).await,
+        _ => execute(handoff, line.trim()).await,
+    };
+    send_line(&mut stream, &reply).await
+    // Closed (not shut down) on return: the client reads to EOF, so when it has the reply
+    // this connection is gone from our descriptor table.
+}
+
+async fn send_line(stream: &mut UnixStream, line: &Value) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(line)?;
+    bytes.push(b'\n');
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client did not read the reply"))?
+}
+
+async fn execute(handoff: &Handoff, command: &str) -> Value {
+    match command {
+        "upgrade" => upgrade(handoff).await,
+        "status" => status(handoff),
+        "stop" => {
+            handoff.stop();
+            json!({"ok": true, "state": handoff.state()})
+        }
+        other => {
+            json!({"ok": false, "error": format!("unknown command {other:?}; try `upgrade`, `upgrade --progress`, `status` or `stop`")})
+        }
+    }
+}
+
+async fn upgrade(handoff: &Handoff) -> Value {
+    match handoff.upgrade().await {
+        Ok(report) => {
+            let mut reply = serde_json::to_value(&report).unwrap_or_default();
+            reply["ok"] = json!(true);
+            reply["timings"] = json!(handoff.upgrade_counters().last_handoff);
+            reply
+        }
+        Err(error) => json!({"ok": false, "error": error.to_string(), "phase": error.phase()}),
+    }
+}
+
+/// An upgrade that writes a line as each phase begins. The client going away stops the
+/// lines, never the upgrade.
+async fn upgrade_with_progress(handoff: &Handoff, stream: &mut UnixStream) -> Value {
+    let mut phases = handoff.upgrade_progress().subscribe();
+    let upgrade = upgrade(handoff);
+    tokio::pin!(upgrade);
+    let mut listening = true;
+    let reply = loop {
+        tokio::select! {
+            biased;
+            reply = &mut upgrade => break reply,
+            phase = phases.recv(), if listening => {
+                listening = match phase {
+                    Ok(phase) => send_phase(stream, phase).await,
+                    Err(RecvError::Lagged(_)) => true,
+                    Err(RecvError::Closed) => false,
+                };
+            }
+        }
+    };
+    // The phases published since the last poll (the commit's, at least).
+    while let (true, Ok(phase)) = (listening, phases.try_recv()) {
+        listening = send_phase(stream, phase).await;
+    }
+    reply
+}
+
+async fn send_phase(stream: &mut UnixStream, phase: Phase) -> bool {
+    send_line(stream, &json!({ "phase": phase })).await.is_ok()
+}
+
+fn status(handoff: &Handoff) -> Value {
+    let sockets: Vec<Value> = handoff
+        .sockets()
+        .into_iter()
+        .map(|entry| {
+            let origin = if handoff.was_inherited(&entry) {
+                "inherited"
+            } else {
+                "bound"
+            };
+            let mut socket = serde_json::to_value(&entry).unwrap_or_default();
+            socket["origin"] = json!(origin);
+            socket
+        })
+        .collect();
+    let draining: Vec<Value> = match handoff.predecessor_pid() {
+        Some(pid) if handoff.predecessor_running() => {
+            vec![json!({"pid": pid, "generation": handoff.generation() - 1})]
+        }
+        _ => Vec::new(),
+    };
+    json!({
+        "ok": true,
+        "pid": std::process::id(),
+        "generation": handoff.generation(),
+        "state": handoff.state(),
+        "uptime_s": handoff.uptime().as_secs_f64(),
+        "upgrade_phase": handoff.upgrade_progress().current(),
+        "predecessor_pid": handoff.predecessor_pid(),
+        "predecessor_running": handoff.predecessor_running(),
+        "draining_generations": draining,
+        "sockets": sockets,
+        "connections": handoff.connections(),
+        "upgrades": handoff.upgrade_counters(),
+        "migrated_in": handoff.migration().inbound().counts(),
+    })
+}
