@@ -30,13 +30,13 @@
 //! | `pid`, `generation` | integers | the serving process |
 //! | `state` | string | `starting`, `ready`, `upgrading`, `draining`, `stopping` ([`State`](crate::State)) |
 //! | `uptime_s` | number | seconds since this process started |
-//! | `upgrade_phase` | string or `null` | the phase of the upgrade under way ([`Phase`](crate::Phase)) |
+//! | `upgrade_phase` | string or `null` | the phase of the upgrade under way ([`Phase`](crate::status::Phase)) |
 //! | `predecessor_pid` | integer or `null` | the process that handed over to this one |
 //! | `predecessor_running` | bool | whether it still drains (no upgrade starts until it exits) |
 //! | `draining_generations` | array of `{pid, generation}` | generations still draining |
 //! | `sockets` | array | `{name, kind, address or path, origin}`: `origin` is `inherited` or `bound` |
-//! | `connections` | array | per protocol: `{protocol, active, draining, forced}` ([`ConnectionCounts`](crate::ConnectionCounts)) |
-//! | `upgrades` | object | `{attempted, succeeded, failed, refused, last_failure, last_handoff, arrival}` ([`UpgradeCounters`](crate::UpgradeCounters)) |
+//! | `connections` | array | per protocol: `{protocol, active, draining, forced}` ([`ConnectionCounts`](crate::status::ConnectionCounts)) |
+//! | `upgrades` | object | `{attempted, succeeded, failed, refused, last_failure, last_handoff, arrival}` ([`UpgradeCounters`](crate::status::UpgradeCounters)) |
 //! | `migrated_in` | object | `{batches, connections, refused}`: connections live-migrated from the predecessor ([`crate::migration`]), taken and refused |
 //!
 //! New fields may appear; none changes meaning within a major version.

@@ -53,9 +53,19 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The parts, one module each: [`ListenerRegistry`] (named sockets), `wire` (the handoff
-//! protocol; private, public with the `unstable-wire` feature), the lifecycle ([`Handoff`], [`Builder`], [`State`]), [`drain`] (connection
-//! tracking and the per-protocol strategies) and [`control`] (the control socket).
+//! # The parts
+//!
+//! The modules depend one way, each on those before it:
+//!
+//! | part | what it owns |
+//! |---|---|
+//! | `wire` | the handoff protocol: framing, the versioned JSON manifest, `SCM_RIGHTS`, the checks made before a descriptor is adopted (private; public with the `unstable-wire` feature, without a stability promise) |
+//! | [`ListenerRegistry`] | the named sockets of a process, inherited or bound; `systemd` socket activation feeds it |
+//! | [`migration`] | the engine that moves established connections: batches, acknowledgements, refusals, and the types a connection travels in ([`migration::Handover`], [`migration::Resumed`], [`migration::Returned`]) |
+//! | [`Handoff`], [`Builder`] | the lifecycle of one process (its [`State`], the successor's start, the commit, the stop, the control server, notifications to a service manager) |
+//! | [`drain`] | the connections: tracking, the accept loop, the deadline, and one module per protocol holding both ways a connection ends, wound down or handed over ([`drain::http`], [`drain::websocket`], [`drain::tcp`]) |
+//! | [`control`] | the control socket's protocol and its client (what `handoffctl` uses) |
+//! | [`status`] | what a process reports: sockets, connections, upgrade counters and timings |
 #![deny(missing_docs)]
 
 mod accept_backoff;
@@ -65,6 +75,7 @@ mod error;
 mod lifecycle;
 pub mod migration;
 mod registry;
+pub mod status;
 mod systemd;
 /// The wire protocol's plumbing: public only with the `unstable-wire` feature (for tests,
 /// benchmarks and tools that speak the protocol), with no stability promise.
@@ -74,12 +85,9 @@ pub mod wire;
 mod wire;
 
 pub use error::Error;
-pub use lifecycle::{
-    ArrivalTimings, Builder, ConnectionCounts, Handoff, HandoffTimings, Phase, Shutdown, State, UpgradeCounters,
-    UpgradeError, UpgradeFailure, UpgradeReport, CHANNEL_FD_VAR,
-};
+pub use lifecycle::{Builder, Handoff, Shutdown, State, UpgradeError};
 pub use registry::ListenerRegistry;
-pub use wire::{Inode, SocketEntry, SocketKind, WireError};
+pub use wire::WireError;
 
 /// The README's Rust code, compiled by `cargo test` so that it cannot rot.
 #[cfg(doctest)]

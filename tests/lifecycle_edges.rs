@@ -229,7 +229,7 @@ fn a_channel_not_created_by_our_parent_is_ignored() {
             "127.0.0.1:0",
         ],
         move |command| {
-            command.env(handoff::CHANNEL_FD_VAR, "43");
+            command.env(handoff::wire::CHANNEL_FD_VAR, "43");
             // SAFETY: dup2 is async-signal-safe; `theirs` is open in the parent until the
             // command is dropped.
             unsafe {

@@ -8,10 +8,7 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
 use super::progress;
 use crate::error::Error;
-use crate::wire::{self, Channel, Message, SocketEntry, WireError, PROTOCOL_VERSION};
-
-/// The environment variable that carries the channel's descriptor number to a successor.
-pub const CHANNEL_FD_VAR: &str = "HANDOFF_FD";
+use crate::wire::{self, Channel, Message, SocketEntry, WireError, CHANNEL_FD_VAR, PROTOCOL_VERSION};
 
 /// What a successor received from its predecessor.
 #[derive(Debug)]

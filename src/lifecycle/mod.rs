@@ -33,6 +33,5 @@ pub(crate) use connections::Census;
 pub use connections::ConnectionCounts;
 pub use counters::{ArrivalTimings, HandoffTimings, UpgradeCounters, UpgradeFailure};
 pub use handoff::Handoff;
-pub use inheritance::CHANNEL_FD_VAR;
 pub use state::{Shutdown, State};
 pub use upgrade_error::{Phase, UpgradeError, UpgradeReport};

@@ -10,9 +10,9 @@ use nix::sys::signal::SigSet;
 
 use super::builder::Builder;
 use super::child::Child;
-use super::inheritance::CHANNEL_FD_VAR;
 use super::spawn::{self, Spawn};
 use super::upgrade_error::UpgradeError;
+use crate::wire::CHANNEL_FD_VAR;
 
 /// How to start a successor: what this process was started as, captured at start-up.
 #[derive(Debug, Clone)]

@@ -14,6 +14,9 @@ use tokio::io::Interest;
 use super::fd_passing::{receive_buffer, recv_datagram, send_datagram, Received};
 use super::{Message, WireError};
 
+/// The environment variable that carries the channel's descriptor number to a successor.
+pub const CHANNEL_FD_VAR: &str = "HANDOFF_FD";
+
 /// One end of a handoff channel.
 #[derive(Debug)]
 pub struct Channel {

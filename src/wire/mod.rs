@@ -15,7 +15,7 @@ mod peer;
 mod transfer;
 mod verify;
 
-pub use channel::{pair, Channel};
+pub use channel::{pair, Channel, CHANNEL_FD_VAR};
 pub use error::WireError;
 pub use fd_passing::Received;
 pub use manifest::{Inode, SocketEntry, SocketKind};

@@ -14,7 +14,7 @@ use super::Server;
 pub fn spawn_with_channel(binary: &Path, args: &[&str], value: &str, fd: Option<(OwnedFd, i32)>) -> Server {
     let value = value.to_owned();
     Server::spawn_with(binary, args, move |command| {
-        command.env(handoff::CHANNEL_FD_VAR, value);
+        command.env(handoff::wire::CHANNEL_FD_VAR, value);
         if let Some((fd, at)) = fd {
             let raw = fd.as_raw_fd();
             // SAFETY: dup2 is async-signal-safe; `fd` stays open in the parent until the
