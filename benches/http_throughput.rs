@@ -48,16 +48,16 @@ fn serve(runtime: &tokio::runtime::Runtime, kind: Server) -> SocketAddr {
                 address
             }
             Server::Handoff => {
-                let registry = Box::leak(Box::new(handoff::ListenerRegistry::new()));
+                let registry = Box::leak(Box::new(handover::ListenerRegistry::new()));
                 let listener = registry
                     .tcp("http", "127.0.0.1:0".parse().expect("address"))
                     .expect("bind");
                 let address = listener.local_addr().expect("address");
-                let drain = handoff::drain::Drain::builder().build();
+                let drain = handover::drain::Drain::builder().build();
                 tokio::spawn(async move {
                     while let Ok((stream, _)) = listener.accept().await {
                         let service = hyper::service::service_fn(hello);
-                        tokio::spawn(handoff::drain::http::serve_connection(stream, service, drain.track()));
+                        tokio::spawn(handover::drain::http::serve_connection(stream, service, drain.track()));
                     }
                 });
                 address

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use handoff::drain::{tcp, websocket, Drain, DrainStrategy, TrackedConnection};
+use handover::drain::{tcp, websocket, Drain, DrainStrategy, TrackedConnection};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;

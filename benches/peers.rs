@@ -44,7 +44,7 @@ struct Outcome {
     spawn_call_ms: Vec<f64>,
 }
 
-/// The steps of an upgrade on handoff's timeline (`RUST_LOG=handoff::timeline=debug`), in
+/// The steps of an upgrade on handoff's timeline (`RUST_LOG=handover::timeline=debug`), in
 /// order: each phase runs from the step before to its own. `Old`/`New` say whose timeline
 /// the step is on; `Trigger` and `PidFile` are this benchmark's own clock readings.
 const PHASES: [(&str, Step); 8] = [
@@ -185,7 +185,7 @@ async fn run(
         } else {
             &[]
         })
-        .env("RUST_LOG", "warn,handoff::timeline=debug")
+        .env("RUST_LOG", "warn,handover::timeline=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("log")).expect("log file"))

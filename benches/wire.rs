@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use handoff::wire::{self, Channel, Message, SocketEntry, SocketKind};
+use handover::wire::{self, Channel, Message, SocketEntry, SocketKind};
 
 fn listeners(n: usize) -> Vec<(SocketEntry, TcpListener)> {
     (0..n)

@@ -22,7 +22,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::{Extension, Router};
 use clap::Parser;
-use handoff::drain::{http, websocket, SharedConnection};
+use handover::drain::{http, websocket, SharedConnection};
 use hyper_util::service::TowerToHyperService;
 
 /// axum server answering with its process's UUID, upgradable without downtime.

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use handoff::drain::http;
+use handover::drain::http;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use handoff::drain::{DrainStrategy, TrackedConnection};
+use handover::drain::{DrainStrategy, TrackedConnection};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Holds `--tcp` TCP listeners (`tcp-0`, `tcp-1`...), a Unix listener (`unix`) and a UDP

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use handoff::drain::{http, Drain};
+use handover::drain::{http, Drain};
 use http_body_util::Full;
 
 #[tokio::main]
@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let address: SocketAddr = flag("--listen").unwrap_or_else(|| "127.0.0.1:8081".into()).parse()?;
     let uuid = uuid::Uuid::new_v4().to_string();
 
-    let mut builder = handoff::Handoff::builder();
+    let mut builder = handover::Handoff::builder();
     if let Some(pid_file) = flag("--pid-file") {
         builder = builder.pid_file(pid_file);
     }

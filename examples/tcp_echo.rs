@@ -15,8 +15,8 @@ mod common;
 use std::sync::Arc;
 
 use clap::Parser;
-use handoff::drain::{tcp, DrainStrategy, TrackedConnection, Turn};
-use handoff::migration::{Handover, Protocol, Resumed};
+use handover::drain::{tcp, DrainStrategy, TrackedConnection, Turn};
+use handover::migration::{Handover, Protocol, Resumed};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

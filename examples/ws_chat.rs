@@ -30,10 +30,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use handoff::drain::websocket::{self, MigratingWebSocket};
-use handoff::drain::{DrainStrategy, TrackedConnection, Turn};
-use handoff::migration::{Protocol, Resumed};
-use handoff::Handoff;
+use handover::drain::websocket::{self, MigratingWebSocket};
+use handover::drain::{DrainStrategy, TrackedConnection, Turn};
+use handover::migration::{Protocol, Resumed};
+use handover::Handoff;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, watch};

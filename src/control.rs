@@ -67,7 +67,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// ```no_run
 /// use std::time::Duration;
 ///
-/// let client = handoff::control::Client::new("/run/myserver.ctl").read_timeout(Some(Duration::from_secs(60)));
+/// let client = handover::control::Client::new("/run/myserver.ctl").read_timeout(Some(Duration::from_secs(60)));
 /// let reply = client.request_with_progress("upgrade --progress", |line| println!("{}", line["phase"]))?;
 /// assert_eq!(reply["ok"], true, "{}", reply["error"]);
 /// # Ok::<(), std::io::Error>(())

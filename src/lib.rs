@@ -13,8 +13,8 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //!
-//! use handoff::drain::{tcp, Drain, DrainStrategy, TrackedConnection};
-//! use handoff::Handoff;
+//! use handover::drain::{tcp, Drain, DrainStrategy, TrackedConnection};
+//! use handover::Handoff;
 //! use tokio::io::AsyncWriteExt;
 //! use tokio::net::TcpStream;
 //!
@@ -64,9 +64,10 @@
 //! | [`migration`] | the engine that moves established connections: batches, acknowledgements, refusals, and the types a connection travels in ([`migration::Handover`], [`migration::Resumed`], [`migration::Returned`]) |
 //! | [`Handoff`], [`Builder`] | the lifecycle of one process (its [`State`], the successor's start, the commit, the stop, the control server, notifications to a service manager) |
 //! | [`drain`] | the connections: tracking, the accept loop, the deadline, and one module per protocol holding both ways a connection ends, wound down or handed over ([`drain::http`], [`drain::websocket`], [`drain::tcp`]) |
-//! | [`control`] | the control socket's protocol and its client (what `handoffctl` uses) |
+//! | [`control`] | the control socket's protocol and its client (what `handoverctl` uses) |
 //! | [`status`] | what a process reports: sockets, connections, upgrade counters and timings |
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod accept_backoff;
 pub mod control;

@@ -9,7 +9,7 @@ use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use handoff::wire::{self, Channel, Message, Received, SocketEntry, SocketKind, WireError, MAX_MESSAGE_BYTES};
+use handover::wire::{self, Channel, Message, Received, SocketEntry, SocketKind, WireError, MAX_MESSAGE_BYTES};
 use nix::sys::socket::{sendmsg, setsockopt, sockopt, ControlMessage, MsgFlags, UnixAddr, UnixCredentials};
 use proptest::prelude::*;
 use serde_json::Value;

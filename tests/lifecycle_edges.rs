@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use common::{example, fake_predecessor, is_running, Server, WAIT};
-use handoff::wire::{self, Channel, Message};
+use handover::wire::{self, Channel, Message};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -21,7 +21,7 @@ fn signal(pid: u32, signal: Signal) {
 /// the control socket and is named by the PID file, or nothing serves and neither path is
 /// left behind. Never a mix.
 fn assert_settled_consistently(server: &Server) {
-    match handoff::control::Client::new(server.control_path()).request("status") {
+    match handover::control::Client::new(server.control_path()).request("status") {
         Ok(status) => {
             let pid = status["pid"].as_u64().unwrap() as u32;
             assert!(is_running(pid));
@@ -51,7 +51,7 @@ fn a_stop_racing_an_upgrade_either_cancels_it_or_follows_its_commit() {
         let old = server.first_pid();
         let address = server.address("http");
         let control = server.control_path();
-        let upgrade = std::thread::spawn(move || handoff::control::Client::new(control).request("upgrade"));
+        let upgrade = std::thread::spawn(move || handover::control::Client::new(control).request("upgrade"));
         std::thread::sleep(Duration::from_micros(delay_us)); // the race's spread, not a wait
         signal(old, Signal::SIGTERM);
         let _reply = upgrade.join().unwrap(); // may be cut short by the old process's exit
@@ -229,7 +229,7 @@ fn a_channel_not_created_by_our_parent_is_ignored() {
             "127.0.0.1:0",
         ],
         move |command| {
-            command.env(handoff::wire::CHANNEL_FD_VAR, "43");
+            command.env(handover::wire::CHANNEL_FD_VAR, "43");
             // SAFETY: dup2 is async-signal-safe; `theirs` is open in the parent until the
             // command is dropped.
             unsafe {
@@ -251,7 +251,7 @@ fn a_channel_not_created_by_our_parent_is_ignored() {
 /// error once the upgrade timeout has passed, instead of hanging.
 #[test]
 fn a_silent_channel_fails_the_start_within_the_timeout() {
-    let (ours, theirs) = handoff::wire::pair().unwrap();
+    let (ours, theirs) = handover::wire::pair().unwrap();
     let mut server = start_with_stray_channel("42", Some((theirs, 42)), "1");
     let status = server.wait_for_first_exit();
     assert!(!status.success());
@@ -389,7 +389,7 @@ async fn the_successor_answers_the_control_socket_only_after_the_commit() {
     let (server, mut channel) = fake_handover(2).await;
     expect_ready(&server, &mut channel).await;
     let path = server.control_path();
-    let status = std::thread::spawn(move || handoff::control::Client::new(path).request("status"));
+    let status = std::thread::spawn(move || handover::control::Client::new(path).request("status"));
     channel.send(&Message::Commit { counters: None }, &[]).await.unwrap();
     let status = status.join().unwrap().unwrap();
     assert_eq!(status["state"], "ready", "{status}");

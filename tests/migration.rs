@@ -7,8 +7,8 @@ use std::time::Duration;
 use std::os::fd::AsFd;
 
 use common::{example, fake_predecessor, Server, WAIT};
-use handoff::wire::migration::State;
-use handoff::wire::{ConnectionEntry, Message, Protocol};
+use handover::wire::migration::State;
+use handover::wire::{ConnectionEntry, Message, Protocol};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -264,7 +264,7 @@ async fn a_successor_refuses_a_malformed_or_oversized_state_and_keeps_serving() 
     let (malformed, mut malformed_client) = accepted(&listener).await;
     let (oversized, mut oversized_client) = accepted(&listener).await;
     let (sound, mut sound_client) = accepted(&listener).await;
-    let too_large = "x".repeat(handoff::migration::MAX_STATE_BYTES + 1);
+    let too_large = "x".repeat(handover::migration::MAX_STATE_BYTES + 1);
     let batch = Message::Migrate {
         index: 0,
         connections: vec![
@@ -297,7 +297,7 @@ async fn a_successor_refuses_a_malformed_or_oversized_state_and_keeps_serving() 
         "{malformed_reason}"
     );
     assert!(
-        oversized_reason.contains(&format!("more than {}", handoff::migration::MAX_STATE_BYTES)),
+        oversized_reason.contains(&format!("more than {}", handover::migration::MAX_STATE_BYTES)),
         "{oversized_reason}"
     );
 

@@ -5,7 +5,7 @@ use std::io;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use handoff::{Error, ListenerRegistry};
+use handover::{Error, ListenerRegistry};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 

@@ -14,7 +14,7 @@ pub struct ServerFlags {
     /// Write the serving process's pid here (atomically), as each generation becomes ready.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
-    /// A Unix socket taking `upgrade` and `status` commands (see `handoffctl`).
+    /// A Unix socket taking `upgrade` and `status` commands (see `handoverctl`).
     #[arg(long)]
     pub control: Option<PathBuf>,
     /// Seconds a draining process gives its connections before closing what is left.
@@ -30,8 +30,8 @@ pub struct ServerFlags {
 
 impl ServerFlags {
     /// The handoff configuration these flags describe.
-    pub fn builder(&self) -> handoff::Builder {
-        let mut builder = handoff::Handoff::builder().upgrade_timeout(Duration::from_secs_f64(self.upgrade_timeout));
+    pub fn builder(&self) -> handover::Builder {
+        let mut builder = handover::Handoff::builder().upgrade_timeout(Duration::from_secs_f64(self.upgrade_timeout));
         if let Some(path) = &self.pid_file {
             builder = builder.pid_file(path);
         }
@@ -48,8 +48,8 @@ impl ServerFlags {
     }
 
     /// The drain these flags describe.
-    pub fn drain(&self) -> handoff::drain::Drain {
-        handoff::drain::Drain::builder()
+    pub fn drain(&self) -> handover::drain::Drain {
+        handover::drain::Drain::builder()
             .deadline(Duration::from_secs_f64(self.drain_timeout))
             .spread_closes(self.spread_closes)
             .build()
@@ -66,6 +66,6 @@ pub fn init_logging() {
 }
 
 /// Logs that this process exits (after its drain): the operator's and the tests' cue.
-pub fn log_exit(handoff: &handoff::Handoff) {
+pub fn log_exit(handoff: &handover::Handoff) {
     tracing::info!(pid = std::process::id(), generation = handoff.generation(), "exiting");
 }

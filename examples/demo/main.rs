@@ -245,7 +245,7 @@ impl Run {
     }
 }
 
-/// Builds the three servers (and handoffctl) with the profile this demo was built with, and
+/// Builds the three servers (and handoverctl) with the profile this demo was built with, and
 /// returns the directory they are in.
 fn build_examples() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;

@@ -90,7 +90,7 @@ impl ServerProcess {
     }
 
     pub fn status(&self) -> std::io::Result<Value> {
-        handoff::control::Client::new(&self.control).request("status")
+        handover::control::Client::new(&self.control).request("status")
     }
 
     /// Waits until the previous generation has exited, triggers an upgrade, and measures it.
@@ -106,7 +106,7 @@ impl ServerProcess {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        let reply = handoff::control::Client::new(&self.control)
+        let reply = handover::control::Client::new(&self.control)
             .request("upgrade")
             .map_err(|e| format!("upgrade: {e}"))?;
         if reply["ok"] != true {

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use handoff::drain::{http, DrainStrategy, TrackedConnection};
-use handoff::Handoff;
+use handover::drain::{http, DrainStrategy, TrackedConnection};
+use handover::Handoff;
 use http_body_util::Full;
 use tokio::net::TcpStream;
 
@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Stands for a slow start (loading a cache, say): each second of it asks for two more, so
 /// the process is killed only if it stops asking (it hangs) or passes the maximum.
-async fn warm_up(handoff: &Handoff, duration: Duration) -> Result<(), handoff::Error> {
+async fn warm_up(handoff: &Handoff, duration: Duration) -> Result<(), handover::Error> {
     let started = Instant::now();
     while started.elapsed() < duration {
         handoff.extend_startup(Duration::from_secs(2)).await?;

@@ -63,7 +63,7 @@ impl TrackedConnection {
     /// # Examples
     ///
     /// ```no_run
-    /// # async fn example(mut stream: tokio::net::TcpStream, connection: handoff::drain::TrackedConnection) {
+    /// # async fn example(mut stream: tokio::net::TcpStream, connection: handover::drain::TrackedConnection) {
     /// use tokio::io::AsyncWriteExt;
     /// match connection.until_deadline(stream.write_all(b"hello\n")).await {
     ///     Some(Ok(())) => {}            // written

@@ -9,7 +9,7 @@ use std::io;
 /// # Examples
 ///
 /// ```
-/// use handoff::drain::Listener;
+/// use handover::drain::Listener;
 ///
 /// /// Accepts from a TCP listener, with `TCP_NODELAY` on every connection.
 /// struct NoDelay(tokio::net::TcpListener);

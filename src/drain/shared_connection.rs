@@ -21,7 +21,7 @@ use super::TrackedConnection;
 /// to the upgraded connection's task (`examples/axum_app.rs` shows the whole app):
 ///
 /// ```no_run
-/// use handoff::drain::SharedConnection;
+/// use handover::drain::SharedConnection;
 ///
 /// // The upgraded connection's task, given the handle by the handler.
 /// async fn echo(mut stream: tokio::net::TcpStream, connection: SharedConnection) {

@@ -14,7 +14,7 @@ use super::TrackedConnection;
 /// A line-echo protocol that, once draining, echoes what it has read, then half-closes:
 ///
 /// ```no_run
-/// use handoff::drain::{tcp, DrainStrategy, TrackedConnection};
+/// use handover::drain::{tcp, DrainStrategy, TrackedConnection};
 /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// use tokio::net::TcpStream;
 ///

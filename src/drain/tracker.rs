@@ -41,7 +41,7 @@ use crate::migration::{Protocol, Receiver, Resumed};
 /// ```no_run
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use handoff::drain::{tcp, Drain, DrainStrategy, TrackedConnection};
+/// use handover::drain::{tcp, Drain, DrainStrategy, TrackedConnection};
 /// use tokio::net::TcpStream;
 ///
 /// struct Hello;
@@ -56,7 +56,7 @@ use crate::migration::{Protocol, Receiver, Resumed};
 ///     }
 /// }
 ///
-/// # async fn example(listener: tokio::net::TcpListener, handoff: handoff::Handoff) {
+/// # async fn example(listener: tokio::net::TcpListener, handoff: handover::Handoff) {
 /// let drain = Drain::builder().deadline(Duration::from_secs(30)).build();
 /// let report = drain.serve(&handoff, listener, Arc::new(Hello)).await;
 /// println!("drained in {:?}, {} closed at the deadline", report.elapsed, report.forced);
@@ -247,9 +247,9 @@ impl Drain {
     /// Several listeners, one drain:
     ///
     /// ```no_run
-    /// # use handoff::drain::{Drain, DrainStrategy};
+    /// # use handover::drain::{Drain, DrainStrategy};
     /// # async fn example<S: DrainStrategy<tokio::net::TcpStream>>(
-    /// #     handoff: handoff::Handoff,
+    /// #     handoff: handover::Handoff,
     /// #     listeners: Vec<tokio::net::TcpListener>,
     /// #     strategy: std::sync::Arc<S>,
     /// # ) {

@@ -11,10 +11,10 @@ use tokio::signal::unix::SignalKind;
 /// # Examples
 ///
 /// ```no_run
-/// # async fn example() -> Result<(), handoff::Error> {
+/// # async fn example() -> Result<(), handover::Error> {
 /// use std::time::Duration;
 ///
-/// let handoff = handoff::Handoff::builder()
+/// let handoff = handover::Handoff::builder()
 ///     .upgrade_timeout(Duration::from_secs(10))
 ///     .pid_file("/run/myserver.pid")
 ///     .start()
@@ -88,7 +88,7 @@ impl Builder {
     }
 
     /// A Unix socket (mode 0600, peers of our own user only) taking `upgrade` and `status`
-    /// commands, as `handoffctl` sends them. Default: none.
+    /// commands, as `handoverctl` sends them. Default: none.
     pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
         self.control_socket = Some(path.into());
         self

@@ -96,16 +96,16 @@ fn phase_mark(phase: Phase) -> &'static str {
 }
 
 /// The timeline of an upgrade across both processes, for the benchmarks' per-phase
-/// breakdown: each step as a `debug` event of target `handoff::timeline` with its time on
+/// breakdown: each step as a `debug` event of target `handover::timeline` with its time on
 /// `CLOCK_MONOTONIC` (one clock for every process of the machine, so the predecessor's steps,
 /// the successor's and an outside observer's line up). Off unless a subscriber enables that
-/// target (`RUST_LOG=handoff::timeline=debug`).
+/// target (`RUST_LOG=handover::timeline=debug`).
 pub(crate) fn mark(step: &'static str) {
     mark_at(step, monotonic_us());
 }
 
 fn mark_at(step: &'static str, at_us: u64) {
-    tracing::debug!(target: "handoff::timeline", timeline_step = step, timeline_pid = std::process::id(), timeline_us = at_us);
+    tracing::debug!(target: "handover::timeline", timeline_step = step, timeline_pid = std::process::id(), timeline_us = at_us);
 }
 
 /// A successor's first steps: when its code first ran (before `main`: the end of `exec`

@@ -23,8 +23,8 @@
 //! An echo that migrates its connections (see `examples/tcp_echo.rs` for the whole server):
 //!
 //! ```no_run
-//! use handoff::drain::{tcp, DrainStrategy, TrackedConnection, Turn};
-//! use handoff::migration::{Handover, Protocol, Resumed};
+//! use handover::drain::{tcp, DrainStrategy, TrackedConnection, Turn};
+//! use handover::migration::{Handover, Protocol, Resumed};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //! use tokio::net::TcpStream;
 //!

@@ -30,8 +30,8 @@ const BACKLOG: i32 = 1024;
 /// # Examples
 ///
 /// ```no_run
-/// # async fn example() -> Result<(), handoff::Error> {
-/// let registry = handoff::ListenerRegistry::new();
+/// # async fn example() -> Result<(), handover::Error> {
+/// let registry = handover::ListenerRegistry::new();
 /// let http = registry.tcp("http", "127.0.0.1:8081".parse().unwrap())?;
 /// let metrics = registry.tcp_with("metrics", "127.0.0.1:0".parse().unwrap(), |socket| {
 ///     socket.set_tcp_nodelay(true)

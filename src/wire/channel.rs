@@ -25,7 +25,7 @@ pub struct Channel {
 }
 
 /// Creates a connected pair of channel ends, both close-on-exec. The one meant for a child
-/// process reaches it duplicated, without the flag, in the child only (see `lifecycle::process`).
+/// process reaches it duplicated, without the flag, in the child only (see `lifecycle::spawn`).
 pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(socket::socketpair(
         AddressFamily::Unix,

@@ -1,11 +1,11 @@
 //! The test as a predecessor: it starts a real example as its successor, over a channel of
-//! its own, and speaks the wire protocol to it (through `handoff::wire`, public to the tests).
+//! its own, and speaks the wire protocol to it (through `handover::wire`, public to the tests).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
-use handoff::wire::{self, Channel, Message, PROTOCOL_VERSION};
+use handover::wire::{self, Channel, Message, PROTOCOL_VERSION};
 
 use super::Server;
 
@@ -14,7 +14,7 @@ use super::Server;
 pub fn spawn_with_channel(binary: &Path, args: &[&str], value: &str, fd: Option<(OwnedFd, i32)>) -> Server {
     let value = value.to_owned();
     Server::spawn_with(binary, args, move |command| {
-        command.env(handoff::wire::CHANNEL_FD_VAR, value);
+        command.env(handover::wire::CHANNEL_FD_VAR, value);
         if let Some((fd, at)) = fd {
             let raw = fd.as_raw_fd();
             // SAFETY: dup2 is async-signal-safe; `fd` stays open in the parent until the

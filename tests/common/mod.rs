@@ -18,10 +18,17 @@ pub mod fake_predecessor;
 /// The longest any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// The path of a built example (cargo builds examples before running integration tests).
+/// The path of a built example (cargo builds a package's examples before running its
+/// integration tests; the CLI's tests find the library's in the same target directory).
 pub fn example(name: &str) -> PathBuf {
     let deps = std::env::current_exe().unwrap();
-    deps.parent().unwrap().parent().unwrap().join("examples").join(name)
+    let path = deps.parent().unwrap().parent().unwrap().join("examples").join(name);
+    assert!(
+        path.exists(),
+        "example `{name}` is not built at {}: run the tests with `cargo test --workspace`, which builds the examples",
+        path.display()
+    );
+    path
 }
 
 /// A running server and all the generations it spawns.
@@ -178,7 +185,7 @@ impl Server {
 
     /// Sends a command to the control socket (which always reaches the serving generation).
     pub fn control(&self, command: &str) -> Value {
-        handoff::control::Client::new(self.control_path())
+        handover::control::Client::new(self.control_path())
             .request(command)
             .unwrap_or_else(|e| panic!("control {command}: {e}\nlog:\n{}", self.log()))
     }
@@ -358,11 +365,6 @@ pub fn fd_targets(pid: u32) -> Vec<String> {
         .collect();
     targets.sort();
     targets
-}
-
-/// The built `handoffctl` binary.
-pub fn handoffctl() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_handoffctl"))
 }
 
 /// The pids of the zombie children of `pid`: exited, not reaped.

@@ -96,13 +96,13 @@ pub fn builder() -> auto::Builder<TokioExecutor> {
 /// # Examples
 ///
 /// ```no_run
-/// # async fn example(listener: tokio::net::TcpListener, drain: handoff::drain::Drain) {
+/// # async fn example(listener: tokio::net::TcpListener, drain: handover::drain::Drain) {
 /// use http_body_util::Full;
 /// let (stream, _) = listener.accept().await.unwrap();
 /// let service = hyper::service::service_fn(|_request| async {
 ///     Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(bytes::Bytes::from("hi"))))
 /// });
-/// tokio::spawn(handoff::drain::http::serve_connection(stream, service, drain.track()));
+/// tokio::spawn(handover::drain::http::serve_connection(stream, service, drain.track()));
 /// # }
 /// ```
 ///
@@ -125,9 +125,9 @@ where
 /// # Examples
 ///
 /// ```no_run
-/// # async fn example(listener: tokio::net::TcpListener, drain: handoff::drain::Drain) {
+/// # async fn example(listener: tokio::net::TcpListener, drain: handover::drain::Drain) {
 /// use std::time::Duration;
-/// use handoff::drain::http;
+/// use handover::drain::http;
 /// use http_body_util::Full;
 /// use hyper_util::rt::TokioTimer;
 ///

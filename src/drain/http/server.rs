@@ -26,9 +26,9 @@ use crate::migration::{Protocol, Resumed};
 /// # Examples
 ///
 /// ```no_run
-/// # async fn example(handoff: handoff::Handoff, listener: tokio::net::TcpListener) {
+/// # async fn example(handoff: handover::Handoff, listener: tokio::net::TcpListener) {
 /// use std::sync::Arc;
-/// use handoff::drain::{http, Drain};
+/// use handover::drain::{http, Drain};
 /// use http_body_util::Full;
 ///
 /// let service = hyper::service::service_fn(|_request| async {
@@ -108,9 +108,9 @@ impl<S> Server<S> {
     /// # Examples
     ///
     /// ```no_run
-    /// # async fn example(handoff: handoff::Handoff, listener: tokio::net::TcpListener) {
+    /// # async fn example(handoff: handover::Handoff, listener: tokio::net::TcpListener) {
     /// use std::sync::Arc;
-    /// use handoff::drain::{http, Drain};
+    /// use handover::drain::{http, Drain};
     /// use http_body_util::Full;
     ///
     /// let service = hyper::service::service_fn(|_request| async {

@@ -69,7 +69,7 @@ where
 ///
 /// ```no_run
 /// use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
-/// use handoff::drain::{websocket, SharedConnection};
+/// use handover::drain::{websocket, SharedConnection};
 ///
 /// async fn wind_down(socket: WebSocket, connection: SharedConnection) -> websocket::WebSocketFinish {
 ///     let close = Message::Close(Some(CloseFrame {

@@ -37,9 +37,9 @@
 //!
 //! ```no_run
 //! use futures_util::StreamExt;
-//! use handoff::drain::websocket::{self, MigratingWebSocket};
-//! use handoff::drain::{DrainStrategy, TrackedConnection, Turn};
-//! use handoff::migration::Resumed;
+//! use handover::drain::websocket::{self, MigratingWebSocket};
+//! use handover::drain::{DrainStrategy, TrackedConnection, Turn};
+//! use handover::migration::Resumed;
 //! use tokio::net::TcpStream;
 //! use tokio_tungstenite::tungstenite::Message;
 //!

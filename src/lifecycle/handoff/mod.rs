@@ -37,7 +37,7 @@ use crate::wire::{Channel, SocketEntry};
 /// ```no_run
 /// # async fn serve(_: tokio::net::TcpListener, _: impl std::future::Future) {}
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-/// let handoff = handoff::Handoff::builder().start().await?;
+/// let handoff = handover::Handoff::builder().start().await?;
 /// // The inherited listener after an upgrade, a new one on first start.
 /// let listener = handoff.registry().tcp("http", "127.0.0.1:8081".parse()?)?;
 /// handoff.ready().await?; // the predecessor, if any, stops accepting now

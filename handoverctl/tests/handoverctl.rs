@@ -1,19 +1,21 @@
-//! `handoffctl` as an operator uses it: its exit statuses, its output, and the counters of
+//! `handoverctl` as an operator uses it: its exit statuses, its output, and the counters of
 //! `status`, against a real server.
 
+// The library's process-test helpers (spawn an example, wait for it, clean up its group).
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{example, handoffctl, Server};
+use common::{example, Server};
 use serde_json::Value;
 
 fn ctl(args: &[&str]) -> Output {
-    Command::new(handoffctl())
+    Command::new(handoverctl())
         .args(args)
         .output()
-        .expect("running handoffctl")
+        .expect("running handoverctl")
 }
 
 fn text(output: &Output) -> (String, String) {
@@ -154,4 +156,9 @@ fn upgrade_prints_its_phases_and_status_counts_what_happened() {
 
     let output = ctl(&["--control", control, "stop"]);
     assert_eq!(output.status.code(), Some(0), "{:?}", text(&output));
+}
+
+/// The CLI this package builds.
+fn handoverctl() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_handoverctl"))
 }

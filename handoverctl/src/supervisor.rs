@@ -1,4 +1,4 @@
-//! `handoffctl run -- PROGRAM ARGS…`: a container's entrypoint that outlives every generation.
+//! `handoverctl run -- PROGRAM ARGS…`: a container's entrypoint that outlives every generation.
 //!
 //! A handoff server's old generation exits after its successor takes over; as a container's
 //! PID 1 that would end the container. The supervisor is PID 1 instead (or, anywhere else, a
@@ -313,7 +313,7 @@ fn newest_in_group(group: Pid) -> Option<Pid> {
 /// line of theirs lands inside ours (`eprintln!` writes piece by piece).
 fn say(message: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    let line = format!("handoffctl[{}]: {message}\n", std::process::id());
+    let line = format!("handoverctl[{}]: {message}\n", std::process::id());
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 

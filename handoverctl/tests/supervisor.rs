@@ -1,6 +1,8 @@
-//! `handoffctl run`: a supervisor that outlives every generation, as a container's PID 1
+//! `handoverctl run`: a supervisor that outlives every generation, as a container's PID 1
 //! (in a fresh PID namespace, where the machine allows it) and as a child subreaper.
 
+// The library's process-test helpers (spawn an example, wait for it, clean up its group).
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::os::linux::net::SocketAddrExt;
@@ -8,7 +10,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::Command;
 
-use common::{children, example, handoffctl, is_running, wait_until, zombie_children, Server};
+use common::{children, example, is_running, wait_until, zombie_children, Server};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -54,7 +56,7 @@ fn as_pid_1_it_outlives_sixteen_upgrades_by_sigusr2_and_ends_with_the_servers_st
         eprintln!("skipped: {why}");
         return;
     }
-    let (ctl, echo) = (handoffctl(), example("tcp_echo"));
+    let (ctl, echo) = (handoverctl(), example("tcp_echo"));
     let args = ["--pid", "--fork", "--mount-proc", "--kill-child"]
         .into_iter()
         .map(String::from)
@@ -72,7 +74,7 @@ fn as_pid_1_it_outlives_sixteen_upgrades_by_sigusr2_and_ends_with_the_servers_st
     // The supervisor: unshare's only child, PID 1 inside.
     let supervisor = wait_until("unshare forks", || children(unshare), |c| c.len() == 1)[0];
     assert!(
-        server.log().contains("handoffctl[1]: started pid"),
+        server.log().contains("handoverctl[1]: started pid"),
         "PID 1 in its namespace:\n{}",
         server.log()
     );
@@ -92,7 +94,7 @@ fn as_pid_1_it_outlives_sixteen_upgrades_by_sigusr2_and_ends_with_the_servers_st
     assert_eq!(distinct.len(), 17, "each upgrade answered by a new process: {pids:?}");
     // Each trigger went through the supervisor (its line may follow the server's own).
     let forwarded = server.wait_for_nth_log(16, |l| l.contains("forwarded SIGUSR2 to pid"));
-    assert!(forwarded.starts_with("handoffctl[1]:"), "{forwarded}");
+    assert!(forwarded.starts_with("handoverctl[1]:"), "{forwarded}");
 
     // The one left serves: an echo through it.
     use std::io::{Read, Write};
@@ -134,7 +136,7 @@ fn as_a_subreaper_it_reaps_every_generation_and_follows_the_serving_one() {
     ]
     .map(String::from);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut server = Server::start(&handoffctl(), &args);
+    let mut server = Server::start(&handoverctl(), &args);
     let supervisor = server.first_pid();
     // The server runs in a process group of its own, which the Server's cleanup misses.
     let _cleanup = KillChildrenOnDrop(supervisor);
@@ -173,7 +175,7 @@ while [ ! -e "$DIR/a.exit" ]; do sleep 0.05; done
 #[test]
 fn notifications_name_the_process_that_gets_the_signals_and_whose_status_ends_it() {
     let dir = tempfile::tempdir().unwrap();
-    let mut supervisor = Command::new(handoffctl())
+    let mut supervisor = Command::new(handoverctl())
         .args(["run", "--", "sh", "-c", FAKE_SERVER])
         .env("DIR", dir.path())
         .stderr(std::process::Stdio::null())
@@ -239,4 +241,9 @@ impl Drop for KillChildrenOnDrop {
         }
         let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
     }
+}
+
+/// The CLI this package builds.
+fn handoverctl() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_handoverctl"))
 }

@@ -1,5 +1,5 @@
 //! The readable forms of the control socket's answers: `status` as a table, an upgrade's
-//! result as a line. The raw answers (`--json`) are documented in `handoff::control`.
+//! result as a line. The raw answers (`--json`) are documented in `handover::control`.
 
 use std::fmt::Write;
 

@@ -1,12 +1,12 @@
-//! `handoffctl`: drives a handoff server through its control socket, and supervises one as a
+//! `handoverctl`: drives a handoff server through its control socket, and supervises one as a
 //! container's entrypoint.
 //!
 //! ```text
-//! handoffctl --control /run/myserver.ctl upgrade   # a line per phase, then the result
-//! handoffctl --control /run/myserver.ctl status    # a table; --json for the raw answer
-//! handoffctl --control /run/myserver.ctl stop      # a final stop; again: the deadline is now
-//! handoffctl run -- /usr/local/bin/myserver --listen 0.0.0.0:8080
-//! handoffctl /run/myserver.ctl upgrade             # the older positional form, still accepted
+//! handoverctl --control /run/myserver.ctl upgrade   # a line per phase, then the result
+//! handoverctl --control /run/myserver.ctl status    # a table; --json for the raw answer
+//! handoverctl --control /run/myserver.ctl stop      # a final stop; again: the deadline is now
+//! handoverctl run -- /usr/local/bin/myserver --listen 0.0.0.0:8080
+//! handoverctl /run/myserver.ctl upgrade             # the older positional form, still accepted
 //! ```
 //!
 //! Exit status: 0 on success; 1 when the server answers that the command failed (with its
@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use handoff::control::Client;
+use handover::control::Client;
 use serde_json::Value;
 
 /// Drives a handoff server through its control socket, or supervises one (`run`).
@@ -58,7 +58,7 @@ enum Command {
     /// Shows the serving process: pid, generation, uptime, state, sockets, connections,
     /// generations still draining, counters.
     Status {
-        /// Prints the raw answer (schema: the `handoff::control` docs).
+        /// Prints the raw answer (schema: the `handover::control` docs).
         #[arg(long)]
         json: bool,
         /// Seconds to wait for the answer.
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         return supervisor::run(program);
     }
     let Some(path) = cli.control.clone() else {
-        eprintln!("handoffctl: --control PATH is required for this command");
+        eprintln!("handoverctl: --control PATH is required for this command");
         return ExitCode::from(2);
     };
     let client = Client::new(path.clone()).connect_timeout(secs(cli.connect_timeout));
@@ -101,12 +101,12 @@ fn main() -> ExitCode {
         Command::Run { .. } => unreachable!("handled above"),
     };
     outcome.unwrap_or_else(|error| {
-        eprintln!("handoffctl: {}: {error}", path.display());
+        eprintln!("handoverctl: {}: {error}", path.display());
         ExitCode::from(2)
     })
 }
 
-/// `handoffctl PATH COMMAND …` → `handoffctl --control PATH COMMAND …`.
+/// `handoverctl PATH COMMAND …` → `handoverctl --control PATH COMMAND …`.
 fn positional_alias(mut args: Vec<OsString>) -> Vec<OsString> {
     let is_command = |arg: Option<&OsString>| arg.and_then(|a| a.to_str()).is_some_and(|a| COMMANDS.contains(&a));
     let first_is_path = args.get(1).is_some_and(|a| !a.to_string_lossy().starts_with('-')) && !is_command(args.get(1));
@@ -176,8 +176,8 @@ fn verdict(reply: &Value) -> ExitCode {
     }
     let error = reply["error"].as_str().unwrap_or("the server gave no reason");
     match reply["phase"].as_str() {
-        Some(phase) => eprintln!("handoffctl: failed while {}: {error}", phase_text(&Value::from(phase))),
-        None => eprintln!("handoffctl: failed: {error}"),
+        Some(phase) => eprintln!("handoverctl: failed while {}: {error}", phase_text(&Value::from(phase))),
+        None => eprintln!("handoverctl: failed: {error}"),
     }
     ExitCode::from(1)
 }

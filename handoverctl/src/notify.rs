@@ -50,7 +50,7 @@ impl NotifySocket {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let name = format!("handoffctl/{}/{nanos:08x}", std::process::id());
+        let name = format!("handoverctl/{}/{nanos:08x}", std::process::id());
         let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?;
         socket.set_nonblocking(true)?;
         socket::setsockopt(&socket, sockopt::PassCred, &true).map_err(io::Error::from)?;
