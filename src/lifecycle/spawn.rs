@@ -254,14 +254,65 @@ fn check(error: libc::c_int) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use std::os::fd::{AsFd, OwnedFd};
+    use std::path::PathBuf;
+    use std::time::Duration;
 
     use nix::sys::signal::Signal;
+    use tokio::sync::{Mutex, MutexGuard};
 
     use super::*;
 
+    /// Taken by each test here for its whole run: what a child inherits is decided
+    /// process-wide, and the tests are threads of one process. A spawn on the older system's
+    /// path marks every descriptor of ours close-on-exec, then spawns: a stray that another
+    /// test makes inheritable in between leaks into its child; and the marking, landing on
+    /// that test's stray, would leave its check that the stray stays out proving nothing.
+    async fn alone() -> MutexGuard<'static, ()> {
+        static DESCRIPTORS: Mutex<()> = Mutex::const_new(());
+        DESCRIPTORS.lock().await
+    }
+
+    /// Waits, 10 s at most, until the child whose `/proc` directory is `proc` (a `sleep`) is
+    /// blocked in its sleep: only then are its descriptors those it inherited, and its
+    /// environment there to read.
+    ///
+    /// `posix_spawn` returns once the child has left our memory (glibc's child shares it,
+    /// `CLONE_VFORK`, until its exec gives it memory of its own), which is halfway through
+    /// the exec: the kernel has yet to close the close-on-exec descriptors and to lay out the
+    /// new program's environment (`environ` reads empty until then). Started, the program
+    /// opens and closes descriptors of its own (the dynamic loader its libraries, `setlocale`
+    /// the locale's files), which a listing in between would count as leaked. Blocked in its
+    /// `nanosleep`, `sleep` is past all of that.
+    async fn until_asleep(proc: &str) -> io::Result<()> {
+        let sleeping = [libc::SYS_clock_nanosleep, libc::SYS_nanosleep];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            // `NR arguments… sp pc` while blocked in system call NR, else `running` or `-1 sp
+            // pc`. Readable by who may ptrace the child (we, its parent); not at some points of
+            // an exec (then we look again).
+            let syscall = std::fs::read_to_string(format!("{proc}/syscall"));
+            let number = syscall
+                .as_ref()
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<libc::c_long>().ok());
+            if number.is_some_and(|n| sleeping.contains(&n)) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{proc} is not asleep after 10 s (its syscall file: {syscall:?})"),
+                ));
+            }
+            // The period of the poll, not a guess at how long the start takes: the deadline
+            // bounds the wait.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Starts `sleep 30` on `platform` in `working_dir` with a stray descriptor open here,
-    /// reads what the child got, kills it, then checks: exactly the channel (no stray), the
-    /// directory, the environment, the held signals.
+    /// waits until it sleeps, reads what it got, kills it, then checks: exactly the channel
+    /// (no stray), the directory, the environment, the held signals.
     async fn the_child_gets_the_channel_alone(platform: Platform, working_dir: &Path) {
         // A descriptor without close-on-exec, which the child must not get.
         let stray = tempfile::NamedTempFile::new().unwrap();
@@ -281,21 +332,33 @@ mod tests {
         };
         let mut child = spawn_on(&platform, &start, channel.as_fd()).unwrap();
         let proc = format!("/proc/{}", child.id());
-        // Read everything, then kill the child, then check: a failed check leaves nothing running.
-        let fds: std::io::Result<Vec<_>> = std::fs::read_dir(format!("{proc}/fd")).and_then(|d| d.collect());
+        // Wait, read everything, then kill the child, then check: a failed wait or check
+        // leaves nothing running.
+        let asleep = until_asleep(&proc).await;
+        let fds: io::Result<Vec<(RawFd, PathBuf)>> = std::fs::read_dir(format!("{proc}/fd")).and_then(|dir| {
+            dir.map(|entry| {
+                let entry = entry?;
+                let number = entry.file_name().to_str().and_then(|n| n.parse().ok());
+                let number = number.ok_or_else(|| io::Error::other(format!("{entry:?}: not a descriptor")))?;
+                Ok((number, std::fs::read_link(entry.path())?))
+            })
+            .collect()
+        });
         let status = std::fs::read_to_string(format!("{proc}/status"));
         let environment = std::fs::read(format!("{proc}/environ"));
         let cwd = std::fs::read_link(format!("{proc}/cwd"));
         child.kill().await.unwrap();
 
-        let mut fds: Vec<RawFd> = fds
-            .unwrap()
-            .iter()
-            .map(|e| e.file_name().to_str().unwrap().parse().unwrap())
-            .collect();
-        let (status, environment, cwd) = (status.unwrap(), environment.unwrap(), cwd.unwrap());
+        asleep.unwrap();
+        let (mut fds, status, environment, cwd) = (fds.unwrap(), status.unwrap(), environment.unwrap(), cwd.unwrap());
         fds.sort_unstable();
-        assert_eq!(fds, [0, 1, 2, number], "the stray {stray_fd:?} or another leaked");
+        let numbers: Vec<RawFd> = fds.iter().map(|(fd, _)| *fd).collect();
+        assert_eq!(
+            numbers,
+            [0, 1, 2, number],
+            "the stray ({:?}) or another leaked: {fds:?}",
+            stray.path()
+        );
         assert_eq!(cwd, std::fs::canonicalize(working_dir).unwrap());
         let variables: Vec<&[u8]> = environment.split(|b| *b == 0).collect();
         assert!(variables.contains(&format!("HANDOFF_FD={number}").as_bytes()));
@@ -307,6 +370,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_child_gets_the_channel_alone_its_directory_and_the_held_signals() {
+        let _alone = alone().await;
         let dir = tempfile::tempdir().unwrap();
         the_child_gets_the_channel_alone(Platform::detected(), dir.path()).await;
     }
@@ -316,6 +380,7 @@ mod tests {
     /// directory than ours is refused with a reason.
     #[tokio::test]
     async fn on_an_older_system_the_child_still_gets_the_channel_alone() {
+        let _alone = alone().await;
         let here = std::env::current_dir().unwrap();
         the_child_gets_the_channel_alone(Platform::minimal(), &here).await;
 
@@ -339,6 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_killed_child_is_reaped_with_its_signal() {
+        let _alone = alone().await;
         for platform in [Platform::detected(), Platform::minimal()] {
             killed_and_reaped(platform).await;
         }
