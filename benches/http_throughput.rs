@@ -48,13 +48,15 @@ fn serve(runtime: &tokio::runtime::Runtime, kind: Server) -> SocketAddr {
                 address
             }
             Server::Handoff => {
-                let registry = Box::leak(Box::new(handover::ListenerRegistry::new()));
-                let listener = registry
+                let handoff = handover::Handoff::builder().start().await.expect("start");
+                let listener = handoff
+                    .registry()
                     .tcp("http", "127.0.0.1:0".parse().expect("address"))
                     .expect("bind");
                 let address = listener.local_addr().expect("address");
                 let drain = handover::drain::Drain::builder().build();
                 tokio::spawn(async move {
+                    let _handoff = handoff; // the registry's owner lives as long as the server
                     while let Ok((stream, _)) = listener.accept().await {
                         let service = hyper::service::service_fn(hello);
                         tokio::spawn(handover::drain::http::serve_connection(stream, service, drain.track()));

@@ -27,15 +27,21 @@ const BACKLOG: i32 = 1024;
 /// queue) to the next successor. Sockets come out as tokio types, ready for hyper, axum or
 /// tonic.
 ///
+/// Every process has one, which its [`Handoff`](crate::Handoff) owns (the registry of a
+/// successor holds what the predecessor handed over): reach it with
+/// [`Handoff::registry`](crate::Handoff::registry).
+///
 /// # Examples
 ///
 /// ```no_run
-/// # async fn example() -> Result<(), handover::Error> {
-/// let registry = handover::ListenerRegistry::new();
-/// let http = registry.tcp("http", "127.0.0.1:8081".parse().unwrap())?;
-/// let metrics = registry.tcp_with("metrics", "127.0.0.1:0".parse().unwrap(), |socket| {
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// let handoff = handover::Handoff::builder().start().await?;
+/// let registry = handoff.registry();
+/// let http = registry.tcp("http", "127.0.0.1:8081".parse()?)?;
+/// let metrics = registry.tcp_with("metrics", "127.0.0.1:0".parse()?, |socket| {
 ///     socket.set_tcp_nodelay(true)
 /// })?;
+/// handoff.ready().await?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Default)]
@@ -58,7 +64,8 @@ struct State {
 
 impl ListenerRegistry {
     /// An empty registry, for a process that inherited nothing.
-    pub fn new() -> Self {
+    #[cfg(test)]
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
