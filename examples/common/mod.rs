@@ -1,4 +1,5 @@
-//! What every example shares: the operator flags of `DESIGN.md` and logging.
+//! What every example shares: the operator flags (`--listen`, `--pid-file`, `--control`,
+//! `--drain-timeout`, `--upgrade-timeout`, `--migrate`) and logging.
 #![allow(dead_code)] // each example uses its own subset
 
 use std::net::SocketAddr;
