@@ -7,6 +7,45 @@
 //! [`tcp`]. A strategy for another protocol implements [`DrainStrategy`] with the same
 //! [`TrackedConnection`] signals. A connection an HTTP request upgrades (a WebSocket) stays
 //! tracked, and learns when to wind down from its [`SharedConnection`].
+//!
+//! # Per protocol
+//!
+//! - **HTTP** ([`http`]: hyper 1.x, HTTP/1.1 and HTTP/2): requests in flight finish; every
+//!   response after the drain starts carries `Connection: close`; HTTP/2 gets GOAWAY; an idle
+//!   keep-alive connection is closed after the idle grace (1 s,
+//!   [`DrainBuilder::idle_grace`]) with a lingering close, so that a request racing the close
+//!   meets a clean end of stream, never a reset.
+//! - **WebSocket** ([`websocket`]): Close 1001 "going away"; messages the client sent before
+//!   it saw ours are still delivered; its Close is awaited (bounded), then the TCP close.
+//! - **Raw TCP** ([`tcp`]): `shutdown(SHUT_WR)` (the client reads every byte already written,
+//!   then EOF), then read until the client's EOF, so that the socket is never closed over
+//!   unread bytes (which sends an RST).
+//!
+//! Any of them may instead move its connections to the successor: see [`crate::migration`].
+//!
+//! # The deadline
+//!
+//! 30 s by default ([`DrainBuilder::deadline`]). At the deadline, what is left is told to
+//! close at once and counted as `forced` ([`DrainReport`]); every write of the built-in
+//! strategies is bounded by it ([`TrackedConnection::until_deadline`]). One second later
+//! ([`Drain::GRACE_AFTER_DEADLINE`]) the drain ends whatever the connections do: the task of
+//! every connection the library spawned that is still open is dropped, which closes its
+//! socket (counted as `aborted`). No client and no strategy holds the old process longer. A
+//! second stop (SIGTERM, `stop`) while draining makes the deadline now ([`Drain::expire`]).
+//!
+//! Closes of long-lived connections may be spread at a bounded rate
+//! ([`DrainBuilder::spread_closes`]), to spare the successor a reconnect storm: each
+//! connection waits for its turn ([`TrackedConnection::turn_to_close`]), never past the
+//! deadline.
+//!
+//! # Accepting
+//!
+//! [`Drain::serve`] (or [`Drain::accept`], for several listeners) is the accept loop, so that
+//! no application writes one: the shutdown is looked at first (once a successor is ready, not
+//! one more connection is accepted); after one connection's error it accepts the next at
+//! once; out of descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) it backs off,
+//! 10 ms doubling to 1 s, and logs the burst once when it starts and once, with its count,
+//! when it ends.
 
 mod connection;
 #[cfg(feature = "http")]
