@@ -69,12 +69,58 @@
 //! }
 //! ```
 //!
+//! # Per protocol
+//!
+//! - **Raw TCP**: as above (`examples/tcp_echo.rs --migrate`). No byte is lost: the task
+//!   flushes its writes and stops reading; what it has not read stays in the kernel's buffer
+//!   for the successor, what it read but did not consume travels as `leftover`.
+//! - **WebSocket**: [`drain::websocket`](crate::drain::websocket) (`accept`, `migrate`,
+//!   `resume`, `stop_reading`, `finish`): a member moves at a message boundary, with the
+//!   bytes of an unfinished message; no message is lost or duplicated either way.
+//! - **HTTP/1.1**: [`http::Server::migrate`](crate::drain::http::Server::migrate) and
+//!   [`http::Server::resume_migrated`](crate::drain::http::Server::resume_migrated): a
+//!   keep-alive connection moves between two requests ([`drain::http`](crate::drain::http)
+//!   says how). HTTP/2 is drained (GOAWAY).
+//!
+//! # What it guarantees
+//!
+//! Every connection ends migrated or drained, never both, never neither. Connections go in
+//! batches of up to 200 (descriptor, protocol, listener name, state, leftover), one batch at a
+//! time. The successor checks each descriptor (an established TCP socket: a stream, not
+//! listening, connected, of the declared family, between the declared addresses) and its
+//! state, acknowledges the batch, and only then serves them. The old process keeps its copy
+//! until the acknowledgement. A connection the successor refuses (no receiver registered for
+//! its listener, a state it cannot read, a socket that is not what was declared) comes back
+//! to its task as `Err(`[`Returned`]`)` with a typed [`MigrationError`], and is drained the
+//! old way; so is every connection not yet acknowledged when the successor dies, and every
+//! one after. If the acknowledgement does not come within 5 s, the old process stops
+//! receiving on the channel before looking a last time, so that a late acknowledgement fails
+//! to send and the successor closes its copies unused.
+//!
+//! The successor's `status` shows what it received (`migrated_in`: batches, connections taken
+//! and refused), and each old process's `drained` log line (and [`DrainReport::migrated`](crate::drain::DrainReport::migrated))
+//! how many of its connections moved.
+//!
+//! # Application state that spans connections
+//!
+//! Moving each connection is not always enough: a chat room must stay one room, with no
+//! message read by the old process after some members have left it.
+//! [`Handoff::migration_ended`](crate::Handoff::migration_ended) resolves, in the successor,
+//! once the predecessor can migrate nothing more, with how many connections of a listener were
+//! resumed: a room can wait for them before it opens. `examples/ws_chat.rs` does it (the old
+//! room stops every member at a barrier before any moves; the new one opens once every
+//! migrated member has joined), and `tests/ws_migration.rs` checks that every member receives
+//! every message once, in per-sender order, through ten upgrades.
+//!
 //! # Limits
 //!
-//! Raw TCP connections (IPv4 and IPv6) move; TLS connections are drained (their session keys
-//! do not move). The state is at most [`MAX_STATE_BYTES`]
-//! of JSON, the leftover at most [`MAX_LEFTOVER_BYTES`].
-//! A connection handed to the successor after it has started to stop is drained there.
+//! Only connections whose task opts in move; one that never asks is drained as before, at the
+//! same idle cost. Raw TCP connections (IPv4 and IPv6) move; TLS connections are drained
+//! (their session keys do not move). The state is at most [`MAX_STATE_BYTES`] of JSON, the
+//! leftover at most [`MAX_LEFTOVER_BYTES`]; a larger state, or one that does not serialize,
+//! is refused before sending ([`MigrationError::StateTooLarge`],
+//! [`MigrationError::StateMalformed`]) and drained. A connection handed to the successor
+//! after it has started to stop is drained there.
 
 mod error;
 mod inbound;

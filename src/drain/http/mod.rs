@@ -16,9 +16,36 @@
 //!
 //! Every close hyper makes (after `Connection: close`, say) is a lingering close too.
 //!
-//! With [`Server::migrate`], HTTP/1.1 connections move to the successor instead (see
-//! [`crate::migration`] for the engine, and this module's `migrate` part for how hyper gives
-//! a connection back between two requests).
+//! # Live migration of HTTP/1.1 connections
+//!
+//! `http::Server::new(service).migrate("http")` ([`Server::migrate`]) moves the server's
+//! HTTP/1.1 connections to the successor instead of closing them;
+//! [`Server::resume_migrated`] (before `ready()`) is the successor's side, one call.
+//! `examples/http_uuid.rs --migrate` does this: a keep-alive client keeps its TCP connection
+//! (the same local port) through every upgrade, and each request on it after an upgrade is
+//! answered by the successor. [`crate::migration`] is the engine and its guarantees.
+//!
+//! - An idle connection moves between two requests. hyper's HTTP/1 connection is told to
+//!   close; between two requests it closes at once without reading or writing, the library
+//!   keeps the socket open and takes back hyper's I/O and read buffer: the bytes of a next
+//!   request already received (partly, or pipelined but not parsed) travel as the leftover,
+//!   and the successor replays them before reading the socket.
+//! - A request in flight finishes first: the old process answers it in full, without
+//!   `Connection: close`; once its response has been flushed, the connection moves, and the
+//!   next request on it is answered by the successor.
+//! - A connection that was not between two requests after all (hyper still had work on it:
+//!   it then reads or writes, which the library sees) stays in the old process and is closed
+//!   there, never handed over half used. One the successor refuses is served again over the
+//!   bytes hyper had read, with `Connection: close`.
+//! - A connection hyper is already closing (`Connection: close` from the client, HTTP/1.0)
+//!   finishes its close in the old process. One whose first request is only partly received
+//!   moves, with those bytes as its leftover.
+//! - HTTP/2 is drained as before (GOAWAY: its HPACK and flow-control state does not move);
+//!   so are TLS connections, and any I/O that is not a `TcpStream`.
+//! - Connections that may move are served by hyper's HTTP/1 connection (hyper-util's `auto`
+//!   connection does not give its I/O back), configured with [`Server::with_http1_builder`];
+//!   the first bytes tell HTTP/1 from HTTP/2 as hyper-util does. Without `migrate`, nothing
+//!   changes.
 //!
 //! The parts: [`Server`] (the strategy), the per-connection activity the drain watches, the
 //! wind-down of one connection, the hand-over of one connection, the lingering close, and

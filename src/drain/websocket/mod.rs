@@ -6,7 +6,7 @@
 //! delivering the messages the client sent before it saw ours, and wait for the client's
 //! Close (bounded by the drain deadline). Then the TCP connection closes: the client knows
 //! to reconnect, and reaches the successor.
-
+//!
 //! [`finish`] does it for a `WebSocketStream`; [`finish_with`] for any sink and stream of
 //! messages (axum's `WebSocket`).
 //!
@@ -24,6 +24,12 @@
 //! What it kept then is exactly what tungstenite read and did not deliver: a partial frame,
 //! or the fragments of an unfinished message (control frames between them, already answered,
 //! cut out).
+//!
+//! The old process keeps its copy until the successor acknowledges it. On failure (the
+//! successor refuses it, or dies first) the WebSocket comes back whole as a
+//! [`Returned`](crate::migration::Returned), to be drained with Close 1001 ([`finish`]).
+//! Migrating each member is not enough to keep a room whole: see
+//! [`crate::migration`] ("Application state that spans connections") and `examples/ws_chat.rs`.
 //!
 //! A connection whose unfinished message is larger than
 //! [`MAX_LEFTOVER_BYTES`](crate::migration::MAX_LEFTOVER_BYTES), or that uses a compression extension
