@@ -41,6 +41,16 @@
 //!
 //! New fields may appear; none changes meaning within a major version.
 //!
+//! The counters are the answering process's, since it started: a new generation reports how
+//! it arrived (its start-up, and the wait for its predecessor's commit), a failed upgrade is
+//! counted (with its reason and phase) by the process that serves on, and the trigger → ready
+//! and ready → commit timings of a successful one come back in the `upgrade` reply.
+//! Connections are counted per protocol (`http`, `websocket`, `tcp`) by the drains that
+//! serve them ([`Drain::serve`](crate::drain::Drain::serve) registers its own).
+//!
+//! `handoverctl --control PATH upgrade|status|stop` is this protocol's command line: it prints
+//! the phases and the `status` table, and `--json` the raw answer.
+//!
 //! A client has [`REQUEST_TIMEOUT`] to send its line and read each reply line (an upgrade's
 //! own time aside): one that never does holds nothing. A client that goes away during an
 //! upgrade does not cancel it.
