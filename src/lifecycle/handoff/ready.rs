@@ -21,8 +21,9 @@ impl Handoff {
     /// Reports that this process serves, and from then on accepts upgrade triggers.
     ///
     /// A successor first tells its predecessor it is ready and waits for its commit (bounded
-    /// by the upgrade timeout): only then does it answer on the control socket, close the
-    /// inherited sockets nobody claimed, unlink their paths and put its PID file in place.
+    /// by the upgrade timeout): only then does it answer on the control socket (bound anew if
+    /// its file was lost), close the inherited sockets nobody claimed, unlink their paths and
+    /// put its PID file in place.
     /// Until the commit the predecessor serves and may still give up (its timeout, a stop),
     /// and then this process has done nothing that cannot be undone. A predecessor that
     /// vanishes after handing its sockets over counts as a commit: this process holds every
@@ -104,6 +105,7 @@ impl Handoff {
         for entry in inner.registry.close_unclaimed() {
             tracing::info!(socket = %entry, "closed an inherited socket that nothing claimed");
         }
+        let control = control.and_then(|claimed| control_server::settle(self, claimed));
         if let Some(prepared) = pid_file {
             if let Err(error) = prepared.place() {
                 // Too late to give up (the predecessor drains): serve, and say so loudly. The
