@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,27 @@ use nix::unistd::Pid;
 
 fn signal(pid: u32, signal: Signal) {
     kill(Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+/// Waits (at most [`WAIT`]) until process `pid` has exited, through a pidfd: readable the
+/// moment it exits (a zombie counts), child of ours or not. Returns at once if it is gone.
+fn wait_for_exit_event(pid: u32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ESRCH));
+        return; // gone already
+    }
+    // SAFETY: pidfd_open just returned this new descriptor; nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut exited = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd we own; the descriptor is open.
+    let ready = unsafe { libc::poll(&mut exited, 1, WAIT.as_millis() as i32) };
+    assert_eq!(ready, 1, "process {pid} still runs after {WAIT:?}");
 }
 
 /// Waits until the PID file names a pid other than `not`, looking every 100 µs (a rename
@@ -71,4 +93,56 @@ fn an_unlinked_control_socket_file_blocks_no_upgrade() {
     server.wait_for_log(|l| l.contains("control socket") && l.contains("not a socket"));
     assert_eq!(std::fs::read_to_string(server.control_path()).unwrap(), "not a socket");
     assert!(is_running(fourth));
+}
+
+/// Whether a log line tells what became of a trigger: refused, or an upgrade under way.
+fn is_trigger_outcome(line: &str) -> bool {
+    line.contains("upgrade refused") || line.contains("upgrade triggered")
+}
+
+/// An operator's `kill -USR2 $(cat pidfile)` right after an upgrade: sent the moment the PID
+/// file names the new process, it is never refused as "not ready" (the file goes in place
+/// with the state's change to ready), and refused as "still draining" only while the old
+/// process still runs; sent the moment the old process has exited, it is never refused as
+/// "still draining" (the trigger looks at the channel's EOF itself). Over many upgrades, so
+/// that the narrow windows are met.
+#[test]
+fn a_trigger_right_after_an_upgrade_is_refused_only_for_a_live_predecessor() {
+    const UPGRADES: usize = 30;
+    let server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0"]);
+    let mut serving = server.first_pid();
+    let mut predecessor: Option<u32> = None;
+    let mut outcomes = 0;
+    let (mut at_once, mut after_exit) = (0, 0);
+    while at_once + after_exit < UPGRADES {
+        // The moment the PID file names the serving process (the first one's is in place).
+        let predecessor_ran = predecessor.is_some_and(is_running);
+        signal(serving, Signal::SIGUSR2);
+        outcomes += 1;
+        let outcome = server.wait_for_nth_log(outcomes, is_trigger_outcome);
+        if outcome.contains("upgrade refused") {
+            assert!(
+                outcome.contains("still draining") && predecessor_ran,
+                "a trigger sent as the PID file named {serving} (predecessor {predecessor:?} running: \
+                 {predecessor_ran}): {outcome}\nlog:\n{}",
+                server.log()
+            );
+            // The moment the old process has exited.
+            wait_for_exit_event(predecessor.unwrap());
+            signal(serving, Signal::SIGUSR2);
+            outcomes += 1;
+            let outcome = server.wait_for_nth_log(outcomes, is_trigger_outcome);
+            assert!(
+                outcome.contains("upgrade triggered"),
+                "a trigger sent once predecessor {predecessor:?} had exited: {outcome}\nlog:\n{}",
+                server.log()
+            );
+            after_exit += 1;
+        } else {
+            at_once += 1;
+        }
+        predecessor = Some(serving);
+        serving = wait_for_pid_file_other_than(&server, serving);
+    }
+    eprintln!("{at_once} triggers went through at once, {after_exit} once the predecessor had exited");
 }
