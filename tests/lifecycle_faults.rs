@@ -4,11 +4,13 @@
 
 mod common;
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{example, is_running, Server, WAIT};
+use common::{example, is_running, poll_until, Server, WAIT};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -145,4 +147,65 @@ fn a_trigger_right_after_an_upgrade_is_refused_only_for_a_live_predecessor() {
         serving = wait_for_pid_file_other_than(&server, serving);
     }
     eprintln!("{at_once} triggers went through at once, {after_exit} once the predecessor had exited");
+}
+
+/// The old process SIGKILLed after it sent its sockets, before its commit, while its
+/// successor is still to start: the orphaned successor adopts what is on the channel (its
+/// creator is the pid that started it, and is gone) and serves on the same address, the
+/// same control socket; nothing fails to bind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_successor_adopts_the_sockets_in_flight_and_serves() {
+    let bin = tempfile::tempdir().unwrap();
+    let binary = common::copy_binary(&example("http_uuid"), bin.path());
+    let original = bin.path().join("original");
+    std::fs::hard_link(&binary, &original).unwrap();
+    let mut server = Server::start(&binary, &["--listen", "127.0.0.1:0"]);
+    let old = server.first_pid();
+    let address = server.address("http");
+    // The successor waits at a gate (a FIFO) before it runs the real server, its channel
+    // open: the test opens the gate once its predecessor is dead.
+    let gate = bin.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    common::replace_with_script(
+        &binary,
+        &format!("read go < '{}'\nexec '{}' \"$@\"", gate.display(), original.display()),
+    );
+    signal(old, Signal::SIGUSR2);
+    // The predecessor waits for the successor's hello: every socket is on the channel.
+    poll_until(
+        WAIT,
+        || (server.control("status")["upgrade_phase"] == "hello").then_some(()),
+        || format!("the upgrade never reached the hello; log:\n{}", server.log()),
+    );
+    signal(old, Signal::SIGKILL);
+    server.wait_for_first_exit();
+    let mut gate = poll_until(
+        WAIT,
+        || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&gate)
+                .ok() // ENXIO until the successor's shell opens it to read
+        },
+        || format!("the successor never reached its gate; log:\n{}", server.log()),
+    );
+    gate.write_all(b"go\n").unwrap();
+    drop(gate);
+
+    server.wait_for_log(|l| l.contains(" ready ") && l.contains("generation=2"));
+    let reply = tokio::time::timeout(WAIT, common::get(address, "/uuid"))
+        .await
+        .expect("an answer on the old address")
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    let successor = server.pid();
+    assert_ne!(successor, old);
+    assert_eq!(server.pid_in_file(), Some(successor));
+    let log = server.log();
+    assert!(
+        !log.contains("ddress already in use") && !log.contains("AddrInUse"),
+        "{log}"
+    );
+    assert!(Path::new(&server.control_path()).exists());
 }
