@@ -137,7 +137,7 @@ fn process_gone(pid: libc::pid_t) -> bool {
     };
     let ours = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     match (state_and_start(&theirs), state_and_start(&ours)) {
-        (Some((state, _)), _) if matches!(state, "Z" | "X") => true,
+        (Some(("Z" | "X", _)), _) => true,
         (Some((_, theirs)), Some((_, ours))) => theirs > ours,
         _ => false,
     }
