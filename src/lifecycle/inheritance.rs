@@ -1,11 +1,35 @@
-//! The successor's side of a handoff: find the channel the predecessor left us, say hello,
-//! receive and check the sockets.
+//! The successor's side of a handoff: find the channel the predecessor left us, receive and
+//! check its hello and the sockets, then say hello and whether we accept them.
+//!
+//! # The commit rule, and a predecessor that is gone before it
+//!
+//! The predecessor's commit is the point of no return (see `machine`): until it, this
+//! process does nothing that cannot be undone (it owns no shared path, writes no PID file,
+//! answers no control command), so that a predecessor that gives up leaves nothing behind.
+//!
+//! A predecessor that is gone before its commit (killed, crashed: its end of the channel is
+//! closed, without a verdict) can neither commit nor object, nor serve the sockets it put on
+//! the channel. Then this process decides alone:
+//! - if the handoff is complete (the predecessor's hello and every socket of its manifest are
+//!   on the channel, read before we say anything), it adopts them and serves, as after a
+//!   commit: the sockets in flight are the listeners themselves, with their accept queues, and
+//!   binding anew while they are in flight would fail (`AddrInUse`) or strand their clients.
+//!   This holds even when the predecessor died before this process took its channel: the
+//!   channel is then no longer our parent's (we were reparented), but its creator is the pid
+//!   that started us (`HANDOFF_PREDECESSOR_PID`) and is gone, so the channel was ours;
+//! - if it is incomplete (the predecessor died mid-transfer), the start fails with
+//!   [`Error::Inherit`] and the channel is closed, releasing whatever was still in flight: a
+//!   restart binds afresh. Never the one without the other.
+//!
+//! Our own messages (hello, accepted, ready) to a predecessor that is gone fail with a broken
+//! pipe, which is no error here: it can read nothing more, and decided nothing.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
+use super::program::PREDECESSOR_PID_VAR;
 use super::progress;
 use crate::error::Error;
 use crate::wire::{self, Channel, Message, SocketEntry, WireError, CHANNEL_FD_VAR, PROTOCOL_VERSION};
@@ -20,7 +44,9 @@ pub(crate) struct Inheritance {
 }
 
 /// Takes the channel named by `HANDOFF_FD`, if the variable is set and names what a
-/// predecessor leaves: an open `AF_UNIX` `SOCK_SEQPACKET` socket created by our parent.
+/// predecessor leaves: an open `AF_UNIX` `SOCK_SEQPACKET` socket created by our parent, or
+/// by the process that started us (`HANDOFF_PREDECESSOR_PID`) if that one is gone (we were
+/// orphaned before we took the channel: see the module's commit rule).
 ///
 /// Anything else (a stale variable in an environment copied from an old generation, a pipe,
 /// one of the runtime's own descriptors) is ignored with a warning, and never closed: every
@@ -82,13 +108,48 @@ fn check_channel(fd: RawFd) -> Result<(), String> {
     }
     let creator = socket_option::<libc::ucred>(fd, libc::SO_PEERCRED)?;
     let parent = nix::unistd::getppid().as_raw();
-    if creator.pid != parent {
-        return Err(format!(
-            "created by pid {}, not by our parent (pid {parent})",
-            creator.pid
-        ));
+    if creator.pid == parent {
+        return Ok(());
     }
-    Ok(())
+    let started_by = std::env::var(PREDECESSOR_PID_VAR)
+        .ok()
+        .and_then(|pid| pid.parse::<libc::pid_t>().ok());
+    if started_by == Some(creator.pid) && process_gone(creator.pid) {
+        tracing::warn!(
+            predecessor_pid = creator.pid,
+            "the predecessor that started us is gone before its commit: adopting what it left on the channel"
+        );
+        return Ok(());
+    }
+    Err(format!(
+        "created by pid {}, not by our parent (pid {parent})",
+        creator.pid
+    ))
+}
+
+/// Whether process `pid` is gone: no such process, a zombie, or a process started after
+/// this one (the pid reused: a channel's creator existed before the process it started).
+/// When `/proc` cannot tell, it is not gone.
+fn process_gone(pid: libc::pid_t) -> bool {
+    let theirs = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        Err(error) => return error.kind() == std::io::ErrorKind::NotFound,
+    };
+    let ours = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    match (state_and_start(&theirs), state_and_start(&ours)) {
+        (Some(("Z" | "X", _)), _) => true,
+        (Some((_, theirs)), Some((_, ours))) => theirs > ours,
+        _ => false,
+    }
+}
+
+/// A process's state and start time (in clock ticks since boot) from its `/proc/PID/stat`.
+fn state_and_start(stat: &str) -> Option<(&str, u64)> {
+    // The fields after the command name, which is in parentheses and may hold anything.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 is the state, field 22 the start time: the 1st and 20th after the name.
+    Some((fields.first()?, fields.get(19)?.parse().ok()?))
 }
 
 /// Reads a `SOL_SOCKET` option of type `T` from the bare descriptor number `fd`.
@@ -121,7 +182,7 @@ pub(crate) async fn inherit(timeout: Duration) -> Result<Option<Inheritance>, Er
         match handshake(&mut channel).await {
             Ok(inherited) => {
                 progress::mark("inherited");
-                channel.send(&Message::Accepted, &[]).await?;
+                say(&channel, &Message::Accepted).await?;
                 Ok(inherited)
             }
             Err(error) => {
@@ -153,12 +214,9 @@ async fn handshake(channel: &mut Channel) -> Result<(u32, u64, Vec<(SocketEntry,
     // A socketpair reports its creator on both ends: the predecessor, our parent (checked
     // with the descriptor, in `check_channel`); here, its user.
     let predecessor = wire::check_same_user(channel)?;
-    let hello = Message::Hello {
-        protocol: PROTOCOL_VERSION,
-        pid: std::process::id(),
-        generation: None,
-    };
-    channel.send(&hello, &[]).await?;
+    // Everything the predecessor sends unasked (its hello, the sockets) is read before we
+    // say anything: should it be gone, all it left is ours (and no message of ours that it
+    // never read turns our next read into a reset).
     let generation = match channel.recv("hello").await?.message {
         Message::Hello {
             protocol,
@@ -184,7 +242,26 @@ async fn handshake(channel: &mut Channel) -> Result<(u32, u64, Vec<(SocketEntry,
         }
     };
     let (_, sockets) = wire::recv_sockets(channel).await?;
+    let hello = Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        generation: None,
+    };
+    say(channel, &hello).await?;
     Ok((predecessor.pid() as u32, generation, sockets))
+}
+
+/// Sends `message` to the predecessor. One that is gone cannot read it, which is no error:
+/// it decided nothing, and we decide alone (see the module's commit rule; the wait for its
+/// verdict finds it gone).
+async fn say(channel: &Channel, message: &Message) -> Result<(), WireError> {
+    match channel.send(message, &[]).await {
+        Err(error) if error.is_peer_gone() => {
+            tracing::debug!(%error, kind = message.kind(), "the predecessor is gone; not told");
+            Ok(())
+        }
+        sent => sent,
+    }
 }
 
 /// How the predecessor answered our ready.
@@ -238,5 +315,24 @@ pub(crate) async fn await_commit(channel: &mut Channel, startup_ms: u64, timeout
         Ok(None) => Ok(Verdict::Vanished),
         Err(error) if error.is_peer_gone() => Ok(Verdict::Vanished),
         Err(error) => Err(Error::Ready(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_gone;
+
+    #[test]
+    fn a_process_is_gone_once_exited_and_reaped_never_while_it_runs() {
+        assert!(!process_gone(std::process::id() as libc::pid_t));
+        assert!(
+            !process_gone(nix::unistd::getppid().as_raw()),
+            "our parent is older than us"
+        );
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as libc::pid_t;
+        child.wait().unwrap();
+        // Reaped: no such process (or, should the pid be reused at once, a younger one).
+        assert!(process_gone(pid));
     }
 }

@@ -157,6 +157,11 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The variable that tells a successor which pid started it (ours): should we die before it
+/// takes its channel, it is reparented and can no longer find us as its parent, but can still
+/// tell that the channel's creator is the process that started it, and is gone.
+pub(crate) const PREDECESSOR_PID_VAR: &str = "HANDOFF_PREDECESSOR_PID";
+
 /// Variables that describe descriptors of this process, which a successor must not
 /// mistake for its own: systemd's socket activation (read once, by the first generation).
 const FOREIGN_DESCRIPTOR_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
@@ -180,6 +185,7 @@ impl Program {
                 // What a shell would say after `cd`: the successor finds its start directory in it.
                 ("PWD", working_dir.as_os_str().to_owned()),
                 (CHANNEL_FD_VAR, spawn::inherited_number(channel).to_string().into()),
+                (PREDECESSOR_PID_VAR, std::process::id().to_string().into()),
             ],
             held_signals: self.held_signals,
         };

@@ -267,6 +267,70 @@ impl ListenerRegistry {
         Ok(())
     }
 
+    /// Whether the path of the Unix listener held under `name` has been lost: no file is
+    /// there any more, or another file than the socket file recorded when it was bound (an
+    /// operator, `systemd-tmpfiles` or a deploy script removed or replaced it). `false` when
+    /// no such listener is held, or its file was never identified and something is there.
+    pub(crate) fn unix_path_lost(&self, name: &str) -> bool {
+        let state = self.lock();
+        let Some((entry, _)) = state.held.iter().find(|(e, _)| e.name == name) else {
+            return false;
+        };
+        let SocketKind::UnixListener { path, inode } = &entry.kind else {
+            return false;
+        };
+        match (crate::wire::Inode::of(path), inode) {
+            (Err(_), _) => true,
+            (Ok(now), Some(recorded)) => now != *recorded,
+            (Ok(_), None) => false,
+        }
+    }
+
+    /// Binds a new Unix listener at `path` in place of the one held under `name`, whose path
+    /// was lost ([`unix_path_lost`](Self::unix_path_lost)): the held one is closed, and its
+    /// path (now nothing, or another file) left alone. The new one is handed to successors
+    /// from then on. As [`unix`](Self::unix), a stale socket file at `path` is replaced and
+    /// anything else is not.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bind`] naming the socket and the cause; the held listener stays then.
+    pub(crate) fn rebind_unix(&self, name: &str, path: &Path) -> Result<tokio::net::UnixListener, Error> {
+        let mut entry = SocketEntry {
+            name: name.into(),
+            kind: SocketKind::UnixListener {
+                path: path.to_owned(),
+                inode: None,
+            },
+        };
+        let bound = (|| {
+            let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            bind_unix(&socket, path)?;
+            socket.listen(BACKLOG)?;
+            socket.set_nonblocking(true)?;
+            let dup = socket.try_clone()?;
+            Ok((socket, dup))
+        })();
+        let (socket, dup) = bound.map_err(|source| bind_error(&entry, source))?;
+        entry.kind = SocketKind::UnixListener {
+            path: path.to_owned(),
+            inode: socket_inode(path),
+        };
+        let replaced = {
+            let mut state = self.lock();
+            let replaced = state
+                .held
+                .iter()
+                .position(|(e, _)| e.name == name)
+                .map(|at| state.held.remove(at));
+            state.held.push((entry, dup.into()));
+            replaced
+        };
+        drop(replaced); // closed, its path not unlinked: it is not the old socket's file
+        tokio::net::UnixListener::from_std(socket.into())
+            .map_err(|e| Error::io("registering a Unix listener with tokio", e))
+    }
+
     /// Takes the inherited descriptor named `name` out of the registry, whatever its kind,
     /// for an application that wants to build its socket itself. It is no longer handed on
     /// unless registered again with [`register`](Self::register).

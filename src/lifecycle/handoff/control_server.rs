@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -19,13 +19,72 @@ use crate::lifecycle::upgrade_error::Phase;
 /// The longest command line read; the rest is ignored.
 const MAX_REQUEST_BYTES: u64 = 1024;
 
+/// The control socket, claimed before the commit: the listener, and whether it is the
+/// predecessor's (whose path may have been lost since it bound it).
+#[derive(Debug)]
+pub(crate) struct Claimed {
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+    inherited: bool,
+}
+
 /// Binds (or adopts) the control socket, without answering yet: a successor claims it before
-/// its commit (so that it is not closed as unclaimed) and answers only after.
-pub(crate) fn claim(handoff: &Handoff, path: &Path) -> Result<tokio::net::UnixListener, Error> {
+/// its commit (so that it is not closed as unclaimed) and answers only after ([`settle`]).
+/// An adopted socket's path is the predecessor's until the commit: it is not touched here.
+pub(crate) fn claim(handoff: &Handoff, path: &Path) -> Result<Claimed, Error> {
     let listener = handoff.registry().unix(CONTROL_SOCKET_NAME, path)?;
+    let inherited = handoff
+        .registry()
+        .sockets()
+        .iter()
+        .any(|entry| entry.name == CONTROL_SOCKET_NAME && handoff.was_inherited(entry));
+    if !inherited {
+        restrict(path)?;
+    }
+    Ok(Claimed {
+        listener,
+        path: path.to_owned(),
+        inherited,
+    })
+}
+
+/// After the commit (this process owns the paths): the listener to answer on. An inherited
+/// control socket whose file is gone or replaced (`systemd-tmpfiles` cleaning `/run`, a
+/// deploy script) is bound anew at the path, and the inherited one closed; when that fails
+/// (the path taken by something that is not ours to replace), this process serves without a
+/// control socket and says why. Never an error: the commit is behind us, and a lost path must
+/// block no upgrade.
+pub(crate) fn settle(handoff: &Handoff, claimed: Claimed) -> Option<tokio::net::UnixListener> {
+    let Claimed {
+        listener,
+        path,
+        inherited,
+    } = claimed;
+    if !inherited || !handoff.registry().unix_path_lost(CONTROL_SOCKET_NAME) {
+        return Some(listener);
+    }
+    drop(listener);
+    let rebound = handoff
+        .registry()
+        .rebind_unix(CONTROL_SOCKET_NAME, &path)
+        .and_then(|listener| restrict(&path).map(|()| listener));
+    match rebound {
+        Ok(listener) => {
+            tracing::warn!(path = %path.display(), "the control socket's file was gone or replaced; bound it anew");
+            Some(listener)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "the control socket's file was gone or replaced and cannot be bound anew; serving without a control socket");
+            None
+        }
+    }
+}
+
+/// Restricts the control socket at `path` to our user (peers of other users are refused
+/// anyway, by `answer`).
+fn restrict(path: &Path) -> Result<(), Error> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::io(format!("restricting the control socket {}", path.display()), e))?;
-    Ok(listener)
+        .map_err(|e| Error::io(format!("restricting the control socket {}", path.display()), e))
 }
 
 /// Answers commands on `listener` until this process stops serving.

@@ -61,6 +61,9 @@ struct Inner {
     /// The channel to the predecessor, until this process reports ready.
     predecessor: tokio::sync::Mutex<Option<Channel>>,
     predecessor_pid: Option<u32>,
+    /// A duplicate of that channel, from the commit until the predecessor's exit is recorded:
+    /// a trigger looks at it for the exit itself (`notice_predecessor_exit`).
+    predecessor_link: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
     /// The sockets the predecessor handed over, as it described them.
     inherited: Vec<SocketEntry>,
     /// What `status` reports: upgrades, and connections per protocol.
@@ -108,6 +111,7 @@ impl Handoff {
                 lifecycle: Lifecycle::announcing(inherited, announcer),
                 predecessor: tokio::sync::Mutex::new(predecessor),
                 predecessor_pid,
+                predecessor_link: std::sync::Mutex::new(None),
                 inherited: inherited_sockets,
                 config,
                 counters: Counters::default(),

@@ -2,6 +2,7 @@
 //! outcome kept in the lifecycle), the wait for the predecessor's commit, and asking it for
 //! more time.
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use tracing::Instrument;
@@ -21,8 +22,10 @@ impl Handoff {
     /// Reports that this process serves, and from then on accepts upgrade triggers.
     ///
     /// A successor first tells its predecessor it is ready and waits for its commit (bounded
-    /// by the upgrade timeout): only then does it answer on the control socket, close the
-    /// inherited sockets nobody claimed, unlink their paths and put its PID file in place.
+    /// by the upgrade timeout): only then does it close the inherited sockets nobody claimed
+    /// and unlink their paths, bind the control socket anew if its file was lost, put its PID
+    /// file in place (in the same step as its state becomes ready: a trigger sent to the pid
+    /// the file names is never refused as "not ready"), and answer on the control socket.
     /// Until the commit the predecessor serves and may still give up (its timeout, a stop),
     /// and then this process has done nothing that cannot be undone. A predecessor that
     /// vanishes after handing its sockets over counts as a commit: this process holds every
@@ -104,16 +107,22 @@ impl Handoff {
         for entry in inner.registry.close_unclaimed() {
             tracing::info!(socket = %entry, "closed an inherited socket that nothing claimed");
         }
-        if let Some(prepared) = pid_file {
-            if let Err(error) = prepared.place() {
-                // Too late to give up (the predecessor drains): serve, and say so loudly. The
-                // file must not go on naming the predecessor, which will exit.
-                tracing::error!(%error, "could not put the PID file in place; serving without it");
-                self.remove_pid_file();
-            }
+        let control = control.and_then(|claimed| control_server::settle(self, claimed));
+        // The PID file goes in place in the same critical section as the change to `Ready`:
+        // a trigger sent to the pid it names finds this process ready, never "not ready yet".
+        let mut placed = None;
+        let ready = inner.lifecycle.apply_with(Event::Ready, |_| {
+            placed = pid_file.map(pid_file::Prepared::place);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        if let Some(Err(error)) = placed {
+            // Too late to give up (the predecessor drains): serve, and say so loudly. The
+            // file must not go on naming the predecessor, which will exit.
+            tracing::error!(%error, "could not put the PID file in place; serving without it");
+            self.remove_pid_file();
         }
-        if let Err(refusal) = inner.lifecycle.apply(Event::Ready) {
-            // A stop arrived since the commit, and has cleaned up before our PID file landed.
+        if let Err(refusal) = ready {
+            // A stop arrived since the commit, and has cleaned up; our PID file never landed.
             debug_assert_eq!(refusal, Refusal::Stopped);
             self.remove_pid_file();
             return Err(Error::Stopped);
@@ -163,8 +172,16 @@ impl Handoff {
         Ok(())
     }
 
-    /// Records the predecessor's exit, which its end of the channel reports as EOF.
+    /// Records the predecessor's exit, which its end of the channel reports as EOF. Keeps a
+    /// duplicate of the channel for [`notice_predecessor_exit`](Self::notice_predecessor_exit)
+    /// until then.
     fn watch_predecessor(&self, mut channel: Channel, vanished: bool) {
+        if !vanished {
+            match channel.as_fd().try_clone_to_owned() {
+                Ok(link) => *self.predecessor_link() = Some(link),
+                Err(error) => tracing::debug!(%error, "no duplicate of the channel; triggers wait for the watch"),
+            }
+        }
         let handoff = self.clone();
         tokio::spawn(async move {
             if !vanished {
@@ -173,8 +190,36 @@ impl Handoff {
             drop(channel);
             // The next upgrade is allowed before anyone can read that it is.
             let _ = handoff.inner.lifecycle.apply(Event::PredecessorExited);
+            handoff.predecessor_link().take();
             tracing::info!(predecessor_pid = ?handoff.inner.predecessor_pid, "predecessor exited");
         });
+    }
+
+    /// Before a trigger is judged: if the predecessor is believed to drain, looks (without
+    /// blocking) whether it has in fact exited, and records it if so. The watch above learns
+    /// of the exit a moment later (its task must be woken and scheduled): an operator's
+    /// trigger sent just after the old process exited must not be refused for it.
+    ///
+    /// The channel's EOF is the signal, as for the watch: the predecessor is not our child
+    /// (no exit status to reap), and its pid may already name another process. EOF with an
+    /// empty queue only: a message still queued (connections migrating to us) is left to the
+    /// watch, which records the exit once it has read everything.
+    pub(super) fn notice_predecessor_exit(&self) {
+        if !self.inner.lifecycle.status().predecessor_running {
+            return;
+        }
+        let exited = self
+            .predecessor_link()
+            .as_ref()
+            .is_some_and(|link| at_eof(link.as_fd()));
+        if exited && self.inner.lifecycle.apply(Event::PredecessorExited).is_ok() {
+            tracing::debug!(predecessor_pid = ?self.inner.predecessor_pid, "the predecessor's exit noticed at a trigger");
+        }
+    }
+
+    fn predecessor_link(&self) -> std::sync::MutexGuard<'_, Option<OwnedFd>> {
+        // A plain `Option` swapped whole: consistent even if a holder panicked.
+        self.inner.predecessor_link.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Asks for more time to get ready: the deadline this start must meet becomes at least
@@ -229,6 +274,23 @@ impl Handoff {
         let mut status = self.inner.lifecycle.watch();
         let _ = status.wait_for(|s| !s.predecessor_running).await;
     }
+}
+
+/// Whether the channel `link` is at EOF with nothing queued: its peer has closed it (exited)
+/// and every message it sent has been read. Looks without blocking and consumes nothing.
+fn at_eof(link: BorrowedFd<'_>) -> bool {
+    let socket = socket2::SockRef::from(&link);
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    // A reset (the peer closed with our messages unread) is reported once, before what is
+    // still queued: look again past it.
+    for _ in 0..2 {
+        match socket.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+            Ok(0) => return true, // EOF: the protocol never sends an empty message
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => continue,
+            Ok(_) | Err(_) => return false, // a message queued, or nothing yet (EAGAIN)
+        }
+    }
+    false
 }
 
 /// Tells the predecessor (if any) that we give up, and returns `error`: it goes on serving.

@@ -33,6 +33,7 @@ impl Handoff {
     /// this process is ready for the next trigger.
     pub async fn upgrade(&self) -> Result<UpgradeReport, UpgradeError> {
         let inner = &self.inner;
+        self.notice_predecessor_exit();
         if let Err(refusal) = inner.lifecycle.apply(Event::Trigger) {
             inner.counters.refused();
             let error = self.refused(refusal);
