@@ -176,6 +176,10 @@ struct Inbox {
     /// Whether the room waits for room in this queue: until the member stops reading at the
     /// migrate turn (it says nothing more, and nobody waits for it then).
     bounded: bool,
+    /// Whose queue it is, for the log.
+    member: MemberState,
+    /// Whether the queue was ever full (logged the first time only).
+    was_full: bool,
 }
 
 impl Inbox {
@@ -185,15 +189,21 @@ impl Inbox {
 }
 
 impl Inboxes {
-    /// Appends `text` to every queue.
-    fn push(&mut self, text: &Utf8Bytes) {
+    /// Appends `text` to every queue; returns the members whose queue is full for the first
+    /// time.
+    fn push(&mut self, text: &Utf8Bytes) -> Vec<MemberState> {
+        let mut first_full = Vec::new();
         for inbox in self.members.values_mut() {
             inbox.queue.push_back(text.clone());
             if inbox.bounded && inbox.queue.len() == QUEUE_CAPACITY {
                 self.full += 1;
+                if !std::mem::replace(&mut inbox.was_full, true) {
+                    first_full.push(inbox.member);
+                }
             }
             inbox.arrived.notify_one();
         }
+        first_full
     }
 }
 
@@ -284,8 +294,8 @@ impl Room {
         self.inboxes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A queue for a member: it receives every message said from now on.
-    fn subscribe(&self) -> Subscription<'_> {
+    /// A queue for member `member`: it receives every message said from now on.
+    fn subscribe(&self, member: MemberState) -> Subscription<'_> {
         let arrived = Arc::new(Notify::new());
         let mut inboxes = self.inboxes();
         let id = inboxes.next_id;
@@ -294,6 +304,8 @@ impl Room {
             queue: VecDeque::new(),
             arrived: arrived.clone(),
             bounded: true,
+            member,
+            was_full: false,
         };
         inboxes.members.insert(id, inbox);
         Subscription {
@@ -309,7 +321,9 @@ impl Room {
         if inboxes.full > 0 {
             return Err(text);
         }
-        inboxes.push(&text);
+        let first_full = inboxes.push(&text);
+        drop(inboxes);
+        log_full(&first_full);
         Ok(())
     }
 
@@ -317,7 +331,8 @@ impl Room {
     /// they stopped (a bounded amount), which is to reach the room now or never.
     fn say_anyway(&self, message: Message) {
         if let Message::Text(text) = message {
-            self.inboxes().push(&text);
+            let first_full = self.inboxes().push(&text);
+            log_full(&first_full);
         }
     }
 
@@ -334,6 +349,13 @@ impl Room {
     /// A full queue got room: wakes those whose message waits.
     fn made_room(&self) {
         self.space.send_replace(());
+    }
+}
+
+/// Logs, the first time only for each, that these members' queues are full.
+fn log_full(members: &[MemberState]) {
+    for id in members {
+        tracing::info!(%id, "member's queue full: the room waits for it");
     }
 }
 
@@ -502,7 +524,7 @@ impl Room {
         let (state, inbox, mut presence) = match resumed {
             Some(state) => {
                 // In the room before it opens, so as to receive its first message.
-                let inbox = self.subscribe();
+                let inbox = self.subscribe(state);
                 let presence = Presence::new(self, true);
                 self.opened().await;
                 (state, inbox, presence)
@@ -510,18 +532,18 @@ impl Room {
             None => {
                 // A new joiner joins after every message of the predecessor's room.
                 self.opened().await;
-                let inbox = self.subscribe();
+                let rank = self.joined.fetch_add(1, Ordering::Relaxed);
+                let state = MemberState {
+                    joined_in: self.generation,
+                    rank,
+                };
+                let inbox = self.subscribe(state);
                 let presence = Presence::new(self, false);
                 // Every send is under the deadline: a member that does not read cannot hold it.
                 let welcome = Message::text(self.welcome.clone());
                 if !matches!(connection.until_deadline(ws.send(welcome)).await, Some(Ok(()))) {
                     return;
                 }
-                let rank = self.joined.fetch_add(1, Ordering::Relaxed);
-                let state = MemberState {
-                    joined_in: self.generation,
-                    rank,
-                };
                 (state, inbox, presence)
             }
         };

@@ -12,7 +12,6 @@ use common::{example, Server, WAIT};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -99,9 +98,8 @@ impl Lines {
     }
 }
 
-/// Reads until every sender's [`LINES`] lines arrived, each exactly once and in order;
-/// publishes how many it has so far in `progress`.
-async fn read_all(mut stream: SplitStream<Member>, me: usize, progress: watch::Sender<u64>) -> SplitStream<Member> {
+/// Reads until every sender's [`LINES`] lines arrived, each exactly once and in order.
+async fn read_all(mut stream: SplitStream<Member>, me: usize) -> SplitStream<Member> {
     let mut lines = Lines::new(format!("member {me}"));
     while lines.total() < SENDERS as u64 * LINES {
         match tokio::time::timeout(WAIT, stream.next()).await {
@@ -111,15 +109,13 @@ async fn read_all(mut stream: SplitStream<Member>, me: usize, progress: watch::S
                 lines.received
             ),
         }
-        progress.send_replace(lines.total());
     }
     stream
 }
 
 /// Runs the chat of [`SENDERS`] members, each sending [`LINES`] lines of `padding` as fast as it
-/// can and reading every line; returns once each has every line, within [`LIMIT`], with the
-/// first member's progress in `progress`.
-async fn chat(url: &str, padding: &str, progress: watch::Sender<u64>, server: &Server) {
+/// can and reading every line; returns once each has every line, within [`LIMIT`].
+async fn chat(url: &str, padding: &str, server: &Server) {
     let mut members = Vec::new();
     for _ in 0..SENDERS {
         members.push(join(url, None).await);
@@ -128,9 +124,8 @@ async fn chat(url: &str, padding: &str, progress: watch::Sender<u64>, server: &S
     for (me, member) in members.into_iter().enumerate() {
         let (sink, stream) = member.split();
         let padding = padding.to_owned();
-        let progress = if me == 0 { progress.clone() } else { watch::channel(0).0 };
         tasks.spawn(async move {
-            let (sink, stream) = tokio::join!(send_all(sink, me, padding), read_all(stream, me, progress));
+            let (sink, stream) = tokio::join!(send_all(sink, me, padding), read_all(stream, me));
             // Kept open until every member is done: nobody leaves the room early.
             (sink, stream)
         });
@@ -157,7 +152,7 @@ async fn chat(url: &str, padding: &str, progress: watch::Sender<u64>, server: &S
 async fn senders_as_fast_as_they_can_lose_no_line_for_any_member() {
     let server = Server::start(&example("ws_chat"), &["--listen", "127.0.0.1:0"]);
     let url = format!("ws://{}/", server.address("ws"));
-    chat(&url, "", watch::channel(0).0, &server).await;
+    chat(&url, "", &server).await;
     assert!(!server.has_log(|l| l.contains("too slow")), "{}", server.log());
 }
 
@@ -201,21 +196,20 @@ async fn a_member_that_never_reads_is_closed_as_too_slow_and_costs_the_others_no
     let line = 2 * wmem_max() / (SENDERS * LINES as usize - 2 * 1024) + 64;
     let padding = "x".repeat(line);
 
-    let (progress, mut first) = watch::channel(0);
+    // While the room waits for the silent member (the first to join: id 1-0), its queue full,
+    // seconds before it can be closed for it.
+    let full = {
+        let server = server.clone();
+        let full = |l: &str| l.contains("member's queue full") && l.contains("id=1-0");
+        tokio::task::spawn_blocking(move || server.wait_for_log(full))
+    };
     let upgrade = async {
-        // Early in the chat: the silent member is in the room still (it cannot have been
-        // waited for yet, before its queue was full).
-        let started = tokio::time::timeout(WAIT, first.wait_for(|n| *n >= 512)).await;
-        assert!(
-            matches!(started, Ok(Ok(_))),
-            "the chat did not start; log:\n{}",
-            server.log()
-        );
+        full.await.unwrap();
         let old = server.pid();
         kill(nix::unistd::Pid::from_raw(old as i32), Signal::SIGUSR2).unwrap();
         (old, Instant::now())
     };
-    let ((), (old, signalled)) = tokio::join!(chat(&url, &padding, progress, &server), upgrade);
+    let ((), (old, signalled)) = tokio::join!(chat(&url, &padding, &server), upgrade);
 
     // The old process ended long before its drain deadline, and nothing waited out a bound.
     let left = (signalled + DRAIN_TIMEOUT / 2).saturating_duration_since(Instant::now());
