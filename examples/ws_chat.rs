@@ -2,14 +2,27 @@
 //! A member who joins is told the pid and generation of the process serving it. Drained with
 //! Close 1001 "going away": members reconnect, and reach the successor.
 //!
-//! With `--migrate`, members keep their connection instead: each moves to the successor with
-//! its membership (its id), and is not welcomed again. The room stays one room: every message
-//! reaches every member exactly once, in the order its sender sent it, across any number of
-//! upgrades. How:
+//! Every message reaches every member that keeps reading, exactly once, in the order its
+//! sender sent it: the room never skips one. Each member has a bounded queue
+//! ([`QUEUE_CAPACITY`]); while any member's is full, the room takes no message from anyone: a
+//! sender's message waits, its member reads nothing more from its client meanwhile, and TCP
+//! holds the client back. A member's writes never hold its own loop, so a member keeps
+//! taking from its queue while its own message waits. A member that takes nothing from its
+//! queue for [`STALL_LIMIT`] (its client does not read) is closed with 1008 "too slow: N
+//! messages behind", counted in the log, and holds the room no more.
 //!
-//! - in the old process, at the migrate turn, every member stops reading and waits (at most
-//!   [`BARRIER_TIMEOUT`]) until every member has stopped: then nothing more is said in the
-//!   old room, and each member delivers what it still had to receive, flushes, and moves;
+//! With `--migrate`, members keep their connection instead: each moves to the successor with
+//! its membership (its id), and is not welcomed again. The room stays one room across any
+//! number of upgrades. How:
+//!
+//! - in the old process, at the migrate turn, every member says what it had read (without
+//!   waiting for room: a bounded amount), stops reading, takes from then on what the room
+//!   still says without bound (so that nobody waits for it), and waits (at most
+//!   [`BARRIER_TIMEOUT`]) until every member has stopped, writing its queue to its client
+//!   meanwhile: then nothing more is said in the old room, and each member delivers what it
+//!   still had to receive, flushes, and moves. One that takes nothing of it for
+//!   [`MOVE_STALL_LIMIT`] is closed as too slow instead: the successor's room waits for this
+//!   process to let go of its members;
 //! - in the successor, nobody reads (so nobody speaks) until the room opens: once the
 //!   predecessor can migrate nothing more and every member it migrated has joined (at most
 //!   [`ROOM_GATE_TIMEOUT`] after the start). A new joiner is welcomed only then: it joins
@@ -24,21 +37,27 @@
 
 mod common;
 
+use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use clap::Parser;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream};
 use handover::drain::websocket::{self, MigratingWebSocket};
 use handover::drain::{DrainStrategy, TrackedConnection, Turn};
 use handover::migration::{Protocol, Resumed};
 use handover::Handoff;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, watch};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio::sync::{watch, Notify};
+use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 /// WebSocket chat server, upgradable without downtime.
 #[derive(Debug, Parser)]
@@ -62,6 +81,32 @@ const BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a successor keeps its room closed waiting for its predecessor's members.
 const ROOM_GATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many messages may wait for one member. While a member has this many, the room takes
+/// no message from anyone (rather than skip any for it). The messages are shared: the room
+/// holds about this many at most, however many members it has.
+const QUEUE_CAPACITY: usize = 1024;
+
+/// How long a member's writes may make no progress while messages wait for it (its client
+/// does not read: its connection is full) before it is closed with 1008 "too slow: N messages
+/// behind". Until then, once its queue is full, the room waits for it.
+const STALL_LIMIT: Duration = Duration::from_secs(5);
+
+/// At the migrate turn, how long a member may take none of what it still has to receive
+/// before it is closed as too slow. Shorter than [`STALL_LIMIT`]: the successor's room opens
+/// once this process has let go of every member, and the sum of this and
+/// [`SLOW_CLOSE_TIMEOUT`] stays under [`ROOM_GATE_TIMEOUT`].
+const MOVE_STALL_LIMIT: Duration = Duration::from_secs(2);
+
+/// How long the Close to a member closed as too slow may take to be written (it follows what
+/// is on its way to the member already); then the connection is dropped.
+const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many messages a member takes from its queue at once.
+const BATCH: usize = 64;
+
+/// How many messages a member writes before it lets the other tasks run.
+const WRITE_BUDGET: usize = 4 * BATCH;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -91,14 +136,19 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The chat room: one broadcast channel, every member subscribed.
+/// The chat room: a queue per member, bounded, and every message pushed to all of them at once
+/// (so every member sees the same order).
 struct Room {
-    messages: broadcast::Sender<String>,
+    inboxes: Mutex<Inboxes>,
+    /// Changed whenever a full queue gets room: wakes the members whose message waits.
+    space: watch::Sender<()>,
     welcome: String,
     migrate: bool,
     generation: u64,
     /// Members who joined here, for their ids.
     joined: AtomicU64,
+    /// Members closed as too slow here.
+    too_slow: AtomicU64,
     /// Whether members may read (and so speak): see [`Room::open_when_migrated`].
     open: watch::Sender<bool>,
     census: Mutex<Census>,
@@ -107,6 +157,54 @@ struct Room {
     everyone_stopped: watch::Sender<bool>,
     /// How many members resumed from the predecessor have joined, ever.
     resumed_joined: watch::Sender<usize>,
+}
+
+/// Every member's queue.
+#[derive(Default)]
+struct Inboxes {
+    members: HashMap<u64, Inbox>,
+    next_id: u64,
+    /// How many queues are full: the room takes no message while one is.
+    full: usize,
+}
+
+/// What waits for one member.
+struct Inbox {
+    queue: VecDeque<Utf8Bytes>,
+    /// Told when a message arrives.
+    arrived: Arc<Notify>,
+    /// Whether the room waits for room in this queue: until the member stops reading at the
+    /// migrate turn (it says nothing more, and nobody waits for it then).
+    bounded: bool,
+    /// Whose queue it is, for the log.
+    member: MemberState,
+    /// Whether the queue was ever full (logged the first time only).
+    was_full: bool,
+}
+
+impl Inbox {
+    fn is_full(&self) -> bool {
+        self.bounded && self.queue.len() >= QUEUE_CAPACITY
+    }
+}
+
+impl Inboxes {
+    /// Appends `text` to every queue; returns the members whose queue is full for the first
+    /// time.
+    fn push(&mut self, text: &Utf8Bytes) -> Vec<MemberState> {
+        let mut first_full = Vec::new();
+        for inbox in self.members.values_mut() {
+            inbox.queue.push_back(text.clone());
+            if inbox.bounded && inbox.queue.len() == QUEUE_CAPACITY {
+                self.full += 1;
+                if !std::mem::replace(&mut inbox.was_full, true) {
+                    first_full.push(inbox.member);
+                }
+            }
+            inbox.arrived.notify_one();
+        }
+        first_full
+    }
 }
 
 /// Who is in the room of this process.
@@ -141,7 +239,8 @@ enum Unreadable {}
 impl Room {
     fn new(handoff: &Handoff, migrate: bool) -> Self {
         Self {
-            messages: broadcast::channel(1024).0,
+            inboxes: Mutex::new(Inboxes::default()),
+            space: watch::channel(()).0,
             welcome: format!(
                 "welcome: pid={} generation={}",
                 std::process::id(),
@@ -150,6 +249,7 @@ impl Room {
             migrate,
             generation: handoff.generation(),
             joined: AtomicU64::new(0),
+            too_slow: AtomicU64::new(0),
             open: watch::channel(false).0,
             census: Mutex::new(Census::default()),
             everyone_stopped: watch::channel(true).0,
@@ -190,10 +290,174 @@ impl Room {
             .send_if_modified(|was| std::mem::replace(was, joined) != joined);
     }
 
-    fn say(&self, message: Message) {
-        if let Message::Text(text) = message {
-            let _ = self.messages.send(text.to_string());
+    fn inboxes(&self) -> MutexGuard<'_, Inboxes> {
+        self.inboxes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A queue for member `member`: it receives every message said from now on.
+    fn subscribe(&self, member: MemberState) -> Subscription<'_> {
+        let arrived = Arc::new(Notify::new());
+        let mut inboxes = self.inboxes();
+        let id = inboxes.next_id;
+        inboxes.next_id += 1;
+        let inbox = Inbox {
+            queue: VecDeque::new(),
+            arrived: arrived.clone(),
+            bounded: true,
+            member,
+            was_full: false,
+        };
+        inboxes.members.insert(id, inbox);
+        Subscription {
+            room: self,
+            id,
+            arrived,
         }
+    }
+
+    /// Says `text` to every member, unless a member's queue is full: gives it back then.
+    fn try_say(&self, text: Utf8Bytes) -> Result<(), Utf8Bytes> {
+        let mut inboxes = self.inboxes();
+        if inboxes.full > 0 {
+            return Err(text);
+        }
+        let first_full = inboxes.push(&text);
+        drop(inboxes);
+        log_full(&first_full);
+        Ok(())
+    }
+
+    /// Says `text` to every member, full queues or not: only for what members read before
+    /// they stopped (a bounded amount), which is to reach the room now or never.
+    fn say_anyway(&self, message: Message) {
+        if let Message::Text(text) = message {
+            let first_full = self.inboxes().push(&text);
+            log_full(&first_full);
+        }
+    }
+
+    /// Says `text` if the room takes it, else returns it, to be said once it does (see
+    /// [`Waiting`]).
+    fn speak(&self, text: Utf8Bytes) -> Option<Waiting> {
+        let text = self.try_say(text).err()?;
+        // Watching before trying again: no room made after this try is missed.
+        let space = self.space.subscribe();
+        let text = self.try_say(text).err()?;
+        Some(Waiting { text, space })
+    }
+
+    /// A full queue got room: wakes those whose message waits.
+    fn made_room(&self) {
+        self.space.send_replace(());
+    }
+}
+
+/// Logs, the first time only for each, that these members' queues are full.
+fn log_full(members: &[MemberState]) {
+    for id in members {
+        tracing::info!(%id, "member's queue full: the room waits for it");
+    }
+}
+
+/// A member's message that the room does not take yet (a queue is full). Meanwhile the member
+/// reads nothing more from its client.
+struct Waiting {
+    text: Utf8Bytes,
+    space: watch::Receiver<()>,
+}
+
+impl Waiting {
+    /// Tries again; `None` once said.
+    fn retry(mut self, room: &Room) -> Option<Self> {
+        self.space.borrow_and_update();
+        match room.try_say(self.text) {
+            Ok(()) => None,
+            Err(text) => Some(Self { text, ..self }),
+        }
+    }
+}
+
+/// Resolves when a queue may have got room for the message waiting, if any.
+async fn room_for(waiting: &mut Option<Waiting>) {
+    match waiting {
+        Some(waiting) => {
+            let _ = waiting.space.changed().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A member's queue in the room, given up when it leaves.
+struct Subscription<'a> {
+    room: &'a Room,
+    id: u64,
+    arrived: Arc<Notify>,
+}
+
+impl Subscription<'_> {
+    /// Moves up to [`BATCH`] messages from the queue to `into`.
+    fn take(&self, into: &mut VecDeque<Utf8Bytes>) {
+        let made_room = {
+            let mut inboxes = self.room.inboxes();
+            let Inboxes { members, full, .. } = &mut *inboxes;
+            let Some(inbox) = members.get_mut(&self.id) else {
+                return;
+            };
+            let was_full = inbox.is_full();
+            let taken = inbox.queue.len().min(BATCH);
+            into.extend(inbox.queue.drain(..taken));
+            let made_room = was_full && !inbox.is_full();
+            *full -= usize::from(made_room);
+            made_room
+        };
+        if made_room {
+            self.room.made_room();
+        }
+    }
+
+    /// How many messages wait in the queue.
+    fn waiting(&self) -> usize {
+        self.room
+            .inboxes()
+            .members
+            .get(&self.id)
+            .map_or(0, |inbox| inbox.queue.len())
+    }
+
+    /// From now on the room does not wait for room in this queue.
+    fn unbound(&self) {
+        self.update(|inbox| inbox.bounded = false);
+    }
+
+    /// Changes this member's inbox; tells those whose message waits if its queue is full no more.
+    fn update(&self, change: impl FnOnce(&mut Inbox)) {
+        let made_room = {
+            let mut inboxes = self.room.inboxes();
+            let Inboxes { members, full, .. } = &mut *inboxes;
+            let Some(inbox) = members.get_mut(&self.id) else {
+                return;
+            };
+            let was_full = inbox.is_full();
+            change(inbox);
+            let made_room = was_full && !inbox.is_full();
+            *full -= usize::from(made_room);
+            made_room
+        };
+        if made_room {
+            self.room.made_room();
+        }
+    }
+
+    /// Resolves when a message may have arrived.
+    async fn arrived(&self) {
+        self.arrived.notified().await;
+    }
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        self.update(|inbox| inbox.queue.clear());
+        self.room.inboxes().members.remove(&self.id);
     }
 }
 
@@ -233,66 +497,103 @@ impl DrainStrategy<Resumed<Unreadable>> for Room {
     }
 }
 
+/// Why a member left the chat.
+enum Left {
+    Turn(Turn),
+    /// It took nothing for [`STALL_LIMIT`], with this many messages waiting for it.
+    TooSlow(usize),
+}
+
+/// How a member's migrate turn ended.
+enum MoveEnd {
+    /// It is the successor's.
+    Moved,
+    /// It stays here (the migration failed): to drain.
+    Stayed(MigratingWebSocket),
+    /// It took nothing for [`MOVE_STALL_LIMIT`], with this many messages waiting for it.
+    TooSlow(MigratingWebSocket, usize),
+    /// The client went away, or the deadline came.
+    Gone,
+}
+
 impl Room {
     /// A member's session: joins (a new member is welcomed, a `resumed` one is not), chats,
     /// and migrates or is drained. Everything in one async fn, so that what each step needs
     /// shares memory with what the others need.
     async fn member(&self, mut ws: MigratingWebSocket, resumed: Option<MemberState>, connection: &TrackedConnection) {
-        let (state, mut room, mut presence) = match resumed {
+        let (state, inbox, mut presence) = match resumed {
             Some(state) => {
                 // In the room before it opens, so as to receive its first message.
-                let room = self.messages.subscribe();
+                let inbox = self.subscribe(state);
                 let presence = Presence::new(self, true);
                 self.opened().await;
-                (state, room, presence)
+                (state, inbox, presence)
             }
             None => {
                 // A new joiner joins after every message of the predecessor's room.
                 self.opened().await;
-                let room = self.messages.subscribe();
+                let rank = self.joined.fetch_add(1, Ordering::Relaxed);
+                let state = MemberState {
+                    joined_in: self.generation,
+                    rank,
+                };
+                let inbox = self.subscribe(state);
                 let presence = Presence::new(self, false);
                 // Every send is under the deadline: a member that does not read cannot hold it.
                 let welcome = Message::text(self.welcome.clone());
                 if !matches!(connection.until_deadline(ws.send(welcome)).await, Some(Ok(()))) {
                     return;
                 }
-                let rank = self.joined.fetch_add(1, Ordering::Relaxed);
-                let state = MemberState {
-                    joined_in: self.generation,
-                    rank,
-                };
-                (state, room, presence)
+                (state, inbox, presence)
             }
         };
-        let turn = loop {
+        let mut outgoing = Outgoing::default();
+        let mut waiting: Option<Waiting> = None;
+        let left = loop {
+            // While its message waits, a member reads nothing more: TCP holds its client back.
+            let reading = waiting.is_none();
             tokio::select! {
                 // Once the drain has come, not one more message is read here.
                 biased;
-                turn = self.turn(connection) => break turn,
-                incoming = ws.next() => match incoming {
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
-                    Some(Ok(message)) => self.say(message),
+                turn = self.turn(connection) => break Left::Turn(turn),
+                pumped = poll_fn(|cx| outgoing.poll(cx, &mut ws, &inbox, reading, STALL_LIMIT, false)) => match pumped {
+                    Pumped::Incoming(Some(Ok(Message::Text(text)))) => waiting = self.speak(text),
+                    Pumped::Incoming(Some(Ok(Message::Close(_)) | Err(_)) | None) | Pumped::Failed => return,
+                    Pumped::Incoming(Some(Ok(_))) | Pumped::Idle => {}
+                    Pumped::Stalled(behind) => break Left::TooSlow(behind),
                 },
-                outgoing = room.recv() => match outgoing {
-                    Ok(text) => match connection.until_deadline(ws.send(Message::text(text))).await {
-                        Some(Ok(())) => {}
-                        Some(Err(_)) | None => return,
-                    },
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
+                () = room_for(&mut waiting) => waiting = waiting.take().and_then(|w| w.retry(self)),
+                () = inbox.arrived() => {}
             }
         };
-        if turn == Turn::Migrate {
-            // Boxed: its state (the barrier's timer…) is allocated at the turn, not carried
-            // by every idle member.
-            match Box::pin(self.move_on(ws, &state, &mut room, &mut presence, connection)).await {
-                Some(returned) => ws = returned,
-                None => return,
+        // What this member read is said, the room full or not: it reads nothing more here (a
+        // bounded amount), and the others may be about to stop reading too.
+        if let Some(waiting) = waiting {
+            self.say_anyway(Message::Text(waiting.text));
+        }
+        match left {
+            Left::Turn(Turn::Migrate) => {
+                // Boxed: its state (the barrier's timer…) is allocated at the turn, not carried
+                // by every idle member.
+                let moved = self.move_on(ws, &state, inbox, &mut outgoing, &mut presence, connection);
+                match Box::pin(moved).await {
+                    MoveEnd::Moved | MoveEnd::Gone => return,
+                    MoveEnd::Stayed(returned) => ws = returned,
+                    MoveEnd::TooSlow(returned, behind) => {
+                        drop(presence);
+                        return self.close_too_slow(returned, &state, behind, connection).await;
+                    }
+                }
+            }
+            Left::Turn(_) => drop(inbox),
+            Left::TooSlow(behind) => {
+                drop((inbox, presence));
+                return self.close_too_slow(ws, &state, behind, connection).await;
             }
         }
-        // What members sent before they saw our Close still reaches the room.
-        let finished = websocket::finish(ws, connection, |message| self.say(message)).await;
+        // What members sent before they saw our Close still reaches the room (those still in
+        // it: a bounded amount, the drain has a deadline).
+        let finished = websocket::finish(ws, connection, |message| self.say_anyway(message)).await;
         tracing::debug!(?finished, "member drained");
     }
 
@@ -307,55 +608,199 @@ impl Room {
         }
     }
 
-    /// The migrate turn: stop reading, wait for everyone to have stopped, deliver what the
-    /// room still had for this member, and move. Returns the WebSocket if it did not move.
+    /// The migrate turn: say what this member read, stop reading, wait for everyone to have
+    /// stopped, deliver what the room still had for this member, and move.
     async fn move_on(
         &self,
         mut ws: MigratingWebSocket,
         state: &MemberState,
-        room: &mut broadcast::Receiver<String>,
+        inbox: Subscription<'_>,
+        outgoing: &mut Outgoing,
         presence: &mut Presence<'_>,
         connection: &TrackedConnection,
-    ) -> Option<MigratingWebSocket> {
+    ) -> MoveEnd {
+        // Said without waiting for room, as the message that waited: nothing more will be.
         let buffered = websocket::stop_reading(&mut ws);
         tracing::debug!(id = %state, messages = buffered.len(), "member stopped reading");
         for message in buffered {
             match message {
-                Ok(message) if !message.is_close() => self.say(message),
-                _ => return None,
+                Ok(message) if !message.is_close() => self.say_anyway(message),
+                _ => return MoveEnd::Gone,
             }
         }
+        inbox.unbound();
         presence.stop_reading();
-        let mut everyone_stopped = self.everyone_stopped.subscribe();
-        let everyone = everyone_stopped.wait_for(|stopped| *stopped);
-        if tokio::time::timeout(BARRIER_TIMEOUT, everyone).await.is_err() {
-            tracing::warn!(id = %state, "not every member stopped reading in time; moving on");
+        outgoing.restart();
+        let barrier = async {
+            let mut everyone_stopped = self.everyone_stopped.subscribe();
+            let _ = everyone_stopped.wait_for(|stopped| *stopped).await;
+        };
+        let barrier = tokio::time::timeout(BARRIER_TIMEOUT, barrier);
+        tokio::pin!(barrier);
+        loop {
+            tokio::select! {
+                biased;
+                waited = &mut barrier => {
+                    if waited.is_err() {
+                        tracing::warn!(id = %state, "not every member stopped reading in time; moving on");
+                    }
+                    break;
+                }
+                pumped = poll_fn(|cx| outgoing.poll(cx, &mut ws, &inbox, false, MOVE_STALL_LIMIT, false)) => match pumped {
+                    Pumped::Stalled(behind) => return MoveEnd::TooSlow(ws, behind),
+                    Pumped::Failed => return MoveEnd::Gone,
+                    Pumped::Incoming(_) | Pumped::Idle => {}
+                },
+                () = inbox.arrived() => {}
+            }
         }
         // Nothing more is said here: what the room has for this member is all it will have.
-        let mut backlog = 0;
-        loop {
-            match room.try_recv() {
-                Ok(text) => {
-                    backlog += 1;
-                    if !matches!(
-                        connection.until_deadline(ws.feed(Message::text(text))).await,
-                        Some(Ok(()))
-                    ) {
-                        return None;
-                    }
-                }
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {}
-                Err(_) => break,
-            }
+        let delivered = poll_fn(|cx| outgoing.poll(cx, &mut ws, &inbox, false, MOVE_STALL_LIMIT, true));
+        match connection.until_deadline(delivered).await {
+            Some(Pumped::Idle) => {}
+            Some(Pumped::Stalled(behind)) => return MoveEnd::TooSlow(ws, behind),
+            Some(_) | None => return MoveEnd::Gone,
         }
-        tracing::debug!(id = %state, backlog, "member delivered the room's backlog");
-        match websocket::migrate(ws, LISTENER, state, connection, |message| self.say(message)).await {
-            Ok(()) => None,
+        tracing::debug!(id = %state, "member delivered the room's backlog");
+        drop(inbox);
+        match websocket::migrate(ws, LISTENER, state, connection, |message| self.say_anyway(message)).await {
+            Ok(()) => MoveEnd::Moved,
             Err(returned) => {
                 tracing::info!(id = %state, error = %returned.error, "member not migrated; draining it");
-                Some(returned.stream)
+                MoveEnd::Stayed(returned.stream)
             }
         }
+    }
+
+    /// Closes a member that took nothing for too long, with 1008 and how far behind it is;
+    /// its place in the room is given up already.
+    async fn close_too_slow(
+        &self,
+        mut ws: MigratingWebSocket,
+        state: &MemberState,
+        behind: usize,
+        connection: &TrackedConnection,
+    ) {
+        let closed = self.too_slow.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(id = %state, behind, closed_too_slow = closed, "member too slow; closing it");
+        let close = CloseFrame {
+            code: CloseCode::Policy,
+            reason: format!("too slow: {behind} messages behind").into(),
+        };
+        let send = connection.until_deadline(ws.send(Message::Close(Some(close))));
+        let sent = tokio::time::timeout(SLOW_CLOSE_TIMEOUT, send).await;
+        tracing::debug!(id = %state, sent = matches!(sent, Ok(Some(Ok(())))), "too slow member closed");
+    }
+}
+
+/// What the room has for a member on its way to it: taken from its queue, written to its
+/// WebSocket, flushed. Never waits on the client: the member's loop goes on meanwhile.
+#[derive(Default)]
+struct Outgoing {
+    /// Taken from the queue, not yet written.
+    outbox: VecDeque<Utf8Bytes>,
+    /// Written since the last flush completed.
+    unflushed: usize,
+    /// Whether the writes wait on the client, since [`Outgoing::stall`] was set.
+    blocked: bool,
+    /// When waiting on the client becomes a stall; allocated the first time it waits.
+    stall: Option<Pin<Box<Sleep>>>,
+}
+
+/// What [`Outgoing::poll`] reports.
+enum Pumped {
+    /// What the client sent (when reading).
+    Incoming(Option<Result<Message, WsError>>),
+    /// Everything for the member is written and flushed (when asked for).
+    Idle,
+    /// The writes made no progress for the limit; how many messages wait.
+    Stalled(usize),
+    /// The WebSocket failed.
+    Failed,
+}
+
+impl Outgoing {
+    /// Writes what waits in `inbox` to `ws` and flushes it, as far as the client takes it;
+    /// reads from the client if `reading`. Resolves with a message read, a stall (no progress
+    /// for `limit`), a failure, or, if `until_idle`, once everything is written and flushed.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut MigratingWebSocket,
+        inbox: &Subscription<'_>,
+        reading: bool,
+        limit: Duration,
+        until_idle: bool,
+    ) -> Poll<Pumped> {
+        let mut written = 0;
+        let mut progressed = false;
+        let blocked = loop {
+            if self.outbox.is_empty() {
+                if written >= WRITE_BUDGET {
+                    cx.waker().wake_by_ref();
+                    break false;
+                }
+                inbox.take(&mut self.outbox);
+            }
+            if !self.outbox.is_empty() {
+                match Pin::new(&mut *ws).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(Pumped::Failed),
+                    Poll::Pending => break true,
+                }
+                let text = self.outbox.pop_front().expect("not empty");
+                if Pin::new(&mut *ws).start_send(Message::Text(text)).is_err() {
+                    return Poll::Ready(Pumped::Failed);
+                }
+                self.unflushed += 1;
+                written += 1;
+                progressed = true;
+                continue;
+            }
+            if self.unflushed > 0 {
+                match Pin::new(&mut *ws).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.unflushed = 0;
+                        progressed = true;
+                        continue;
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(Pumped::Failed),
+                    Poll::Pending => break true,
+                }
+            }
+            if until_idle {
+                return Poll::Ready(Pumped::Idle);
+            }
+            break false;
+        };
+        if progressed || !blocked {
+            self.blocked = false;
+        }
+        if blocked && !self.blocked {
+            self.blocked = true;
+            let at = Instant::now() + limit;
+            match &mut self.stall {
+                Some(stall) => stall.as_mut().reset(at),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        if let Some(stall) = self.stall.as_mut().filter(|_| self.blocked) {
+            if stall.as_mut().poll(cx).is_ready() {
+                let behind = self.outbox.len() + self.unflushed + inbox.waiting();
+                return Poll::Ready(Pumped::Stalled(behind));
+            }
+        }
+        if reading {
+            if let Poll::Ready(message) = Pin::new(&mut *ws).poll_next(cx) {
+                return Poll::Ready(Pumped::Incoming(message));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Counts a stall from the next wait on the client (with the limit given then).
+    fn restart(&mut self) {
+        self.blocked = false;
     }
 }
 
