@@ -95,8 +95,8 @@ impl Supervisor {
         FORWARDED.iter().for_each(|s| mask.add(*s));
         mask.add(Signal::SIGCHLD);
         // Blocked, then read from a descriptor: as PID 1 a signal without a handler would be
-        // dropped, and no handler runs at an awkward moment. The child's mask is reset by
-        // `Command` before exec.
+        // dropped, and no handler runs at an awkward moment. A child inherits the mask
+        // through fork and exec (`Command` does not reset it): `spawn` clears it.
         mask.thread_block().map_err(|e| failure("blocking signals", e))?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
             .map_err(|e| failure("signalfd", e))?;
@@ -254,24 +254,37 @@ impl Supervisor {
     }
 }
 
+/// Starts `program` in a process group of its own, with no signal blocked: the signals we
+/// block for our signalfd would otherwise stay blocked in it (a forwarded SIGHUP pending for
+/// ever), since a mask survives fork and exec and `Command` does not reset it.
 fn spawn(program: &[OsString], notify_socket: &str) -> Result<Pid, Failure> {
-    let child = std::process::Command::new(&program[0])
+    let unblocked = SigSet::empty();
+    let mut command = std::process::Command::new(&program[0]);
+    command
         .args(&program[1..])
         .env("NOTIFY_SOCKET", notify_socket)
-        .process_group(0)
-        .spawn()
-        .map_err(|source| {
-            let code = if source.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
-            Failure {
-                what: format!("starting {}", program[0].to_string_lossy()),
-                source,
-                code,
-            }
-        })?;
+        .process_group(0);
+    // SAFETY: runs in the child between fork and exec, where only async-signal-safe calls
+    // are allowed: this is one `sigprocmask` (async-signal-safe per POSIX) with a set built
+    // before the fork; nothing allocates, locks or touches another thread's state.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&unblocked), None)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = command.spawn().map_err(|source| {
+        let code = if source.kind() == std::io::ErrorKind::NotFound {
+            127
+        } else {
+            126
+        };
+        Failure {
+            what: format!("starting {}", program[0].to_string_lossy()),
+            source,
+            code,
+        }
+    })?;
     // Reaped with waitpid(-1) like every other child: the handle is not waited on.
     Ok(Pid::from_raw(child.id() as i32))
 }

@@ -247,3 +247,164 @@ impl Drop for KillChildrenOnDrop {
 fn handoverctl() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_BIN_EXE_handoverctl"))
 }
+
+/// `handoverctl run -- PROGRAM…` started by a test with the program's arguments as given (no
+/// `--control` or `--pid-file` added): its log (stderr) collected, and on drop the program's
+/// process group and the supervisor killed, whether the test passed or not.
+struct Supervised {
+    child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Supervised {
+    fn start(program: &[&str], dir: &Path) -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new(handoverctl())
+            .arg("run")
+            .arg("--")
+            .args(program)
+            .env("DIR", dir)
+            // Read by `supervised_child_reporting_its_signal_mask` only.
+            .env("SUPERVISED_CHILD_DIR", dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap_or_else(|p| p.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Self { child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits at most `within` for the supervisor to exit; its status, or `None` if it still runs.
+    fn exit_within(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        // The program's group: the first process the supervisor started leads it. Found in the
+        // log, so that it is killed even if the supervisor died and its children were adopted
+        // by someone else.
+        let log = self.log();
+        for group in log.lines().filter_map(|l| l.split("]: started pid ").nth(1)) {
+            if let Some(pid) = group.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        for child in children(self.child.id()) {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(child as i32), Signal::SIGKILL);
+        }
+        let _ = nix::sys::signal::killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- supervisor log ---\n{log}");
+        }
+    }
+}
+
+fn send_notification(to: &std::os::unix::net::SocketAddr, message: &[u8]) {
+    UnixDatagram::unbound().unwrap().send_to_addr(message, to).unwrap();
+}
+
+/// Set by the child's SIGHUP handler.
+static HUP_HANDLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sighup(_: std::os::raw::c_int) {
+    // Async-signal-safe: one atomic store.
+    HUP_HANDLED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Not a test on its own: the program `handoverctl run` starts in
+/// `every_process_it_starts_has_no_signal_blocked_and_a_forwarded_sighup_reaches_its_handler`
+/// (this test binary, run again with `SUPERVISED_CHILD_DIR` set). It writes the signal mask it
+/// started with (`SigBlk` of its thread's `/proc` status: libtest changes no mask, and its
+/// threads inherit it), installs a SIGHUP handler, names itself with `MAINPID=`, and exits
+/// once the handler has run (or fails after 10 s).
+#[test]
+fn supervised_child_reporting_its_signal_mask() {
+    let Some(dir) = std::env::var_os("SUPERVISED_CHILD_DIR").map(std::path::PathBuf::from) else {
+        return;
+    };
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    // This thread's: libtest's main thread, which started it with the mask the process
+    // started with, may be blocking every signal for a moment (as pthread_create does).
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    let blocked = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap().to_owned();
+    let action = SigAction::new(SigHandler::Handler(on_sighup), SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { sigaction(Signal::SIGHUP, &action) }.unwrap();
+    let notify = std::env::var("NOTIFY_SOCKET").unwrap();
+    let name = notify.strip_prefix('@').unwrap();
+    let to = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    send_notification(&to, format!("MAINPID={}\nREADY=1\n", std::process::id()).as_bytes());
+    // Written whole (renamed into place): the test reads it once it exists.
+    std::fs::write(dir.join("mask.new"), format!("{blocked}\n")).unwrap();
+    std::fs::rename(dir.join("mask.new"), dir.join("mask")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !HUP_HANDLED.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "no SIGHUP handled within 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::fs::write(dir.join("hup"), "handled\n").unwrap();
+}
+
+#[test]
+fn every_process_it_starts_has_no_signal_blocked_and_a_forwarded_sighup_reaches_its_handler() {
+    let dir = tempfile::tempdir().unwrap();
+    let this = std::env::current_exe().unwrap();
+    // The child is this binary running the one test above.
+    let mut supervisor = Supervised::start(
+        &[
+            this.to_str().unwrap(),
+            "--exact",
+            "supervised_child_reporting_its_signal_mask",
+            "--nocapture",
+            "--test-threads=1",
+        ],
+        dir.path(),
+    );
+    let mask = wait_until(
+        "the child reports its signal mask",
+        || std::fs::read_to_string(dir.path().join("mask")).unwrap_or_default(),
+        |s| !s.is_empty(),
+    );
+    // Its handler is installed: a SIGHUP forwarded now must run it.
+    signal(supervisor.pid(), Signal::SIGHUP);
+    let status = supervisor.exit_within(common::WAIT);
+    let handled = std::fs::read_to_string(dir.path().join("hup")).unwrap_or_default();
+    let blocked = mask.trim().trim_start_matches("SigBlk:").trim();
+    assert!(
+        blocked.chars().all(|c| c == '0') && handled == "handled\n" && status.is_some_and(|s| s.success()),
+        "the child started with blocked signals {blocked} (want none); SIGHUP handled: {}; the run ended with {status:?}\n{}",
+        !handled.is_empty(),
+        supervisor.log()
+    );
+}
