@@ -125,13 +125,17 @@ impl Supervisor {
                 Err(e) => return Err(failure("poll", e)),
             }
             // Notifications first: a MAINPID sent just before its sender exits must count
-            // before we reap the sender.
-            while let Some(notification) = self
-                .notify
-                .receive()
-                .map_err(|e| failure("reading the notify socket", e))?
-            {
-                self.heard(&notification);
+            // before we reap the sender. Anything in the network namespace can write to the
+            // socket: nothing read there ends supervision.
+            loop {
+                match self.notify.receive() {
+                    Ok(Some(notification)) => self.heard(&notification),
+                    Ok(None) => break,
+                    Err(error) => {
+                        say(format_args!("reading the notify socket: {error}"));
+                        break;
+                    }
+                }
             }
             while let Some(info) = self.signals.read_signal().map_err(|e| failure("reading signals", e))? {
                 match Signal::try_from(info.ssi_signo as i32) {

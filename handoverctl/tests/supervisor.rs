@@ -330,6 +330,17 @@ impl Drop for Supervised {
     }
 }
 
+/// The abstract address a program found in `NOTIFY_SOCKET` (written to `DIR/notify`).
+fn notify_address(dir: &Path) -> std::os::unix::net::SocketAddr {
+    let address = wait_until(
+        "the program writes NOTIFY_SOCKET",
+        || std::fs::read_to_string(dir.join("notify")).unwrap_or_default(),
+        |s| s.ends_with('\n'),
+    );
+    let name = address.trim().strip_prefix('@').expect("an abstract address");
+    std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap()
+}
+
 fn send_notification(to: &std::os::unix::net::SocketAddr, message: &[u8]) {
     UnixDatagram::unbound().unwrap().send_to_addr(message, to).unwrap();
 }
@@ -406,5 +417,163 @@ fn every_process_it_starts_has_no_signal_blocked_and_a_forwarded_sighup_reaches_
         "the child started with blocked signals {blocked} (want none); SIGHUP handled: {}; the run ended with {status:?}\n{}",
         !handled.is_empty(),
         supervisor.log()
+    );
+}
+
+/// A program that writes its notify socket's address and its pid, and records each SIGUSR2
+/// it hears (the test names it with `MAINPID=`, so that forwarded signals go to it).
+const LISTENING_PROGRAM: &str = r#"
+echo "$NOTIFY_SOCKET" > "$DIR/notify"
+trap 'echo USR2 >> "$DIR/usr2"' USR2
+echo $$ > "$DIR/pid"
+while :; do sleep 0.05; done
+"#;
+
+/// Sends SIGUSR2 to the supervisor until the program has recorded more than `before`;
+/// returns how many it has recorded.
+fn usr2_reaches_the_program(supervisor: u32, dir: &Path, before: usize) -> usize {
+    wait_until(
+        "a forwarded SIGUSR2 reaches the program",
+        || {
+            signal(supervisor, Signal::SIGUSR2);
+            std::fs::read_to_string(dir.join("usr2"))
+                .unwrap_or_default()
+                .lines()
+                .count()
+        },
+        |heard| *heard > before,
+    )
+}
+
+/// Sends `message` to the notify socket `to` with `count` copies of descriptor `fd`, in one
+/// `SCM_RIGHTS` control message per chunk of `per_message`.
+fn send_with_descriptors(
+    to: &std::os::unix::net::SocketAddr,
+    message: &[u8],
+    fd: std::os::fd::RawFd,
+    count: usize,
+    per_message: usize,
+) -> nix::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let socket = UnixDatagram::unbound().unwrap();
+    let address = UnixAddr::new_abstract(to.as_abstract_name().unwrap()).unwrap();
+    let fds = vec![fd; count];
+    let chunks: Vec<ControlMessage<'_>> = fds.chunks(per_message).map(ControlMessage::ScmRights).collect();
+    sendmsg(
+        socket.as_raw_fd(),
+        &[std::io::IoSlice::new(message)],
+        &chunks,
+        MsgFlags::empty(),
+        Some(&address),
+    )
+}
+
+/// Waits at most [`common::WAIT`] until every copy of the pipe's write end is closed: its
+/// read end `read` reaches end of file.
+fn every_writer_closed(read: &std::os::fd::OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut fds = [PollFd::new(read.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
+            Ok(0) => return false,
+            Ok(_) => {
+                let mut byte = [0u8; 1];
+                if nix::unistd::read(read, &mut byte).unwrap() == 0 {
+                    return true;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => panic!("poll: {e}"),
+        }
+    }
+}
+
+#[test]
+fn no_datagram_on_the_notify_socket_ends_it_or_leaks_a_descriptor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut supervisor = Supervised::start(&["sh", "-c", LISTENING_PROGRAM], dir.path());
+    let to = notify_address(dir.path());
+    let program = wait_until(
+        "the program writes its pid",
+        || std::fs::read_to_string(dir.path().join("pid")).unwrap_or_default(),
+        |s| s.ends_with('\n'),
+    );
+    send_notification(&to, format!("MAINPID={}\nREADY=1\n", program.trim()).as_bytes());
+    let heard = usr2_reaches_the_program(supervisor.pid(), dir.path(), 0);
+    let (descriptors, targets) = (common::fd_count(supervisor.pid()), common::fd_targets(supervisor.pid()));
+
+    // Every datagram below carries copies of the pipe's write end: once the supervisor has
+    // read (and closed) them all, the read end sees end of file.
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&write);
+    // More descriptors than a notification ever carries (the library's barrier has one);
+    // 253 is the most one datagram can carry (SCM_MAX_FD); two control messages in one.
+    // Each send's outcome, checked once we know whether the supervisor survived (a send to
+    // a socket whose owner died fails).
+    let mut sent = vec![
+        ("40 descriptors", send_with_descriptors(&to, b"BARRIER=1\n", fd, 40, 40)),
+        (
+            "253 descriptors",
+            send_with_descriptors(&to, b"FDSTORE=1\nFDNAME=x\n", fd, 253, 253),
+        ),
+        (
+            "2 x 20 descriptors",
+            send_with_descriptors(&to, b"FDSTORE=1\n", fd, 40, 20),
+        ),
+    ];
+    // Garbage: not UTF-8, NULs, values that are no pid, no `=`, nothing at all, too long.
+    let socket = UnixDatagram::unbound().unwrap();
+    for garbage in [
+        &b"\xff\xfe\x00\x01MAINPID=\x00\n\xc3\x28=1\nMAINPID=-1\nMAINPID=0\nMAINPID=99999999999999\nREADY\n==\n"[..],
+        b"",
+        b"\n\n\n",
+        &[b'A'; 60_000],
+    ] {
+        let result = socket
+            .send_to_addr(garbage, &to)
+            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)));
+        sent.push(("garbage", result));
+    }
+    sent.push((
+        "garbage and 3 descriptors",
+        send_with_descriptors(&to, &[0xffu8; 10_000], fd, 3, 3),
+    ));
+    drop(write);
+    assert!(
+        every_writer_closed(&read),
+        "the supervisor closed every descriptor it received\n{}",
+        supervisor.log()
+    );
+
+    // It goes on, and still forwards (or it ended: no waiting for nothing).
+    let pid = supervisor.pid();
+    let (_, status) = wait_until(
+        "a forwarded SIGUSR2 reaches the program, or the supervisor ends",
+        || {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGUSR2);
+            let recorded = std::fs::read_to_string(dir.path().join("usr2")).unwrap_or_default();
+            (
+                recorded.lines().count(),
+                supervisor.exit_within(std::time::Duration::ZERO),
+            )
+        },
+        |(recorded, status)| *recorded > heard || status.is_some(),
+    );
+    assert!(
+        status.is_none(),
+        "the supervisor goes on after hostile datagrams; it ended with {status:?}\n{}",
+        supervisor.log()
+    );
+    let failed: Vec<_> = sent.iter().filter(|(_, result)| result.is_err()).collect();
+    assert!(failed.is_empty(), "every datagram was sent: {failed:?}");
+    assert_eq!(
+        common::fd_count(pid),
+        descriptors,
+        "no descriptor leaked: before {targets:?}, after {:?}",
+        common::fd_targets(pid)
     );
 }
