@@ -10,7 +10,10 @@
 //! - learns which process serves from the notify protocol: `NOTIFY_SOCKET` names its socket,
 //!   and `MAINPID=` (from any process of the group or of our uid) names the serving process,
 //!   `STOPPING=1` says that its exit will be final;
-//! - forwards SIGTERM, SIGINT, SIGHUP and SIGUSR2 to the serving process;
+//! - forwards SIGTERM, SIGINT, SIGHUP and SIGUSR2 to the serving process, and a stop
+//!   (SIGTERM, SIGINT) also to every process that serves after it: one that reached a
+//!   process just after its commit to a successor (where it is only noted) would otherwise
+//!   be lost, the successor serving on;
 //! - exits, once no child is left, with the status of the serving process that exited
 //!   without a successor (a signal's `128 + n`).
 //!
@@ -82,6 +85,11 @@ struct Supervisor {
     stopping: bool,
     /// The final status, once the serving process exited without a successor.
     status: Option<u8>,
+    /// The first stop (SIGTERM or SIGINT) asked of us, once asked: every process that serves
+    /// from then on must hear it.
+    stop: Option<Signal>,
+    /// The processes that heard `stop` from us, by their pid.
+    told: Vec<Pid>,
 }
 
 impl Supervisor {
@@ -111,6 +119,8 @@ impl Supervisor {
             notified: false,
             stopping: false,
             status: None,
+            stop: None,
+            told: Vec::new(),
         })
     }
 
@@ -164,6 +174,7 @@ impl Supervisor {
                 self.main = Pid::from_raw(pid);
                 self.stopping = false;
                 say(format_args!("pid {pid} serves (MAINPID from pid {sender})"));
+                self.pass_on_stop();
             }
             self.notified = true;
         }
@@ -181,21 +192,56 @@ impl Supervisor {
         }
     }
 
-    fn forward(&self, signal: Signal) {
+    fn forward(&mut self, signal: Signal) {
+        let is_stop = matches!(signal, Signal::SIGTERM | Signal::SIGINT);
+        if is_stop && self.stop.is_none() {
+            self.stop = Some(signal);
+        }
         let (sent, to) = match signal {
             // Without notifications we cannot tell the serving generation: all of them hear
             // a stop (a draining one only notes it).
             Signal::SIGTERM | Signal::SIGINT if !self.notified => {
-                (killpg(self.group, signal), format!("process group {}", self.group))
+                let sent = killpg(self.group, signal);
+                // Every process of the group heard it; one it starts later does not (the
+                // kernel makes a fork that races the signal either include the child or
+                // start after it).
+                if sent.is_ok() {
+                    self.told.extend(in_group(self.group));
+                }
+                (sent, format!("process group {}", self.group))
             }
             _ => {
                 let target = self.target();
-                (kill(target, signal), format!("pid {target}"))
+                let sent = kill(target, signal);
+                if is_stop && sent.is_ok() {
+                    self.told.push(target);
+                }
+                (sent, format!("pid {target}"))
             }
         };
         match sent {
             Ok(()) => say(format_args!("forwarded {signal} to {to}")),
             Err(error) => say(format_args!("could not forward {signal} to {to}: {error}")),
+        }
+    }
+
+    /// After a stop, a new serving process hears it too. The stop may have reached the one
+    /// before just after it committed to this one, where a stop is only noted: this one
+    /// would serve on, and the run would never end.
+    fn pass_on_stop(&mut self) {
+        let Some(signal) = self.stop else {
+            return;
+        };
+        if self.told.contains(&self.main) {
+            return;
+        }
+        let main = self.main;
+        self.told.push(main);
+        match kill(main, signal) {
+            Ok(()) => say(format_args!(
+                "forwarded {signal} to pid {main}, which serves after the stop"
+            )),
+            Err(error) => say(format_args!("could not forward {signal} to pid {main}: {error}")),
         }
     }
 
@@ -237,6 +283,7 @@ impl Supervisor {
             Some(next) => {
                 say(format_args!("pid {next} serves (the newest process of the group)"));
                 self.main = next;
+                self.pass_on_stop();
             }
             None => {
                 say(format_args!(
@@ -311,19 +358,30 @@ fn process_group(pid: i32) -> Option<Pid> {
     stat(pid).map(|(group, _)| group)
 }
 
-/// The most recently started live process of `group`.
-fn newest_in_group(group: Pid) -> Option<Pid> {
-    let entries = std::fs::read_dir("/proc").ok()?;
+/// The live processes of `group`, each with its start time.
+fn group_members(group: Pid) -> Vec<(u64, Pid)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(|pid| {
             stat(pid)
                 .filter(|(g, _)| *g == group)
-                .map(|(_, started)| (started, pid))
+                .map(|(_, started)| (started, Pid::from_raw(pid)))
         })
-        .max()
-        .map(|(_, pid)| Pid::from_raw(pid))
+        .collect()
+}
+
+/// The live processes of `group`.
+fn in_group(group: Pid) -> impl Iterator<Item = Pid> {
+    group_members(group).into_iter().map(|(_, pid)| pid)
+}
+
+/// The most recently started live process of `group`.
+fn newest_in_group(group: Pid) -> Option<Pid> {
+    group_members(group).into_iter().max().map(|(_, pid)| pid)
 }
 
 /// Logs a line to stderr, which the program's generations share: in one `write`, so that no

@@ -577,3 +577,87 @@ fn no_datagram_on_the_notify_socket_ends_it_or_leaks_a_descriptor() {
         common::fd_targets(pid)
     );
 }
+
+/// A stand-in for a handoff in progress: A (the first process) serves and, like a
+/// generation that has just committed, only notes a stop; B (its successor) ends on one.
+/// The test sends the notifications in their place.
+const COMMITTED_PROGRAM: &str = r#"
+echo "$NOTIFY_SOCKET" > "$DIR/notify"
+sh -c 'trap "echo TERM >> \"$DIR/b.log\"; exit 7" TERM; echo $$ > "$DIR/b.pid"; while :; do sleep 0.05; done' &
+trap 'echo USR2 >> "$DIR/usr2"' USR2
+trap 'echo TERM >> "$DIR/a.log"' TERM
+echo $$ > "$DIR/pid"
+while [ ! -e "$DIR/a.exit" ]; do sleep 0.05; done
+"#;
+
+/// The race of a stop just after a commit, made deterministic: the supervisor forwards
+/// SIGTERM to the serving process A, which has (as far as A knows) just committed to B and
+/// so only notes it; then the supervisor hears `MAINPID=` B (the commit's announcement, which
+/// it had not read yet when it forwarded). B must hear the stop too, or it serves on alone.
+#[test]
+fn a_stop_that_reached_the_old_process_after_its_commit_reaches_its_successor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut supervisor = Supervised::start(&["sh", "-c", COMMITTED_PROGRAM], dir.path());
+    let to = notify_address(dir.path());
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+    let a = wait_until("A writes its pid", || read("pid"), |s| s.ends_with('\n'));
+    let b = wait_until("B writes its pid", || read("b.pid"), |s| s.ends_with('\n'));
+    send_notification(&to, format!("MAINPID={}\nREADY=1\n", a.trim()).as_bytes());
+    usr2_reaches_the_program(supervisor.pid(), dir.path(), 0);
+
+    signal(supervisor.pid(), Signal::SIGTERM);
+    wait_until("the stop reaches A", || read("a.log"), |log| log.contains("TERM"));
+    // A's commit, heard after the stop.
+    send_notification(&to, format!("MAINPID={}\nREADY=1\n", b.trim()).as_bytes());
+    wait_until("the stop reaches B too", || read("b.log"), |log| log.contains("TERM"));
+
+    // A's drain ends: nothing serves, the run ends.
+    std::fs::write(dir.path().join("a.exit"), "").unwrap();
+    let status = supervisor.exit_within(common::WAIT);
+    assert!(
+        status.is_some(),
+        "the run ends once A has drained\n{}",
+        supervisor.log()
+    );
+}
+
+/// SIGUSR2 then SIGTERM to `handoverctl run` over a real server, 0 to 6 ms apart: whatever
+/// the stop meets (an upgrade starting, a successor starting, a commit), the run ends.
+#[test]
+fn sigusr2_then_sigterm_within_6_ms_ends_every_run() {
+    const ROUNDS: u64 = 42;
+    let (ctl, echo) = (handoverctl(), example("tcp_echo"));
+    let args = ["run", "--", echo.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+    let mut lost = Vec::new();
+    for round in 0..ROUNDS {
+        let gap = std::time::Duration::from_millis(round % 7);
+        let server = Server::start(&ctl, &args);
+        let supervisor = server.first_pid();
+        let _program = KillChildrenOnDrop(supervisor);
+        signal(supervisor, Signal::SIGUSR2);
+        // The gap is the point of the test, not a wait for something.
+        std::thread::sleep(gap);
+        signal(supervisor, Signal::SIGTERM);
+        if !ends_within(supervisor, std::time::Duration::from_secs(10)) {
+            lost.push(format!("round {round} (gap {gap:?}):\n{}", server.log()));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {ROUNDS} runs still ran 10 s after their stop:\n{}",
+        lost.len(),
+        lost.join("\n\n")
+    );
+}
+
+/// Whether process `pid` ends (exits, or is a zombie) within `within`.
+fn ends_within(pid: u32, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while is_running(pid) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
+}
