@@ -236,10 +236,25 @@ struct KillChildrenOnDrop(u32);
 
 impl Drop for KillChildrenOnDrop {
     fn drop(&mut self) {
-        for child in children(self.0) {
-            let _ = nix::sys::signal::killpg(Pid::from_raw(child as i32), Signal::SIGKILL);
-        }
+        kill_groups_of_children(self.0);
         let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
+    }
+}
+
+/// Kills the process group of each child of `pid`: a successor the supervisor adopted is not
+/// its group's leader (the program's first process is).
+fn kill_groups_of_children(pid: u32) {
+    for child in children(pid) {
+        let group = std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // pgrp is the third field after the command name, which is in parentheses.
+                stat.rsplit_once(") ")?.1.split_whitespace().nth(2)?.parse::<i32>().ok()
+            });
+        if let Some(group) = group {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(group), Signal::SIGKILL);
+        }
+        let _ = kill(Pid::from_raw(child as i32), Signal::SIGKILL);
     }
 }
 
@@ -319,9 +334,7 @@ impl Drop for Supervised {
                 let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
-        for child in children(self.child.id()) {
-            let _ = nix::sys::signal::killpg(Pid::from_raw(child as i32), Signal::SIGKILL);
-        }
+        kill_groups_of_children(self.child.id());
         let _ = nix::sys::signal::killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
         let _ = self.child.wait();
         if std::thread::panicking() {
