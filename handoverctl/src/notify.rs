@@ -3,19 +3,36 @@
 //! (`READY=1`, `MAINPID=4242`, `STOPPING=1`…), each datagram with its sender's credentials
 //! (`SCM_CREDENTIALS`, filled in by the kernel: a sender cannot lie about its pid or uid).
 
-use std::io::{self, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
-use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags, UnixAddr, UnixCredentials};
+use nix::sys::socket::{self, sockopt};
 
-/// The largest datagram read; systemd's own limit is about the same.
+/// The largest datagram read; systemd's own limit is about the same. A longer one is ignored.
 const MAX_DATAGRAM: usize = 4096;
 
-/// The most descriptors a notification may carry that we close (sd_notify attaches one to
-/// `BARRIER=1`; more arrive only with `FDSTORE=1`, which a supervisor does not keep).
-const MAX_FDS: usize = 16;
+/// The most descriptors one datagram can carry (the kernel's `SCM_MAX_FD`), in one
+/// `SCM_RIGHTS` message however many the sender split them into.
+const SCM_MAX_FD: usize = 253;
+
+/// The control buffer, in 8-byte words (a `cmsghdr` must be aligned): room for the sender's
+/// credentials and for the most descriptors a datagram can carry, so that the kernel never
+/// has to drop any (`CMSG_SPACE` of each, which a test checks).
+const CONTROL_WORDS: usize = (cmsg_space(std::mem::size_of::<libc::ucred>())
+    + cmsg_space(SCM_MAX_FD * std::mem::size_of::<libc::c_int>()))
+.div_ceil(8);
+
+/// `CMSG_SPACE(length)`: a control message's header and `length` bytes of data, each rounded
+/// up to the alignment of `size_t`.
+const fn cmsg_space(length: usize) -> usize {
+    const fn align(length: usize) -> usize {
+        let to = std::mem::size_of::<usize>();
+        length.div_ceil(to) * to
+    }
+    align(std::mem::size_of::<libc::cmsghdr>()) + align(length)
+}
 
 /// A bound notify socket.
 pub struct NotifySocket {
@@ -62,46 +79,96 @@ impl NotifySocket {
         format!("@{}", self.name)
     }
 
-    /// The next datagram waiting, if any (never blocks).
+    /// The next datagram waiting, if any (never blocks). Anyone in the network namespace can
+    /// send one: every descriptor it carries is closed, and one that is too long, whose control
+    /// data did not fit, or that is not text comes back with no field.
     pub fn receive(&self) -> io::Result<Option<Notification>> {
         let mut buffer = [0u8; MAX_DATAGRAM];
-        // Room for descriptors too: `BARRIER=1` carries one (closing it completes the barrier),
-        // and a control buffer without room for it would make the whole datagram an error.
-        let mut control = nix::cmsg_space!(UnixCredentials, [std::os::fd::RawFd; MAX_FDS]);
-        let mut iov = [IoSliceMut::new(&mut buffer)];
-        let received = socket::recvmsg::<UnixAddr>(
-            self.socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut control),
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-        );
-        let message = match received {
-            Ok(message) => message,
-            Err(nix::errno::Errno::EAGAIN) => return Ok(None),
-            Err(errno) => return Err(errno.into()),
+        let mut control = [0u64; CONTROL_WORDS];
+        let mut iov = libc::iovec {
+            iov_base: buffer.as_mut_ptr().cast(),
+            iov_len: buffer.len(),
         };
-        let mut sender = None;
-        for cmsg in message.cmsgs().map_err(io::Error::from)? {
-            match cmsg {
-                ControlMessageOwned::ScmCredentials(credentials) => {
-                    sender = Some((credentials.pid(), credentials.uid()));
-                }
-                ControlMessageOwned::ScmRights(fds) => {
-                    for fd in fds {
-                        // SAFETY: the kernel installed this descriptor for us with the
-                        // message; nothing else knows it. Dropping it closes it.
-                        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-                    }
-                }
-                _ => {}
+        // SAFETY: a msghdr of zeros is valid: no address, no vector, no control buffer.
+        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+        header.msg_iov = &mut iov;
+        header.msg_iovlen = 1;
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = std::mem::size_of_val(&control) as _;
+        let received = loop {
+            // SAFETY: `header` points at `iov`, `buffer` and `control`, which outlive the call,
+            // with their true lengths; the kernel writes within them.
+            let received = unsafe {
+                libc::recvmsg(
+                    self.socket.as_raw_fd(),
+                    &mut header,
+                    libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+                )
+            };
+            if let Ok(received) = usize::try_from(received) {
+                break received;
             }
-        }
-        let length = message.bytes;
+            let error = io::Error::last_os_error();
+            match error.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(error),
+            }
+        };
+        // First, whatever the datagram says: its descriptors are closed.
+        let sender = take_control_messages(&header);
+        let whole = header.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) == 0;
         Ok(Some(Notification {
             sender,
-            fields: parse(&buffer[..length]),
+            fields: if whole { parse(&buffer[..received]) } else { Vec::new() },
         }))
     }
+}
+
+/// Reads the control messages `recvmsg` left in `header`: closes every descriptor received
+/// (`BARRIER=1` carries one, whose closing completes the barrier; nothing else is kept), and
+/// returns the sender's pid and uid (`SCM_CREDENTIALS`), if they came.
+// `msg_controllen` and `cmsg_len` are `size_t` with glibc, `socklen_t` with musl.
+#[allow(clippy::unnecessary_cast)]
+fn take_control_messages(header: &libc::msghdr) -> Option<(i32, u32)> {
+    let start = header.msg_control as usize;
+    // The kernel set `msg_controllen` to the length it wrote, within the buffer.
+    let end = start + header.msg_controllen as usize;
+    let mut sender = None;
+    // SAFETY: `header` was filled by recvmsg: CMSG_FIRSTHDR and CMSG_NXTHDR return a header
+    // lying wholly within its control buffer, or null.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(header) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` is a header within the buffer (above); read unaligned to assume nothing.
+        let message = unsafe { cmsg.read_unaligned() };
+        // SAFETY: CMSG_DATA only computes an address past the header.
+        let data = unsafe { libc::CMSG_DATA(cmsg) } as usize;
+        // The payload, bounded by what the kernel wrote.
+        let data_end = (cmsg as usize).saturating_add(message.cmsg_len as usize).min(end);
+        let length = data_end.saturating_sub(data);
+        match (message.cmsg_level, message.cmsg_type) {
+            (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
+                for i in 0..length / std::mem::size_of::<libc::c_int>() {
+                    // SAFETY: within the payload, as counted above.
+                    let fd = unsafe { (data as *const libc::c_int).add(i).read_unaligned() };
+                    if fd >= 0 {
+                        // SAFETY: the kernel installed this descriptor in our table for this
+                        // message; nothing else knows it. Dropping it closes it.
+                        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+                    }
+                }
+            }
+            (libc::SOL_SOCKET, libc::SCM_CREDENTIALS) if length >= std::mem::size_of::<libc::ucred>() => {
+                // SAFETY: the payload holds a whole ucred (checked above).
+                let credentials = unsafe { (data as *const libc::ucred).read_unaligned() };
+                sender = Some((credentials.pid, credentials.uid));
+            }
+            _ => {}
+        }
+        // SAFETY: as for CMSG_FIRSTHDR: the next header within the buffer, or null.
+        cmsg = unsafe { libc::CMSG_NXTHDR(header, cmsg) };
+    }
+    sender
 }
 
 impl AsFd for NotifySocket {
@@ -149,5 +216,18 @@ mod tests {
         assert_eq!(pid as u32, std::process::id());
         assert_eq!(uid, nix::unistd::getuid().as_raw());
         assert_eq!(notify.receive().unwrap(), None, "nothing more");
+    }
+
+    #[test]
+    fn the_control_buffer_holds_credentials_and_the_most_descriptors_a_datagram_carries() {
+        // SAFETY: CMSG_SPACE only computes a length.
+        let needed = unsafe {
+            libc::CMSG_SPACE(std::mem::size_of::<libc::ucred>() as u32)
+                + libc::CMSG_SPACE((SCM_MAX_FD * std::mem::size_of::<libc::c_int>()) as u32)
+        };
+        assert!(needed as usize <= CONTROL_WORDS * 8, "{needed} bytes needed");
+        // SAFETY: CMSG_SPACE only computes a length.
+        let descriptors = unsafe { libc::CMSG_SPACE(SCM_MAX_FD as u32 * 4) };
+        assert_eq!(cmsg_space(SCM_MAX_FD * 4), descriptors as usize);
     }
 }

@@ -10,7 +10,10 @@
 //! - learns which process serves from the notify protocol: `NOTIFY_SOCKET` names its socket,
 //!   and `MAINPID=` (from any process of the group or of our uid) names the serving process,
 //!   `STOPPING=1` says that its exit will be final;
-//! - forwards SIGTERM, SIGINT, SIGHUP and SIGUSR2 to the serving process;
+//! - forwards SIGTERM, SIGINT, SIGHUP and SIGUSR2 to the serving process, and a stop
+//!   (SIGTERM, SIGINT) also to every process that serves after it: one that reached a
+//!   process just after its commit to a successor (where it is only noted) would otherwise
+//!   be lost, the successor serving on;
 //! - exits, once no child is left, with the status of the serving process that exited
 //!   without a successor (a signal's `128 + n`).
 //!
@@ -82,6 +85,11 @@ struct Supervisor {
     stopping: bool,
     /// The final status, once the serving process exited without a successor.
     status: Option<u8>,
+    /// The first stop (SIGTERM or SIGINT) asked of us, once asked: every process that serves
+    /// from then on must hear it.
+    stop: Option<Signal>,
+    /// The processes that heard `stop` from us, by their pid.
+    told: Vec<Pid>,
 }
 
 impl Supervisor {
@@ -95,8 +103,8 @@ impl Supervisor {
         FORWARDED.iter().for_each(|s| mask.add(*s));
         mask.add(Signal::SIGCHLD);
         // Blocked, then read from a descriptor: as PID 1 a signal without a handler would be
-        // dropped, and no handler runs at an awkward moment. The child's mask is reset by
-        // `Command` before exec.
+        // dropped, and no handler runs at an awkward moment. A child inherits the mask
+        // through fork and exec (`Command` does not reset it): `spawn` clears it.
         mask.thread_block().map_err(|e| failure("blocking signals", e))?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
             .map_err(|e| failure("signalfd", e))?;
@@ -111,6 +119,8 @@ impl Supervisor {
             notified: false,
             stopping: false,
             status: None,
+            stop: None,
+            told: Vec::new(),
         })
     }
 
@@ -125,13 +135,17 @@ impl Supervisor {
                 Err(e) => return Err(failure("poll", e)),
             }
             // Notifications first: a MAINPID sent just before its sender exits must count
-            // before we reap the sender.
-            while let Some(notification) = self
-                .notify
-                .receive()
-                .map_err(|e| failure("reading the notify socket", e))?
-            {
-                self.heard(&notification);
+            // before we reap the sender. Anything in the network namespace can write to the
+            // socket: nothing read there ends supervision.
+            loop {
+                match self.notify.receive() {
+                    Ok(Some(notification)) => self.heard(&notification),
+                    Ok(None) => break,
+                    Err(error) => {
+                        say(format_args!("reading the notify socket: {error}"));
+                        break;
+                    }
+                }
             }
             while let Some(info) = self.signals.read_signal().map_err(|e| failure("reading signals", e))? {
                 match Signal::try_from(info.ssi_signo as i32) {
@@ -160,6 +174,7 @@ impl Supervisor {
                 self.main = Pid::from_raw(pid);
                 self.stopping = false;
                 say(format_args!("pid {pid} serves (MAINPID from pid {sender})"));
+                self.pass_on_stop();
             }
             self.notified = true;
         }
@@ -177,21 +192,56 @@ impl Supervisor {
         }
     }
 
-    fn forward(&self, signal: Signal) {
+    fn forward(&mut self, signal: Signal) {
+        let is_stop = matches!(signal, Signal::SIGTERM | Signal::SIGINT);
+        if is_stop && self.stop.is_none() {
+            self.stop = Some(signal);
+        }
         let (sent, to) = match signal {
             // Without notifications we cannot tell the serving generation: all of them hear
             // a stop (a draining one only notes it).
             Signal::SIGTERM | Signal::SIGINT if !self.notified => {
-                (killpg(self.group, signal), format!("process group {}", self.group))
+                let sent = killpg(self.group, signal);
+                // Every process of the group heard it; one it starts later does not (the
+                // kernel makes a fork that races the signal either include the child or
+                // start after it).
+                if sent.is_ok() {
+                    self.told.extend(in_group(self.group));
+                }
+                (sent, format!("process group {}", self.group))
             }
             _ => {
                 let target = self.target();
-                (kill(target, signal), format!("pid {target}"))
+                let sent = kill(target, signal);
+                if is_stop && sent.is_ok() {
+                    self.told.push(target);
+                }
+                (sent, format!("pid {target}"))
             }
         };
         match sent {
             Ok(()) => say(format_args!("forwarded {signal} to {to}")),
             Err(error) => say(format_args!("could not forward {signal} to {to}: {error}")),
+        }
+    }
+
+    /// After a stop, a new serving process hears it too. The stop may have reached the one
+    /// before just after it committed to this one, where a stop is only noted: this one
+    /// would serve on, and the run would never end.
+    fn pass_on_stop(&mut self) {
+        let Some(signal) = self.stop else {
+            return;
+        };
+        if self.told.contains(&self.main) {
+            return;
+        }
+        let main = self.main;
+        self.told.push(main);
+        match kill(main, signal) {
+            Ok(()) => say(format_args!(
+                "forwarded {signal} to pid {main}, which serves after the stop"
+            )),
+            Err(error) => say(format_args!("could not forward {signal} to pid {main}: {error}")),
         }
     }
 
@@ -233,6 +283,7 @@ impl Supervisor {
             Some(next) => {
                 say(format_args!("pid {next} serves (the newest process of the group)"));
                 self.main = next;
+                self.pass_on_stop();
             }
             None => {
                 say(format_args!(
@@ -254,24 +305,37 @@ impl Supervisor {
     }
 }
 
+/// Starts `program` in a process group of its own, with no signal blocked: the signals we
+/// block for our signalfd would otherwise stay blocked in it (a forwarded SIGHUP pending for
+/// ever), since a mask survives fork and exec and `Command` does not reset it.
 fn spawn(program: &[OsString], notify_socket: &str) -> Result<Pid, Failure> {
-    let child = std::process::Command::new(&program[0])
+    let unblocked = SigSet::empty();
+    let mut command = std::process::Command::new(&program[0]);
+    command
         .args(&program[1..])
         .env("NOTIFY_SOCKET", notify_socket)
-        .process_group(0)
-        .spawn()
-        .map_err(|source| {
-            let code = if source.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
-            Failure {
-                what: format!("starting {}", program[0].to_string_lossy()),
-                source,
-                code,
-            }
-        })?;
+        .process_group(0);
+    // SAFETY: runs in the child between fork and exec, where only async-signal-safe calls
+    // are allowed: this is one `sigprocmask` (async-signal-safe per POSIX) with a set built
+    // before the fork; nothing allocates, locks or touches another thread's state.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&unblocked), None)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = command.spawn().map_err(|source| {
+        let code = if source.kind() == std::io::ErrorKind::NotFound {
+            127
+        } else {
+            126
+        };
+        Failure {
+            what: format!("starting {}", program[0].to_string_lossy()),
+            source,
+            code,
+        }
+    })?;
     // Reaped with waitpid(-1) like every other child: the handle is not waited on.
     Ok(Pid::from_raw(child.id() as i32))
 }
@@ -294,19 +358,30 @@ fn process_group(pid: i32) -> Option<Pid> {
     stat(pid).map(|(group, _)| group)
 }
 
-/// The most recently started live process of `group`.
-fn newest_in_group(group: Pid) -> Option<Pid> {
-    let entries = std::fs::read_dir("/proc").ok()?;
+/// The live processes of `group`, each with its start time.
+fn group_members(group: Pid) -> Vec<(u64, Pid)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(|pid| {
             stat(pid)
                 .filter(|(g, _)| *g == group)
-                .map(|(_, started)| (started, pid))
+                .map(|(_, started)| (started, Pid::from_raw(pid)))
         })
-        .max()
-        .map(|(_, pid)| Pid::from_raw(pid))
+        .collect()
+}
+
+/// The live processes of `group`.
+fn in_group(group: Pid) -> impl Iterator<Item = Pid> {
+    group_members(group).into_iter().map(|(_, pid)| pid)
+}
+
+/// The most recently started live process of `group`.
+fn newest_in_group(group: Pid) -> Option<Pid> {
+    group_members(group).into_iter().max().map(|(_, pid)| pid)
 }
 
 /// Logs a line to stderr, which the program's generations share: in one `write`, so that no

@@ -236,14 +236,441 @@ struct KillChildrenOnDrop(u32);
 
 impl Drop for KillChildrenOnDrop {
     fn drop(&mut self) {
-        for child in children(self.0) {
-            let _ = nix::sys::signal::killpg(Pid::from_raw(child as i32), Signal::SIGKILL);
-        }
+        kill_groups_of_children(self.0);
         let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
+    }
+}
+
+/// Kills the process group of each child of `pid`: a successor the supervisor adopted is not
+/// its group's leader (the program's first process is).
+fn kill_groups_of_children(pid: u32) {
+    for child in children(pid) {
+        let group = std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // pgrp is the third field after the command name, which is in parentheses.
+                stat.rsplit_once(") ")?.1.split_whitespace().nth(2)?.parse::<i32>().ok()
+            });
+        if let Some(group) = group {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(group), Signal::SIGKILL);
+        }
+        let _ = kill(Pid::from_raw(child as i32), Signal::SIGKILL);
     }
 }
 
 /// The CLI this package builds.
 fn handoverctl() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_BIN_EXE_handoverctl"))
+}
+
+/// `handoverctl run -- PROGRAM…` started by a test with the program's arguments as given (no
+/// `--control` or `--pid-file` added): its log (stderr) collected, and on drop the program's
+/// process group and the supervisor killed, whether the test passed or not.
+struct Supervised {
+    child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Supervised {
+    fn start(program: &[&str], dir: &Path) -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new(handoverctl())
+            .arg("run")
+            .arg("--")
+            .args(program)
+            .env("DIR", dir)
+            // Read by `supervised_child_reporting_its_signal_mask` only.
+            .env("SUPERVISED_CHILD_DIR", dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap_or_else(|p| p.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Self { child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits at most `within` for the supervisor to exit; its status, or `None` if it still runs.
+    fn exit_within(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        // The program's group: the first process the supervisor started leads it. Found in the
+        // log, so that it is killed even if the supervisor died and its children were adopted
+        // by someone else.
+        let log = self.log();
+        for group in log.lines().filter_map(|l| l.split("]: started pid ").nth(1)) {
+            if let Some(pid) = group.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        kill_groups_of_children(self.child.id());
+        let _ = nix::sys::signal::killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- supervisor log ---\n{log}");
+        }
+    }
+}
+
+/// The abstract address a program found in `NOTIFY_SOCKET` (written to `DIR/notify`).
+fn notify_address(dir: &Path) -> std::os::unix::net::SocketAddr {
+    let address = wait_until(
+        "the program writes NOTIFY_SOCKET",
+        || std::fs::read_to_string(dir.join("notify")).unwrap_or_default(),
+        |s| s.ends_with('\n'),
+    );
+    let name = address.trim().strip_prefix('@').expect("an abstract address");
+    std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap()
+}
+
+fn send_notification(to: &std::os::unix::net::SocketAddr, message: &[u8]) {
+    UnixDatagram::unbound().unwrap().send_to_addr(message, to).unwrap();
+}
+
+/// Set by the child's SIGHUP handler.
+static HUP_HANDLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sighup(_: std::os::raw::c_int) {
+    // Async-signal-safe: one atomic store.
+    HUP_HANDLED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Not a test on its own: the program `handoverctl run` starts in
+/// `every_process_it_starts_has_no_signal_blocked_and_a_forwarded_sighup_reaches_its_handler`
+/// (this test binary, run again with `SUPERVISED_CHILD_DIR` set). It writes the signal mask it
+/// started with (`SigBlk` of its thread's `/proc` status: libtest changes no mask, and its
+/// threads inherit it), installs a SIGHUP handler, names itself with `MAINPID=`, and exits
+/// once the handler has run (or fails after 10 s).
+#[test]
+fn supervised_child_reporting_its_signal_mask() {
+    let Some(dir) = std::env::var_os("SUPERVISED_CHILD_DIR").map(std::path::PathBuf::from) else {
+        return;
+    };
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    // This thread's: libtest's main thread, which started it with the mask the process
+    // started with, may be blocking every signal for a moment (as pthread_create does).
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    let blocked = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap().to_owned();
+    let action = SigAction::new(SigHandler::Handler(on_sighup), SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { sigaction(Signal::SIGHUP, &action) }.unwrap();
+    let notify = std::env::var("NOTIFY_SOCKET").unwrap();
+    let name = notify.strip_prefix('@').unwrap();
+    let to = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    send_notification(&to, format!("MAINPID={}\nREADY=1\n", std::process::id()).as_bytes());
+    // Written whole (renamed into place): the test reads it once it exists.
+    std::fs::write(dir.join("mask.new"), format!("{blocked}\n")).unwrap();
+    std::fs::rename(dir.join("mask.new"), dir.join("mask")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !HUP_HANDLED.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "no SIGHUP handled within 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::fs::write(dir.join("hup"), "handled\n").unwrap();
+}
+
+#[test]
+fn every_process_it_starts_has_no_signal_blocked_and_a_forwarded_sighup_reaches_its_handler() {
+    let dir = tempfile::tempdir().unwrap();
+    let this = std::env::current_exe().unwrap();
+    // The child is this binary running the one test above.
+    let mut supervisor = Supervised::start(
+        &[
+            this.to_str().unwrap(),
+            "--exact",
+            "supervised_child_reporting_its_signal_mask",
+            "--nocapture",
+            "--test-threads=1",
+        ],
+        dir.path(),
+    );
+    let mask = wait_until(
+        "the child reports its signal mask",
+        || std::fs::read_to_string(dir.path().join("mask")).unwrap_or_default(),
+        |s| !s.is_empty(),
+    );
+    // Its handler is installed: a SIGHUP forwarded now must run it.
+    signal(supervisor.pid(), Signal::SIGHUP);
+    let status = supervisor.exit_within(common::WAIT);
+    let handled = std::fs::read_to_string(dir.path().join("hup")).unwrap_or_default();
+    let blocked = mask.trim().trim_start_matches("SigBlk:").trim();
+    assert!(
+        blocked.chars().all(|c| c == '0') && handled == "handled\n" && status.is_some_and(|s| s.success()),
+        "the child started with blocked signals {blocked} (want none); SIGHUP handled: {}; the run ended with {status:?}\n{}",
+        !handled.is_empty(),
+        supervisor.log()
+    );
+}
+
+/// A program that writes its notify socket's address and its pid, and records each SIGUSR2
+/// it hears (the test names it with `MAINPID=`, so that forwarded signals go to it).
+const LISTENING_PROGRAM: &str = r#"
+echo "$NOTIFY_SOCKET" > "$DIR/notify"
+trap 'echo USR2 >> "$DIR/usr2"' USR2
+echo $$ > "$DIR/pid"
+while :; do sleep 0.05; done
+"#;
+
+/// Sends SIGUSR2 to the supervisor until the program has recorded more than `before`;
+/// returns how many it has recorded.
+fn usr2_reaches_the_program(supervisor: u32, dir: &Path, before: usize) -> usize {
+    wait_until(
+        "a forwarded SIGUSR2 reaches the program",
+        || {
+            signal(supervisor, Signal::SIGUSR2);
+            std::fs::read_to_string(dir.join("usr2"))
+                .unwrap_or_default()
+                .lines()
+                .count()
+        },
+        |heard| *heard > before,
+    )
+}
+
+/// Sends `message` to the notify socket `to` with `count` copies of descriptor `fd`, in one
+/// `SCM_RIGHTS` control message per chunk of `per_message`.
+fn send_with_descriptors(
+    to: &std::os::unix::net::SocketAddr,
+    message: &[u8],
+    fd: std::os::fd::RawFd,
+    count: usize,
+    per_message: usize,
+) -> nix::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let socket = UnixDatagram::unbound().unwrap();
+    let address = UnixAddr::new_abstract(to.as_abstract_name().unwrap()).unwrap();
+    let fds = vec![fd; count];
+    let chunks: Vec<ControlMessage<'_>> = fds.chunks(per_message).map(ControlMessage::ScmRights).collect();
+    sendmsg(
+        socket.as_raw_fd(),
+        &[std::io::IoSlice::new(message)],
+        &chunks,
+        MsgFlags::empty(),
+        Some(&address),
+    )
+}
+
+/// Waits at most [`common::WAIT`] until every copy of the pipe's write end is closed: its
+/// read end `read` reaches end of file.
+fn every_writer_closed(read: &std::os::fd::OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut fds = [PollFd::new(read.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
+            Ok(0) => return false,
+            Ok(_) => {
+                let mut byte = [0u8; 1];
+                if nix::unistd::read(read, &mut byte).unwrap() == 0 {
+                    return true;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => panic!("poll: {e}"),
+        }
+    }
+}
+
+#[test]
+fn no_datagram_on_the_notify_socket_ends_it_or_leaks_a_descriptor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut supervisor = Supervised::start(&["sh", "-c", LISTENING_PROGRAM], dir.path());
+    let to = notify_address(dir.path());
+    let program = wait_until(
+        "the program writes its pid",
+        || std::fs::read_to_string(dir.path().join("pid")).unwrap_or_default(),
+        |s| s.ends_with('\n'),
+    );
+    send_notification(&to, format!("MAINPID={}\nREADY=1\n", program.trim()).as_bytes());
+    let heard = usr2_reaches_the_program(supervisor.pid(), dir.path(), 0);
+    let (descriptors, targets) = (common::fd_count(supervisor.pid()), common::fd_targets(supervisor.pid()));
+
+    // Every datagram below carries copies of the pipe's write end: once the supervisor has
+    // read (and closed) them all, the read end sees end of file.
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&write);
+    // More descriptors than a notification ever carries (the library's barrier has one);
+    // 253 is the most one datagram can carry (SCM_MAX_FD); two control messages in one.
+    // Each send's outcome, checked once we know whether the supervisor survived (a send to
+    // a socket whose owner died fails).
+    let mut sent = vec![
+        ("40 descriptors", send_with_descriptors(&to, b"BARRIER=1\n", fd, 40, 40)),
+        (
+            "253 descriptors",
+            send_with_descriptors(&to, b"FDSTORE=1\nFDNAME=x\n", fd, 253, 253),
+        ),
+        (
+            "2 x 20 descriptors",
+            send_with_descriptors(&to, b"FDSTORE=1\n", fd, 40, 20),
+        ),
+    ];
+    // Garbage: not UTF-8, NULs, values that are no pid, no `=`, nothing at all, too long.
+    let socket = UnixDatagram::unbound().unwrap();
+    for garbage in [
+        &b"\xff\xfe\x00\x01MAINPID=\x00\n\xc3\x28=1\nMAINPID=-1\nMAINPID=0\nMAINPID=99999999999999\nREADY\n==\n"[..],
+        b"",
+        b"\n\n\n",
+        &[b'A'; 60_000],
+    ] {
+        let result = socket
+            .send_to_addr(garbage, &to)
+            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)));
+        sent.push(("garbage", result));
+    }
+    sent.push((
+        "garbage and 3 descriptors",
+        send_with_descriptors(&to, &[0xffu8; 10_000], fd, 3, 3),
+    ));
+    drop(write);
+    assert!(
+        every_writer_closed(&read),
+        "the supervisor closed every descriptor it received\n{}",
+        supervisor.log()
+    );
+
+    // It goes on, and still forwards (or it ended: no waiting for nothing).
+    let pid = supervisor.pid();
+    let (_, status) = wait_until(
+        "a forwarded SIGUSR2 reaches the program, or the supervisor ends",
+        || {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGUSR2);
+            let recorded = std::fs::read_to_string(dir.path().join("usr2")).unwrap_or_default();
+            (
+                recorded.lines().count(),
+                supervisor.exit_within(std::time::Duration::ZERO),
+            )
+        },
+        |(recorded, status)| *recorded > heard || status.is_some(),
+    );
+    assert!(
+        status.is_none(),
+        "the supervisor goes on after hostile datagrams; it ended with {status:?}\n{}",
+        supervisor.log()
+    );
+    let failed: Vec<_> = sent.iter().filter(|(_, result)| result.is_err()).collect();
+    assert!(failed.is_empty(), "every datagram was sent: {failed:?}");
+    assert_eq!(
+        common::fd_count(pid),
+        descriptors,
+        "no descriptor leaked: before {targets:?}, after {:?}",
+        common::fd_targets(pid)
+    );
+}
+
+/// A stand-in for a handoff in progress: A (the first process) serves and, like a
+/// generation that has just committed, only notes a stop; B (its successor) ends on one.
+/// The test sends the notifications in their place.
+const COMMITTED_PROGRAM: &str = r#"
+echo "$NOTIFY_SOCKET" > "$DIR/notify"
+sh -c 'trap "echo TERM >> \"$DIR/b.log\"; exit 7" TERM; echo $$ > "$DIR/b.pid"; while :; do sleep 0.05; done' &
+trap 'echo USR2 >> "$DIR/usr2"' USR2
+trap 'echo TERM >> "$DIR/a.log"' TERM
+echo $$ > "$DIR/pid"
+while [ ! -e "$DIR/a.exit" ]; do sleep 0.05; done
+"#;
+
+/// The race of a stop just after a commit, made deterministic: the supervisor forwards
+/// SIGTERM to the serving process A, which has (as far as A knows) just committed to B and
+/// so only notes it; then the supervisor hears `MAINPID=` B (the commit's announcement, which
+/// it had not read yet when it forwarded). B must hear the stop too, or it serves on alone.
+#[test]
+fn a_stop_that_reached_the_old_process_after_its_commit_reaches_its_successor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut supervisor = Supervised::start(&["sh", "-c", COMMITTED_PROGRAM], dir.path());
+    let to = notify_address(dir.path());
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+    let a = wait_until("A writes its pid", || read("pid"), |s| s.ends_with('\n'));
+    let b = wait_until("B writes its pid", || read("b.pid"), |s| s.ends_with('\n'));
+    send_notification(&to, format!("MAINPID={}\nREADY=1\n", a.trim()).as_bytes());
+    usr2_reaches_the_program(supervisor.pid(), dir.path(), 0);
+
+    signal(supervisor.pid(), Signal::SIGTERM);
+    wait_until("the stop reaches A", || read("a.log"), |log| log.contains("TERM"));
+    // A's commit, heard after the stop.
+    send_notification(&to, format!("MAINPID={}\nREADY=1\n", b.trim()).as_bytes());
+    wait_until("the stop reaches B too", || read("b.log"), |log| log.contains("TERM"));
+
+    // A's drain ends: nothing serves, the run ends.
+    std::fs::write(dir.path().join("a.exit"), "").unwrap();
+    let status = supervisor.exit_within(common::WAIT);
+    assert!(
+        status.is_some(),
+        "the run ends once A has drained\n{}",
+        supervisor.log()
+    );
+}
+
+/// SIGUSR2 then SIGTERM to `handoverctl run` over a real server, 0 to 6 ms apart: whatever
+/// the stop meets (an upgrade starting, a successor starting, a commit), the run ends.
+#[test]
+fn sigusr2_then_sigterm_within_6_ms_ends_every_run() {
+    const ROUNDS: u64 = 42;
+    let (ctl, echo) = (handoverctl(), example("tcp_echo"));
+    let args = ["run", "--", echo.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+    let mut lost = Vec::new();
+    for round in 0..ROUNDS {
+        let gap = std::time::Duration::from_millis(round % 7);
+        let server = Server::start(&ctl, &args);
+        let supervisor = server.first_pid();
+        let _program = KillChildrenOnDrop(supervisor);
+        signal(supervisor, Signal::SIGUSR2);
+        // The gap is the point of the test, not a wait for something.
+        std::thread::sleep(gap);
+        signal(supervisor, Signal::SIGTERM);
+        if !ends_within(supervisor, std::time::Duration::from_secs(10)) {
+            lost.push(format!("round {round} (gap {gap:?}):\n{}", server.log()));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {ROUNDS} runs still ran 10 s after their stop:\n{}",
+        lost.len(),
+        lost.join("\n\n")
+    );
+}
+
+/// Whether process `pid` ends (exits, or is a zombie) within `within`.
+fn ends_within(pid: u32, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while is_running(pid) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
 }
