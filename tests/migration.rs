@@ -340,3 +340,140 @@ async fn a_successor_refuses_a_malformed_or_oversized_state_and_keeps_serving() 
         .unwrap();
     assert_eq!(&got, b"new");
 }
+
+/// Sends `signal` to process `pid`.
+fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+/// `count` echo clients of `address`, each echoed once (so each is established and served).
+async fn echo_clients(address: std::net::SocketAddr, count: usize) -> Vec<TcpStream> {
+    let mut clients = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(b"ping").await.unwrap();
+        let mut answer = [0; 4];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut answer))
+            .await
+            .expect("an echo in time")
+            .unwrap();
+        clients.push(stream);
+    }
+    clients
+}
+
+/// Whether each client is still echoed (a round trip on the same connection), in parallel;
+/// fails naming how many saw a reset, an EOF, or nothing.
+async fn every_client_still_echoes(clients: Vec<TcpStream>) {
+    let rounds = clients.into_iter().map(|mut stream| async move {
+        let round = async {
+            stream.write_all(b"still here").await?;
+            let mut answer = [0; 10];
+            stream.read_exact(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        match tokio::time::timeout(WAIT, round).await {
+            Ok(Ok(answer)) if &answer == b"still here" => "echoed",
+            Ok(Ok(_)) => "bytes out of place",
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => "EOF",
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+            Ok(Err(_)) => "another error",
+            Err(_) => "no answer",
+        }
+    });
+    let outcomes = futures_util::future::join_all(rounds).await;
+    let mut counts = std::collections::BTreeMap::new();
+    for outcome in &outcomes {
+        *counts.entry(*outcome).or_insert(0) += 1;
+    }
+    assert_eq!(
+        counts.get("echoed"),
+        Some(&outcomes.len()),
+        "every client is still echoed on its connection: {counts:?}"
+    );
+}
+
+/// How many connections the old process has sent to its successor (its `migration batch
+/// sent` lines, logged at debug).
+fn connections_sent(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("migration batch sent"))
+        .filter_map(|l| {
+            l.split("connections=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum()
+}
+
+/// `tcp_echo --migrate` with `args`, debug logs from the migration engine, and `CLIENTS`
+/// echo clients; the upgrade is triggered and the successor stopped (SIGSTOP) at once, so
+/// that from then on nothing it is sent is acknowledged. Returns the server, the clients,
+/// the old pid and the successor's.
+async fn clients_migrating_to_a_stopped_successor(args: &[&str]) -> (Server, Vec<TcpStream>, u32, u32) {
+    const CLIENTS: usize = 300;
+    let mut all = vec!["--listen", "127.0.0.1:0", "--migrate"];
+    all.extend_from_slice(args);
+    let server = Server::start_with(&example("tcp_echo"), &all, |command| {
+        command.env("RUST_LOG", "info,handover::migration=debug");
+    });
+    // The old process must not be the first generation, the leader of the process group:
+    // its exit would orphan the group with the successor stopped in it, and the kernel would
+    // send the successor SIGHUP (and SIGCONT). Once the first generation has exited, the
+    // group is orphaned already.
+    tokio::task::block_in_place(|| server.upgrade_and_settle());
+    let clients = echo_clients(server.address("echo"), CLIENTS).await;
+    let old = server.pid();
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let successor = reply["successor_pid"].as_u64().unwrap() as u32;
+    signal(successor, nix::sys::signal::Signal::SIGSTOP);
+    (server, clients, old, successor)
+}
+
+/// The old process is SIGKILLed while a few hundred echo connections are on their way to a
+/// successor that has not acknowledged them (it is stopped until then): every connection
+/// handed over is in the successor's hands, and the old process's copies closed with it, so
+/// the successor's acknowledgements fail and it keeps the connections, as their only owner.
+/// No client sees a reset or an EOF: each is still echoed on its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_predecessor_killed_mid_migration_leaves_every_connection_with_the_successor() {
+    let (server, clients, old, successor) = clients_migrating_to_a_stopped_successor(&["--drain-timeout", "60"]).await;
+    let count = clients.len();
+    // Every connection is on its way: the old process does not wait for one batch's
+    // acknowledgement to send the next.
+    common::poll_until(
+        WAIT,
+        || (connections_sent(&server.log()) >= count).then_some(()),
+        || format!("not every connection was sent to the successor:\n{}", server.log()),
+    );
+    signal(old, nix::sys::signal::Signal::SIGKILL);
+    server.wait_for_exit(old, WAIT);
+    signal(successor, nix::sys::signal::Signal::SIGCONT);
+    server.wait_for_log(|l| l.contains("predecessor exited") && l.contains(&format!("predecessor_pid=Some({old})")));
+    every_client_still_echoes(clients).await;
+    let migrated_in = &server.control("status")["migrated_in"];
+    assert_eq!(migrated_in["connections"], serde_json::json!(count), "{migrated_in}");
+}
+
+/// The old process's drain deadline (1 s) comes long before the successor acknowledges
+/// anything (it is stopped until the old process has exited): the tasks waiting in
+/// `migrate()` return at the deadline, the old process exits without reading an
+/// acknowledgement, and the successor keeps what it alone holds. No client sees a reset or
+/// an EOF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_predecessor_past_its_drain_deadline_mid_migration_leaves_every_connection_with_the_successor() {
+    let (server, clients, old, successor) = clients_migrating_to_a_stopped_successor(&["--drain-timeout", "1"]).await;
+    server.wait_for_exit(old, WAIT);
+    signal(successor, nix::sys::signal::Signal::SIGCONT);
+    server.wait_for_log(|l| l.contains("predecessor exited") && l.contains(&format!("predecessor_pid=Some({old})")));
+    every_client_still_echoes(clients).await;
+    let drained = drained_line(&server, old);
+    assert!(
+        drained.contains("aborted=0 "),
+        "the tasks returned by the deadline: {drained}"
+    );
+}

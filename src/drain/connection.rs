@@ -177,6 +177,11 @@ impl TrackedConnection {
     /// into the state or in `handover.leftover`. Bytes not yet read stay in the socket for
     /// the successor.
     ///
+    /// It returns by the drain deadline at the latest: a stream not sent yet comes back then
+    /// ([`MigrationError::NotSentByDeadline`]), to be closed; one already on its way is left
+    /// to the successor (`Ok`, not counted as migrated), which keeps it should this process
+    /// exit before reading the acknowledgement (this process's copy closes with it).
+    ///
     /// # Errors
     ///
     /// The stream back, in a [`Returned`], with a [`MigrationError`]: the state or leftover
@@ -206,8 +211,10 @@ impl TrackedConnection {
                 return Err(Returned { stream, error });
             }
         };
-        outbound.migrate(entry, stream).await?;
-        self.shared.migrated.fetch_add(1, Ordering::Relaxed);
+        // Counted once acknowledged; one left to the successor at the deadline is not.
+        if outbound.migrate(entry, stream, self.deadline()).await? {
+            self.shared.migrated.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 }

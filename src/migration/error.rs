@@ -72,6 +72,9 @@ pub enum MigrationError {
     /// The drain deadline came while flushing what was written.
     #[error("the drain deadline came while flushing the connection")]
     Deadline,
+    /// The drain deadline came before the connection was sent to the successor: close it.
+    #[error("the drain deadline came before the connection was sent to the successor")]
+    NotSentByDeadline,
     /// The connection's addresses could not be read (it was reset, say).
     #[error("the connection cannot be migrated: {0}")]
     Io(#[from] std::io::Error),

@@ -10,9 +10,29 @@ use serde::Serialize;
 
 use tokio::net::TcpStream;
 
+use super::outbound::ACK_TIMEOUT;
 use super::Resume;
 use crate::wire::migration::{MAX_LEFTOVER_BYTES, MAX_STATE_BYTES};
-use crate::wire::{verify_connection, Channel, ConnectionEntry, Message, Protocol, Received, RefusedConnection};
+use crate::wire::{
+    verify_connection, Channel, ConnectionEntry, Message, Protocol, Received, RefusedConnection, WireError,
+};
+
+/// A batch checked: the resumptions of the connections taken (not started yet), and the
+/// connections refused.
+struct Checked {
+    index: u64,
+    resumes: Vec<(String, Resume)>,
+    refused: Vec<RefusedConnection>,
+}
+
+/// What became of a predecessor that stopped receiving our acknowledgements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Predecessor {
+    /// It said it gave up (or stayed silent): it drains its copies.
+    GaveUp,
+    /// Its end closed: it exited without giving up.
+    Exited,
+}
 
 /// Turns a checked connection into its resumption (not started yet), or says why not.
 pub(crate) type Receiver = dyn Fn(TcpStream, &ConnectionEntry) -> Result<Resume, String> + Send + Sync;
@@ -75,73 +95,130 @@ impl Inbound {
                     message: Message::Migrate { index, connections },
                     fds,
                     ..
-                })) => self.take_batch(channel, index, connections, fds).await,
+                })) => {
+                    let batch = self.check_batch(index, connections, fds);
+                    let answer = Message::Migrated {
+                        index,
+                        refused: batch.refused.clone(),
+                    };
+                    match channel.send(&answer, &[]).await {
+                        Ok(()) => self.resume(batch),
+                        Err(error) => {
+                            if self.unacknowledged(channel, batch, &error).await == Predecessor::Exited {
+                                return;
+                            }
+                        }
+                    }
+                }
                 Ok(Some(_)) => {}
-                Err(error) if error.is_peer_gone() || matches!(error, crate::wire::WireError::Io(_)) => return,
+                Err(error) if error.is_peer_gone() || matches!(error, WireError::Io(_)) => return,
                 Err(error) => tracing::warn!(%error, "unreadable message from the predecessor; ignored"),
             }
         }
     }
 
-    /// Checks every connection, answers, and resumes the ones taken only if the answer left:
-    /// if it could not (the predecessor gave up waiting and stopped receiving), our copies
-    /// close unused and the predecessor drains them.
-    async fn take_batch(&self, channel: &Channel, index: u64, entries: Vec<ConnectionEntry>, fds: Vec<OwnedFd>) {
-        let (resumes, refused) = self.check_batch(entries, fds);
-        let (taken, refused_count) = (resumes.len(), refused.len());
-        match channel.send(&Message::Migrated { index, refused }, &[]).await {
-            Ok(()) => {
-                tracing::info!(batch = index, connections = taken, "migrated connections received");
-                self.counts.batches.fetch_add(1, Ordering::Relaxed);
-                self.counts.connections.fetch_add(taken as u64, Ordering::Relaxed);
-                self.counts.refused.fetch_add(refused_count as u64, Ordering::Relaxed);
-                let mut resumed = self.resumed.lock().unwrap_or_else(|p| p.into_inner());
-                for (listener, resume) in resumes {
-                    *resumed.entry(listener).or_default() += 1;
-                    resume();
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, batch = index, "could not acknowledge migrated connections; the predecessor drains them")
-            }
+    /// Resumes the connections taken from a batch the predecessor has (or no longer needs)
+    /// our answer for.
+    fn resume(&self, batch: Checked) {
+        let (taken, refused) = (batch.resumes.len(), batch.refused.len());
+        tracing::info!(
+            batch = batch.index,
+            connections = taken,
+            "migrated connections received"
+        );
+        self.counts.batches.fetch_add(1, Ordering::Relaxed);
+        self.counts.connections.fetch_add(taken as u64, Ordering::Relaxed);
+        self.counts.refused.fetch_add(refused as u64, Ordering::Relaxed);
+        let mut resumed = self.resumed.lock().unwrap_or_else(|p| p.into_inner());
+        for (listener, resume) in batch.resumes {
+            *resumed.entry(listener).or_default() += 1;
+            resume();
         }
     }
 
-    fn check_batch(
-        &self,
-        entries: Vec<ConnectionEntry>,
-        fds: Vec<OwnedFd>,
-    ) -> (Vec<(String, Resume)>, Vec<RefusedConnection>) {
-        let mut refused = Vec::new();
-        let mut resumes = Vec::with_capacity(fds.len());
+    /// Our acknowledgement of `batch` could not be sent: the predecessor stopped receiving.
+    /// Either it gave up on the batch (at its acknowledgement timeout) and drains its copies,
+    /// which it says on the channel before draining (an `Abort`): ours close. Or it is gone
+    /// (killed, or exited at its drain deadline) without giving up: its copies closed with
+    /// it, ours are the only ones, and they are ours to serve. Later batches, already on
+    /// their way, share the fate of the first. Returns whether the predecessor's end closed.
+    async fn unacknowledged(&self, channel: &mut Channel, batch: Checked, error: &WireError) -> Predecessor {
+        tracing::info!(%error, batch = batch.index, "could not acknowledge migrated connections; did the predecessor give up, or is it gone?");
+        let mut held = vec![batch];
+        let notice_by = tokio::time::Instant::now() + ACK_TIMEOUT;
+        let fate = loop {
+            match tokio::time::timeout_at(notice_by, channel.recv_or_eof()).await {
+                Ok(Ok(None)) => break Predecessor::Exited,
+                Ok(Ok(Some(Received {
+                    message: Message::Migrate { index, connections },
+                    fds,
+                    ..
+                }))) => held.push(self.check_batch(index, connections, fds)),
+                Ok(Ok(Some(Received {
+                    message: Message::Abort { reason },
+                    ..
+                }))) => {
+                    tracing::warn!(%reason, "the predecessor gave up on migrated connections; it drains them, ours close");
+                    break Predecessor::GaveUp;
+                }
+                Ok(Ok(Some(_))) => {}
+                Ok(Err(error)) if error.is_peer_gone() => break Predecessor::Exited,
+                Ok(Err(error)) => tracing::warn!(%error, "unreadable message from the predecessor; ignored"),
+                Err(_) => {
+                    tracing::warn!("the predecessor stopped receiving and said nothing: it drains the connections not acknowledged, ours close");
+                    break Predecessor::GaveUp;
+                }
+            }
+        };
+        if fate == Predecessor::Exited {
+            let connections: usize = held.iter().map(|batch| batch.resumes.len()).sum();
+            tracing::warn!(
+                connections,
+                "the predecessor exited before reading our acknowledgement: its copies are closed, ours are the only ones; serving them"
+            );
+            for batch in held {
+                self.resume(batch);
+            }
+        }
+        fate
+    }
+
+    fn check_batch(&self, index: u64, entries: Vec<ConnectionEntry>, fds: Vec<OwnedFd>) -> Checked {
+        let mut batch = Checked {
+            index,
+            resumes: Vec::with_capacity(fds.len()),
+            refused: Vec::new(),
+        };
         if entries.len() != fds.len() {
             let reason = format!(
                 "{} connections described, {} descriptors attached",
                 entries.len(),
                 fds.len()
             );
-            refused.extend((0..entries.len()).map(|position| RefusedConnection {
-                position,
-                reason: reason.clone(),
-            }));
-            return (resumes, refused);
+            batch
+                .refused
+                .extend((0..entries.len()).map(|position| RefusedConnection {
+                    position,
+                    reason: reason.clone(),
+                }));
+            return batch;
         }
         for (position, (entry, fd)) in entries.into_iter().zip(fds).enumerate() {
             match self.check_one(&entry, fd) {
-                Ok(resume) => resumes.push((entry.listener, resume)),
+                Ok(resume) => batch.resumes.push((entry.listener, resume)),
                 Err(problem) => {
                     let reason = format!("{entry}: {problem}");
                     tracing::warn!(%reason, "refused a migrated connection");
-                    refused.push(RefusedConnection { position, reason });
+                    batch.refused.push(RefusedConnection { position, reason });
                 }
             }
         }
-        (resumes, refused)
+        batch
     }
 
     fn check_one(&self, entry: &ConnectionEntry, fd: OwnedFd) -> Result<Resume, String> {
         verify_connection(entry, fd.as_fd()).map_err(|e| match e {
-            crate::wire::WireError::SocketMismatch { problem, .. } => problem,
+            WireError::SocketMismatch { problem, .. } => problem,
             other => other.to_string(),
         })?;
         let state = entry.state.json().len();

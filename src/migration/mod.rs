@@ -10,7 +10,14 @@
 //! until the successor acknowledges the batch. A connection the successor refuses, or that
 //! it never acknowledges (it died, or did not answer within 5 s), comes back as a
 //! [`Returned`] to be drained the old way: every connection ends migrated or drained, never
-//! both, never neither.
+//! both, never neither. Batches go without waiting for each other's acknowledgement.
+//!
+//! Descriptors that only one process holds are that process's: a successor whose
+//! acknowledgement cannot be sent closes its copies if the old process says it gave up on
+//! them (it drains its own), and keeps and serves them if the old process is gone (killed,
+//! or exited at its drain deadline before reading the acknowledgement). A task waiting in
+//! [`TrackedConnection::migrate`](crate::drain::TrackedConnection::migrate) returns by the
+//! drain deadline: a connection not sent yet comes back, one on its way is the successor's.
 //!
 //! The successor registers, before [`Handoff::ready`](crate::Handoff::ready), what resumes
 //! the connections of a listener: [`Drain::resume_migrated`](crate::drain::Drain::resume_migrated)

@@ -83,6 +83,8 @@ impl Server {
     pub fn spawn_with(binary: &Path, args: &[&str], customize: impl FnOnce(&mut Command)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut command = Command::new(binary);
+        // Before `customize`, which may ask for more (or less).
+        command.env("RUST_LOG", "info,http_uuid=debug");
         customize(&mut command);
         let mut child = command
             .args(args)
@@ -90,7 +92,6 @@ impl Server {
             .arg(dir.path().join("control.sock"))
             .arg("--pid-file")
             .arg(dir.path().join("server.pid"))
-            .env("RUST_LOG", "info,http_uuid=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
