@@ -21,7 +21,11 @@
 //! Either side may send `Abort` instead of its next message and close the channel.
 //!
 //! After the commit, the predecessor may migrate established connections on the same
-//! channel (`Migrate`, answered by `Migrated`; see [`migration`](super::migration)).
+//! channel (`Migrate`, answered by `Migrated`; see [`migration`](super::migration)). A
+//! predecessor that gives up waiting for a `Migrated` says so with an `Abort` naming the
+//! batches before it drains its copies, and the channel stays open: the successor then
+//! closes its copies of those batches, while a channel that closes without that notice
+//! means the predecessor is gone, and its copies with it.
 
 use serde::{Deserialize, Serialize};
 

@@ -45,7 +45,9 @@
 //!  stop accepting, drain; live migration, if any:
 //!  ── migrate {index, connections} + SCM_RIGHTS ────▶ each connection checked (an established
 //!  ◀──────────────────────────── migrated {index, refused}   TCP socket, as declared), resumed
-//!  drain what was refused or never acknowledged;       serves
+//!  drain what was refused or never acknowledged       serves (what the predecessor gave
+//!  (after `abort` naming the batches given up);        up on is closed here; if it is gone,
+//!                                                      what only we hold is ours)
 //!  exit                                                EOF on the channel: predecessor gone,
 //!                                                      the next upgrade is allowed
 //! ```
@@ -58,7 +60,9 @@
 //! # The checks
 //!
 //! - The channel: the successor adopts `HANDOFF_FD` (`CHANNEL_FD_VAR`) only if it is a
-//!   `SEQPACKET` Unix socket whose peer is its parent; anything else is ignored and never
+//!   `SEQPACKET` Unix socket whose peer is its parent, or the process that started it
+//!   (`HANDOFF_PREDECESSOR_PID`) once that one is gone (an orphaned successor adopts what its
+//!   dead predecessor left in flight, and decides alone); anything else is ignored and never
 //!   closed. The old process accepts only its own child (`SCM_CREDENTIALS`), and either side
 //!   refuses a peer of another uid.
 //! - Each descriptor (`verify`): TCP listeners by `SO_PROTOCOL`, `getsockname` and
