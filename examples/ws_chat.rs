@@ -397,22 +397,10 @@ struct Subscription<'a> {
 impl Subscription<'_> {
     /// Moves up to [`BATCH`] messages from the queue to `into`.
     fn take(&self, into: &mut VecDeque<Utf8Bytes>) {
-        let made_room = {
-            let mut inboxes = self.room.inboxes();
-            let Inboxes { members, full, .. } = &mut *inboxes;
-            let Some(inbox) = members.get_mut(&self.id) else {
-                return;
-            };
-            let was_full = inbox.is_full();
+        self.update(|inbox| {
             let taken = inbox.queue.len().min(BATCH);
             into.extend(inbox.queue.drain(..taken));
-            let made_room = was_full && !inbox.is_full();
-            *full -= usize::from(made_room);
-            made_room
-        };
-        if made_room {
-            self.room.made_room();
-        }
+        });
     }
 
     /// How many messages wait in the queue.

@@ -169,19 +169,7 @@ async fn a_successor_killed_mid_migration_leaves_every_connection_migrated_or_dr
     // The idle ones may arrive in one batch or several (whichever reached its safe point
     // first): wait until the successor has all of them.
     let received = || {
-        let log = server.log();
-        let total: usize = log
-            .lines()
-            .filter(|l| l.contains("migrated connections received"))
-            .filter_map(|l| {
-                l.split("connections=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .sum();
+        let total = logged_connections(&server.log(), "migrated connections received");
         (total >= IDLE).then_some(total)
     };
     let total = common::poll_until(WAIT, received, || {
@@ -393,11 +381,12 @@ async fn every_client_still_echoes(clients: Vec<TcpStream>) {
     );
 }
 
-/// How many connections the old process has sent to its successor (its `migration batch
-/// sent` lines, logged at debug).
-fn connections_sent(log: &str) -> usize {
+/// The `connections=N` of every log line containing `marker`, added up: how many connections
+/// the old process has sent (its `migration batch sent` lines, logged at debug), or the
+/// successor has received (`migrated connections received`).
+fn logged_connections(log: &str, marker: &str) -> usize {
     log.lines()
-        .filter(|l| l.contains("migration batch sent"))
+        .filter(|l| l.contains(marker))
         .filter_map(|l| {
             l.split("connections=")
                 .nth(1)?
@@ -447,7 +436,7 @@ async fn a_predecessor_killed_mid_migration_leaves_every_connection_with_the_suc
     // acknowledgement to send the next.
     common::poll_until(
         WAIT,
-        || (connections_sent(&server.log()) >= count).then_some(()),
+        || (logged_connections(&server.log(), "migration batch sent") >= count).then_some(()),
         || format!("not every connection was sent to the successor:\n{}", server.log()),
     );
     signal(old, nix::sys::signal::Signal::SIGKILL);
