@@ -409,10 +409,9 @@ async fn clients_migrating_to_a_stopped_successor(args: &[&str]) -> (Server, Vec
     let server = Server::start_with(&example("tcp_echo"), &all, |command| {
         command.env("RUST_LOG", "info,handover::migration=debug");
     });
-    // The old process must not be the first generation, the leader of the process group:
-    // its exit would orphan the group with the successor stopped in it, and the kernel would
-    // send the successor SIGHUP (and SIGCONT). Once the first generation has exited, the
-    // group is orphaned already.
+    // The old process is not the first generation, the one this test started: its exit
+    // changes nothing of the group's ties (the server runs in a session of its own, so no
+    // exit sends the stopped successor SIGHUP), and a later generation is the usual case.
     tokio::task::block_in_place(|| server.upgrade_and_settle());
     let clients = echo_clients(server.address("echo"), CLIENTS).await;
     let old = server.pid();

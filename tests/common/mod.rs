@@ -86,7 +86,7 @@ impl Server {
         // Before `customize`, which may ask for more (or less).
         command.env("RUST_LOG", "info,http_uuid=debug");
         customize(&mut command);
-        let mut child = command
+        command
             .args(args)
             .arg("--control")
             .arg(dir.path().join("control.sock"))
@@ -94,8 +94,18 @@ impl Server {
             .arg(dir.path().join("server.pid"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .process_group(0)
+            .stderr(Stdio::piped());
+        // A session of its own, not only a process group: where the tests share their session
+        // with the init process (a CI runner started without `setsid`), a group whose last
+        // link to that session exits while one of its members is stopped is "orphaned with
+        // stopped jobs", and the kernel sends it SIGHUP, killing a successor a test stopped
+        // on purpose. The group (its id is the first generation's pid) is killed whole at
+        // the end, as before.
+        // SAFETY: `setsid` is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+        }
+        let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
         let log = Arc::new(Log::default());
