@@ -12,6 +12,7 @@ mod builder;
 mod child;
 mod connections;
 mod counters;
+mod early_signals;
 mod handoff;
 mod inheritance;
 mod machine;
