@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
+mod passed;
 mod unix_path;
 
 use unix_path::{bind_unix, socket_inode, unlink_if_still_ours};
@@ -60,6 +61,13 @@ struct State {
     held: Vec<(SocketEntry, OwnedFd)>,
     /// Names being bound right now: the syscalls run outside the lock, the name stays taken.
     binding: HashSet<String>,
+    /// Whether the sockets on offer came from a service manager (socket activation), whose
+    /// names say little: then a claim may adopt one by its address (see `passed`).
+    by_address: bool,
+    /// Whether ready() has released what nobody claimed (`close_unclaimed`).
+    ready: bool,
+    /// The sockets released then: claiming one of them later is an error, never a new bind.
+    released: Vec<SocketEntry>,
 }
 
 impl ListenerRegistry {
@@ -77,44 +85,6 @@ impl ListenerRegistry {
                 inherited,
                 ..State::default()
             }),
-        }
-    }
-
-    /// A registry offering the sockets systemd passed (socket activation), by their
-    /// `FileDescriptorName=`. Each is checked as a handed-over one is (type, family,
-    /// protocol, address, listening); one that is not a TCP or Unix stream listener or a UDP
-    /// socket is closed at once, with a warning. The paths of activated Unix listeners belong
-    /// to the socket unit: they are never unlinked.
-    pub(crate) fn with_activated(activated: Vec<crate::systemd::activation::Activated>) -> Self {
-        let mut state = State::default();
-        for crate::systemd::activation::Activated { name, fd } in activated {
-            let label = name.clone().unwrap_or_else(|| "(unnamed)".into());
-            let kind = match describe(std::os::fd::AsFd::as_fd(&fd)) {
-                Ok(kind) => kind,
-                Err(problem) => {
-                    tracing::warn!(socket = %label, "closing an activated socket: {problem}");
-                    continue;
-                }
-            };
-            let entry = SocketEntry { name: label, kind };
-            if let Err(error) = crate::wire::verify(&entry, &fd) {
-                tracing::warn!(%error, "closing an activated socket");
-                continue;
-            }
-            tracing::info!(socket = %entry, "socket activation: adopted a socket from the service manager");
-            match name {
-                Some(name) if !state.inherited.contains_key(&name) => {
-                    state.inherited.insert(name, (entry, fd));
-                }
-                Some(_) => {
-                    tracing::warn!(socket = %entry, "another activated socket has this name; this one is closed at ready");
-                    state.unnamed.push((entry, fd));
-                }
-                None => state.unnamed.push((entry, fd)),
-            }
-        }
-        Self {
-            state: Mutex::new(state),
         }
     }
 
@@ -361,10 +331,15 @@ impl ListenerRegistry {
     /// Closes every inherited socket nobody claimed, unlinking the paths of Unix listeners
     /// among them (each only if it is still the socket file the predecessor bound): no process
     /// will serve them any more. Returns what was closed.
+    ///
+    /// From then on, claiming one of them is an error ([`Error::ClaimedAfterReady`]): a new
+    /// bind would have lost the clients queued on it, and may collide with the predecessor.
     pub(crate) fn close_unclaimed(&self) -> Vec<SocketEntry> {
         let mut state = self.lock();
         let mut unclaimed: Vec<_> = state.inherited.drain().map(|(_, socket)| socket).collect();
         unclaimed.append(&mut state.unnamed);
+        state.ready = true;
+        state.released.extend(unclaimed.iter().map(|(entry, _)| entry.clone()));
         drop(state);
         close(unclaimed, Unlink::IfStillOurs)
     }
@@ -409,7 +384,7 @@ impl ListenerRegistry {
         matches: impl Fn(&SocketKind) -> bool,
         bind: impl FnOnce(&mut SocketEntry) -> io::Result<Socket>,
     ) -> Result<Socket, Error> {
-        let (entry, socket, reservation) = match self.claim(name, matches)? {
+        let (entry, socket, reservation) = match self.claim(name, &requested, matches)? {
             Claim::Inherited(entry, fd) => {
                 tracing::debug!(socket = %entry, "adopted inherited socket");
                 (entry, Socket::from(fd), None)
@@ -420,6 +395,11 @@ impl ListenerRegistry {
                     kind: requested,
                 };
                 let socket = bind(&mut entry).map_err(|source| bind_error(&entry, source))?;
+                if reservation.after_ready {
+                    // Harmless here, fatal at the next upgrade: the successor releases it at
+                    // its own ready(), before this same line of its code would claim it.
+                    tracing::warn!(socket = %entry, "bound after ready(): a successor will release it at its ready() unless it claims it before; claim every socket before ready()");
+                }
                 (entry, socket, Some(reservation))
             }
         };
@@ -433,8 +413,15 @@ impl ListenerRegistry {
         Ok(socket)
     }
 
-    /// Takes the inherited socket `name` if it matches, else reserves the name for a bind.
-    fn claim(&self, name: &str, matches: impl Fn(&SocketKind) -> bool) -> Result<Claim<'_>, Error> {
+    /// Takes the inherited socket `name` if it matches, or an activated one at the address
+    /// asked ([`State::adopt_by_address`]); else reserves the name for a bind, unless the
+    /// socket asked for was released at ready (an error: see [`Error::ClaimedAfterReady`]).
+    fn claim(
+        &self,
+        name: &str,
+        requested: &SocketKind,
+        matches: impl Fn(&SocketKind) -> bool,
+    ) -> Result<Claim<'_>, Error> {
         let mut state = self.lock();
         if state.is_taken(name) {
             return Err(Error::DuplicateName(name.into()));
@@ -447,10 +434,20 @@ impl ListenerRegistry {
             }
             None => {}
         }
+        if let Some((entry, fd)) = state.adopt_by_address(name, requested) {
+            return Ok(Claim::Inherited(entry, fd));
+        }
+        if let Some(released) = state.released_match(name, requested) {
+            return Err(Error::ClaimedAfterReady {
+                name: name.into(),
+                socket: released.to_string(),
+            });
+        }
         state.binding.insert(name.into());
         Ok(Claim::Reserved(Reservation {
             registry: self,
             name: name.into(),
+            after_ready: state.ready,
         }))
     }
 }
@@ -468,6 +465,8 @@ enum Claim<'a> {
 struct Reservation<'a> {
     registry: &'a ListenerRegistry,
     name: String,
+    /// Reserved after ready(): the bind is worth a warning.
+    after_ready: bool,
 }
 
 impl Drop for Reservation<'_> {
