@@ -308,6 +308,18 @@ impl ListenerRegistry {
         self.lock().inherited.remove(name).map(|(_, fd)| fd)
     }
 
+    /// The name of the socket `fd` is (a duplicate of), if this registry holds it.
+    pub(crate) fn name_of(&self, fd: std::os::fd::BorrowedFd<'_>) -> Option<String> {
+        let identity = |fd: std::os::fd::BorrowedFd<'_>| nix::sys::stat::fstat(fd).ok().map(|s| (s.st_dev, s.st_ino));
+        let wanted = identity(fd)?;
+        let state = self.lock();
+        let held = state
+            .held
+            .iter()
+            .find(|(_, held)| identity(held.as_fd()) == Some(wanted));
+        held.map(|(entry, _)| entry.name.clone())
+    }
+
     /// The sockets this process holds and will hand over, listeners first.
     pub fn sockets(&self) -> Vec<SocketEntry> {
         let mut entries: Vec<_> = self.lock().held.iter().map(|(e, _)| e.clone()).collect();

@@ -178,7 +178,7 @@ mod accept_loop {
         let drain = Drain::builder().build();
         let strategy = Arc::new(Counting::default());
         let listener = Scripted((0..10).map(Ok).collect());
-        let reason = drain.accept(listener, strategy.clone(), async { "stop" }).await;
+        let reason = drain.accept_until(listener, strategy.clone(), async { "stop" }).await;
         assert_eq!(reason, "stop");
         tokio::task::yield_now().await;
         assert_eq!(strategy.0.load(Ordering::Relaxed), 0);
@@ -204,7 +204,7 @@ mod accept_loop {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let accepting = tokio::spawn({
             let (drain, strategy) = (drain.clone(), strategy.clone());
-            async move { drain.accept(listener, strategy, rx).await }
+            async move { drain.accept_until(listener, strategy, rx).await }
         });
         while drain.open() < 3 {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -227,7 +227,9 @@ mod accept_loop {
         let listener = Scripted(std::iter::repeat_with(|| os(libc::EMFILE)).take(100).collect());
         let started = Instant::now();
         let shutdown = tokio::time::sleep(Duration::from_millis(15));
-        drain.accept(listener, Arc::new(Counting::default()), shutdown).await;
+        drain
+            .accept_until(listener, Arc::new(Counting::default()), shutdown)
+            .await;
         assert_eq!(started.elapsed(), Duration::from_millis(15));
     }
 }
