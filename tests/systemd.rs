@@ -120,7 +120,7 @@ async fn socket_activation_adopts_the_named_socket_closes_the_others_and_upgrade
     let first = server.pid();
     let reply = get(http_address, "/").await.unwrap();
     assert_eq!(reply.body, format!("pid {first} generation 1\n"));
-    server.wait_for_log(|l| l.contains("adopted a socket from the service manager") && l.contains("`http`"));
+    server.wait_for_log(|l| l.contains("socket activation: a socket from the service manager") && l.contains("`http`"));
     // The test's copies were closed once the server started; the server closed its own at
     // ready, since nothing claimed them: nobody listens there any more.
     assert!(refused(metrics_address), "the unclaimed `metrics` socket is still open");
