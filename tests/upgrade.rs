@@ -212,8 +212,9 @@ fn a_claim_after_ready_is_an_error_and_the_socket_claimed_in_time_keeps_serving(
     let dir = tempfile::tempdir().unwrap();
     let args = ["--tcp", "1", "--claim-late", "--dir", dir.path().to_str().unwrap()];
     let server = Server::start(&example("many_sockets"), &args);
-    let (served, late) = (server.address("tcp-0"), server.address("late"));
+    // Claimed after ready: in the registry once the warning is out, not before.
     server.wait_for_log(|l| l.contains("WARN") && l.contains("bound after ready()") && l.contains("`late`"));
+    let (served, late) = (server.address("tcp-0"), server.address("late"));
     drop(greeted(&server, "late"));
 
     let second = server.upgrade_and_settle();

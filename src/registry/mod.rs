@@ -407,11 +407,6 @@ impl ListenerRegistry {
                     kind: requested,
                 };
                 let socket = bind(&mut entry).map_err(|source| bind_error(&entry, source))?;
-                if reservation.after_ready {
-                    // Harmless here, fatal at the next upgrade: the successor releases it at
-                    // its own ready(), before this same line of its code would claim it.
-                    tracing::warn!(socket = %entry, "bound after ready(): a successor will release it at its ready() unless it claims it before; claim every socket before ready()");
-                }
                 (entry, socket, Some(reservation))
             }
         };
@@ -419,9 +414,18 @@ impl ListenerRegistry {
             .set_nonblocking(true)
             .and_then(|()| socket.try_clone())
             .map_err(|source| bind_error(&entry, source))?;
+        let late = reservation
+            .as_ref()
+            .is_some_and(|r| r.after_ready)
+            .then(|| entry.to_string());
         self.lock().held.push((entry, dup.into()));
         // Only now: the name is held before it stops being reserved, so no claim slips between.
         drop(reservation);
+        if let Some(socket) = late {
+            // Harmless here, fatal at the next upgrade: the successor releases it at its own
+            // ready(), before this same line of its code would claim it.
+            tracing::warn!(%socket, "bound after ready(): a successor will release it at its ready() unless it claims it before; claim every socket before ready()");
+        }
         Ok(socket)
     }
 
