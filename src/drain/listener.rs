@@ -23,6 +23,11 @@ use std::os::fd::{AsFd, BorrowedFd};
 ///         stream.set_nodelay(true)?;
 ///         Ok(stream)
 ///     }
+///
+///     // So that `status` counts its connections under the registry's name for it.
+///     fn as_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+///         self.0.as_socket()
+///     }
 /// }
 /// ```
 pub trait Listener: Send {

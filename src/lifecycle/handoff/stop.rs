@@ -99,7 +99,9 @@ impl Handoff {
     }
 
     /// Resolves when a stop is requested while this process already drains or stops (a
-    /// second SIGTERM, say): the drain's deadline is now. `Drain::serve` follows it.
+    /// second SIGTERM, say): the drain's deadline is now. Every drain attached to this handle
+    /// follows it ([`Drain::attach`](crate::drain::Drain::attach): `Drain::serve` and
+    /// `Drain::accept` attach theirs).
     ///
     /// # Cancel safety
     ///
