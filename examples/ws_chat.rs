@@ -558,6 +558,10 @@ impl DrainStrategy<Resumed<MemberState>> for Room {
         tracing::debug!(id = %state, leftover, "member resumed");
         self.member(ws, Some(state), &connection).await;
     }
+
+    fn protocol(&self) -> &str {
+        "websocket"
+    }
 }
 
 impl DrainStrategy<Resumed<Unreadable>> for Room {

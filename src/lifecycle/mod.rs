@@ -36,5 +36,6 @@ pub(crate) use connections::Census;
 pub use connections::ConnectionCounts;
 pub use counters::{ArrivalTimings, HandoffTimings, UpgradeCounters, UpgradeFailure};
 pub use handoff::Handoff;
+pub(crate) use handoff::HurrySignal;
 pub use state::{Shutdown, State};
 pub use upgrade_error::{Phase, UpgradeError, UpgradeReport};

@@ -10,6 +10,8 @@ mod state;
 mod stop;
 mod upgrade;
 
+pub(crate) use stop::HurrySignal;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -187,17 +189,26 @@ impl Handoff {
         self.inner.counters.snapshot()
     }
 
-    /// The connections this process holds, per protocol: one entry per protocol that the
-    /// drains [`Drain::serve`](crate::drain::Drain::serve) runs for this handle name
-    /// ([`DrainStrategy::protocol`](crate::drain::DrainStrategy::protocol)).
+    /// The connections this process holds, per listener and protocol: one entry per
+    /// listener name (as the registry knows it) and protocol
+    /// ([`DrainStrategy::protocol`](crate::drain::DrainStrategy::protocol)) that the drains
+    /// run for this handle ([`Drain::serve`](crate::drain::Drain::serve),
+    /// [`Drain::accept`](crate::drain::Drain::accept),
+    /// [`Drain::resume_migrated`](crate::drain::Drain::resume_migrated)) serve.
     pub fn connections(&self) -> Vec<ConnectionCounts> {
         self.inner.connections.counts()
     }
 
-    /// Counts the connections a drain reports in [`connections`](Self::connections), under
-    /// `protocol`; a drain registered again (`identity`) is counted once.
-    pub(crate) fn count_connections(&self, identity: usize, protocol: &str, census: CensusTaker) {
-        self.inner.connections.register(identity, protocol, census);
+    /// Counts the connections `census` reports in [`connections`](Self::connections), under
+    /// `listener` and `protocol`; a source registered again (`identity`) is counted once.
+    pub(crate) fn count_connections(
+        &self,
+        identity: usize,
+        listener: Option<String>,
+        protocol: &str,
+        census: CensusTaker,
+    ) {
+        self.inner.connections.register(identity, listener, protocol, census);
     }
 
     /// Resolves once the predecessor can migrate nothing more (it has exited: its end of the
