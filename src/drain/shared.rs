@@ -1,6 +1,6 @@
 //! [`Shared`]: the state a [`Drain`](super::Drain) shares with its connections.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -49,6 +49,8 @@ pub(super) struct Shared {
     pub(super) migration: OnceLock<crate::migration::Outbound>,
     /// Connections the successor has taken.
     pub(super) migrated: AtomicUsize,
+    /// Whether this drain has said that its TLS connections do not migrate.
+    tls_not_migrated: AtomicBool,
 }
 
 /// The start of the drain, recorded once (a second `drain()` call reports the same drain).
@@ -82,6 +84,7 @@ impl Shared {
             next_slot: AtomicU64::new(0),
             migration: OnceLock::new(),
             migrated: AtomicUsize::new(0),
+            tls_not_migrated: AtomicBool::new(false),
         }
     }
 
@@ -89,6 +92,15 @@ impl Shared {
     /// drain has started, so this is a fallback that does not happen).
     pub(super) fn started_at(&self) -> Instant {
         self.started.get().map_or_else(Instant::now, |started| started.at)
+    }
+
+    /// A TLS connection was asked to migrate, or drained while its successor takes
+    /// migrations: it is drained instead. Said once per drain (once per upgrade), not once
+    /// per connection.
+    pub(super) fn note_tls_not_migrated(&self) {
+        if !self.tls_not_migrated.swap(true, Ordering::Relaxed) {
+            tracing::warn!("TLS connections do not migrate (their session keys stay in this process): draining them");
+        }
     }
 
     /// A connection closed.
