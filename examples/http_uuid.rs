@@ -30,10 +30,10 @@ use bytes::Bytes;
 use clap::Parser;
 use handover::drain::http;
 use handover::drain::tls::{rustls, Tls};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// HTTP server answering with its process's UUID, upgradable without downtime.
 #[derive(Debug, Parser)]
@@ -78,7 +78,8 @@ impl TlsFlags {
             let certs = CertificateDer::pem_file_iter(cert)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
                 .with_context(|| format!("reading the certificates in {}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the key in {}", key.display()))?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the key in {}", key.display()))?;
             (certs, key)
         } else {
             return Ok(None);

@@ -122,7 +122,11 @@ impl TrackedConnection {
             return word & NO_SLOT;
         }
         let step = (1e9 / per_second) as u64;
-        let taken = self.shared.next_slot.fetch_add(step, Ordering::Relaxed).min(NO_SLOT - 1);
+        let taken = self
+            .shared
+            .next_slot
+            .fetch_add(step, Ordering::Relaxed)
+            .min(NO_SLOT - 1);
         // Two first calls at once on the same connection (from two tasks sharing it): the
         // first to store its slot wins, the other's slot stays unused.
         loop {

@@ -98,8 +98,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::TlsAcceptor;
 pub use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
 
 pub use stream::TlsStream;
 
