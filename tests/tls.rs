@@ -221,6 +221,10 @@ async fn https_keep_alive_and_new_connections_through_ten_upgrades_see_no_error(
         let line = server.drained_line(pid);
         assert!(line.contains("forced=0 aborted=0"), "{line}");
     }
+    assert!(
+        !server.has_log(|l| l.contains("TLS connections do not migrate")),
+        "nothing to say about migration when none was asked for"
+    );
 }
 
 /// Clients that connect and never finish their handshake (silent, or half a ClientHello)

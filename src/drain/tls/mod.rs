@@ -16,9 +16,9 @@
 //! - **Migration**: a TLS connection's session keys stay in this process, so it is drained,
 //!   never migrated. [`TrackedConnection::turn_to_close_or_migrate`] tells it
 //!   [`Turn::Close`](super::Turn::Close), [`TrackedConnection::migrate`] refuses it with
-//!   [`MigrationError::Tls`](crate::migration::MigrationError::Tls), and when a successor
-//!   takes migrations (`http::Server::migrate`, say), the draining process logs once that
-//!   its TLS connections are drained instead.
+//!   [`MigrationError::Tls`](crate::migration::MigrationError::Tls), and when the inner
+//!   strategy migrates ([`DrainStrategy::migrates`]: `http::Server::migrate`, say), the
+//!   draining process logs once that its TLS connections are drained instead.
 //!
 //! For HTTP/2 over TLS, offer it by ALPN (`config.alpn_protocols`); the HTTP strategy tells
 //! HTTP/1.1 from HTTP/2 by the client's first bytes either way. The certificate is the
@@ -196,7 +196,10 @@ where
         // Before the inner strategy can ask for its turn: a TLS connection never migrates.
         connection.mark_unmovable();
         if let Some(stream) = self.handshake(io, &connection).await {
-            session(&self.inner, stream, connection).await;
+            match self.inner.migrates() {
+                true => unmoved_session(&self.inner, stream, connection).await,
+                false => self.inner.serve(stream, connection).await,
+            }
         }
     }
 
@@ -204,15 +207,21 @@ where
     fn protocol(&self) -> &str {
         self.inner.protocol()
     }
+
+    /// `false`: its connections never move, whatever the inner strategy does.
+    fn migrates(&self) -> bool {
+        false
+    }
 }
 
-/// The inner strategy on the session; once the drain starts, says (once per drain) that TLS
-/// connections are drained if a successor takes migrations: a strategy that migrates plain
-/// connections (`http::Server::migrate`) would otherwise drain these without a word.
+/// The session of an inner strategy that migrates plain connections
+/// (`http::Server::migrate`), which would otherwise drain this one without a word: once the
+/// drain starts, if a successor takes migrations, says (once per drain) that TLS connections
+/// are drained instead.
 ///
 /// An async fn of its own, so that the handshake's state and the session's share memory in
 /// the connection's task.
-async fn session<I, S>(inner: &S, stream: TlsStream<I>, connection: TrackedConnection)
+async fn unmoved_session<I, S>(inner: &S, stream: TlsStream<I>, connection: TrackedConnection)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: DrainStrategy<TlsStream<I>>,
