@@ -138,31 +138,48 @@ fn certificate(dir: &Path) -> (PathBuf, PathBuf, Arc<rustls::ClientConfig>) {
     (cert, key, Arc::new(config))
 }
 
-/// Starts the server; waits until its control socket names its listener's address.
-fn start(examples: &Path, dir: &Path, cert: &Path, key: &Path) -> (Child, handover::control::Client, SocketAddr) {
-    let control = dir.join("control.sock");
+/// The server: told to stop when dropped, even if the bench stops early (the generation
+/// serving then is not our child), and its first process reaped.
+struct Running(Child, handover::control::Client);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.1.request("stop");
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the server (its control socket in `dir`).
+fn start(examples: &Path, dir: &Path, cert: &Path, key: &Path) -> Running {
     let child = Command::new(examples.join("http_uuid"))
         .args(["--listen", "127.0.0.1:0", "--tls-cert"])
         .arg(cert)
         .arg("--tls-key")
         .arg(key)
         .arg("--control")
-        .arg(&control)
+        .arg(dir.join("control.sock"))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .expect("starting http_uuid");
-    let client = handover::control::Client::new(&control);
+    Running(child, handover::control::Client::new(dir.join("control.sock")))
+}
+
+/// Waits until the control socket names the listener's address.
+fn address(control: &handover::control::Client) -> SocketAddr {
     let started = Instant::now();
     loop {
-        if let Ok(status) = client.request("status") {
+        if let Ok(status) = control.request("status") {
             let address = status["sockets"]
                 .as_array()
                 .and_then(|sockets| sockets.iter().find(|s| s["name"] == "http"))
                 .and_then(|socket| socket["address"].as_str()?.parse().ok());
             if let Some(address) = address {
-                return (child, client, address);
+                return address;
             }
         }
         assert!(started.elapsed() < Duration::from_secs(20), "http_uuid did not start");
@@ -184,7 +201,9 @@ fn main() {
     let examples = common::build_examples(&["http_uuid"]);
     let dir = tempfile::tempdir().expect("a directory");
     let (cert, key, config) = certificate(dir.path());
-    let (mut child, control, address) = start(&examples, dir.path(), &cert, &key);
+    let first = start(&examples, dir.path(), &cert, &key);
+    let control = handover::control::Client::new(dir.path().join("control.sock"));
+    let address = address(&control);
     eprintln!("https through upgrades: {upgrades} upgrades every {interval:?}, {keep_alive} keep-alive + {new} new-connection clients");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -228,8 +247,7 @@ fn main() {
             let _ = tokio::time::timeout(Duration::from_secs(10), client).await;
         }
     });
-    let _ = control.request("stop");
-    let _ = child.wait();
+    drop(first); // stops the server
 
     ready_ms.sort_by(f64::total_cmp);
     let requests = tally.requests.load(Ordering::Relaxed);
