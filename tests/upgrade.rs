@@ -127,6 +127,38 @@ async fn failed_successors_leave_the_old_process_serving() {
     assert_ne!(get(address, "/uuid").await.unwrap().body, uuid);
 }
 
+/// A successor that never reads the application state holds nobody: one that hangs is
+/// killed at the upgrade timeout, the old process's writer stopped with the upgrade (no
+/// descriptor left behind), and it serves on; one that says ready without taking the state
+/// closes it there, and the upgrade completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_never_reads_the_state_holds_nobody() {
+    let bin = tempfile::tempdir().unwrap();
+    let binary = copy_binary(&example("tcp_echo"), bin.path());
+    let original = bin.path().join("original");
+    std::fs::hard_link(&binary, &original).unwrap();
+    let args = ["--listen", "127.0.0.1:0", "--upgrade-timeout", "1"];
+    let server = Server::start(&binary, &[&args[..], &["--state-mib", "64", "--ignore-state"]].concat());
+    let pid = server.pid();
+    let descriptors = fd_count(pid);
+
+    replace_with_script(&binary, "exec sleep 60");
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("timed out"), "{reply}");
+    assert_eq!(server.pid(), pid, "the old process serves on");
+    common::poll_until(
+        common::WAIT,
+        || (fd_count(pid) == descriptors).then_some(()),
+        || format!("descriptors: {} before, {} after", descriptors, fd_count(pid)),
+    );
+
+    replace_with_script(&binary, &format!("exec '{}' \"$@\"", original.display()));
+    let successor = server.upgrade_and_settle();
+    assert_ne!(successor, pid);
+    server.wait_for_log(|l| l.contains("did not read the application state"));
+}
+
 /// 300 TCP listeners, a Unix listener and a UDP socket cross in more than one batch, and the
 /// successor adopts each by name: same addresses, same kernel sockets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 
 mod control_server;
 mod ready;
+mod state;
 mod stop;
 mod upgrade;
 
@@ -73,6 +74,8 @@ struct Inner {
     progress: Phases,
     /// Established connections: sent to a committed successor, received from a predecessor.
     migration: crate::migration::Endpoints,
+    /// The application's state: how to write it for a successor, and what a predecessor sent.
+    state: state::StateSlots,
 }
 
 impl Handoff {
@@ -90,15 +93,22 @@ impl Handoff {
             .iter()
             .flat_map(|i| i.sockets.iter().map(|(e, _)| e.clone()))
             .collect();
-        let (registry, generation, predecessor, predecessor_pid) = match inheritance {
+        let (registry, generation, predecessor, predecessor_pid, state) = match inheritance {
             Some(i) => (
                 ListenerRegistry::with_inherited(i.sockets),
                 i.generation,
                 Some(i.channel),
                 Some(i.predecessor_pid),
+                i.state,
             ),
             // A first start: the sockets systemd passed, if any (socket activation).
-            None => (ListenerRegistry::with_activated(activation::take()), 1, None, None),
+            None => (
+                ListenerRegistry::with_activated(activation::take()),
+                1,
+                None,
+                None,
+                None,
+            ),
         };
         let inherited = predecessor.is_some();
         let announcer = Announcer::new(Notifier::from_env(), generation, inherited, config.upgrade_timeout);
@@ -118,6 +128,7 @@ impl Handoff {
                 connections: Connections::default(),
                 progress: Phases::default(),
                 migration: Default::default(),
+                state: state::StateSlots::received(state),
             }),
         };
         tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");

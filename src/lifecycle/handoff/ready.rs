@@ -69,6 +69,7 @@ impl Handoff {
         let handoff = self.clone();
         let span = tracing::info_span!("ready", pid = std::process::id(), generation = self.generation());
         let becoming = async move {
+            handoff.close_untaken_state();
             let done = ReadyDoneOnDrop(Some(&handoff.inner.lifecycle));
             done.record(handoff.become_ready().await);
         };
