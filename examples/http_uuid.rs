@@ -12,6 +12,11 @@
 //! a client keeps its connection, and `/uuid` on it answers the successor's UUID after the
 //! upgrade (`/delayed` in flight is answered first, by the old process, without
 //! `Connection: close`).
+//!
+//! HTTPS (HTTP/1.1 and HTTP/2 by ALPN), drained by the library with `close_notify`:
+//! `--tls-cert PATH --tls-key PATH` (PEM), or `--tls-self-signed` to try it out (a
+//! certificate for `localhost` made at each start: `curl -k https://localhost:8081/uuid`).
+//! TLS connections are drained, never migrated, even with `--migrate`.
 
 mod common;
 
@@ -19,11 +24,17 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
 use handover::drain::http;
+use handover::drain::tls::{rustls, Tls};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// HTTP server answering with its process's UUID, upgradable without downtime.
 #[derive(Debug, Parser)]
@@ -36,6 +47,50 @@ struct Args {
     /// Move keep-alive HTTP/1.1 connections to the successor instead of draining them.
     #[arg(long)]
     migrate: bool,
+    #[command(flatten)]
+    tls: TlsFlags,
+}
+
+/// How to serve HTTPS.
+#[derive(Debug, clap::Args)]
+struct TlsFlags {
+    /// Serve HTTPS with a self-signed certificate for `localhost`, made at each start.
+    #[arg(long, conflicts_with = "tls_cert")]
+    tls_self_signed: bool,
+    /// Serve HTTPS with this certificate chain (PEM), read at each start.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Milliseconds a client has to finish its TLS handshake before it is closed.
+    #[arg(long, default_value_t = 10_000)]
+    tls_handshake_timeout_ms: u64,
+}
+
+impl TlsFlags {
+    /// The server config these flags describe, if they ask for TLS.
+    fn config(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        let (certs, key) = if self.tls_self_signed {
+            let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+            let key = PrivateKeyDer::try_from(made.signing_key.serialize_der()).map_err(anyhow::Error::msg)?;
+            (vec![made.cert.der().clone()], key)
+        } else if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("reading the certificates in {}", cert.display()))?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the key in {}", key.display()))?;
+            (certs, key)
+        } else {
+            return Ok(None);
+        };
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Some(Arc::new(config)))
+    }
 }
 
 /// The name of the listener, under which connections also migrate.
@@ -50,6 +105,9 @@ struct App {
 async fn main() -> anyhow::Result<()> {
     common::init_logging();
     let args = Args::parse();
+    // Before the start: a certificate that cannot be read fails the successor, and the old
+    // process serves on.
+    let tls = args.tls.config()?;
     let handoff = args.server.builder().start().await?;
     let listener = handoff
         .registry()
@@ -69,9 +127,16 @@ async fn main() -> anyhow::Result<()> {
     // Before ready(): the predecessor migrates as soon as it has committed.
     server.resume_migrated(&drain, &handoff);
     handoff.ready().await?;
-    tracing::info!(address = %listener.local_addr()?, uuid = %uuid, generation = handoff.generation(), migrate = args.migrate, "serving http_uuid");
+    tracing::info!(address = %listener.local_addr()?, uuid = %uuid, generation = handoff.generation(), migrate = args.migrate, tls = tls.is_some(), "serving http_uuid");
 
-    drain.serve(&handoff, listener, server).await;
+    match tls {
+        Some(config) => {
+            let timeout = Duration::from_millis(args.tls.tls_handshake_timeout_ms);
+            let https = Tls::new(config, http::Server::clone(&server)).handshake_timeout(timeout);
+            drain.serve(&handoff, listener, Arc::new(https)).await
+        }
+        None => drain.serve(&handoff, listener, server).await,
+    };
     common::log_exit(&handoff);
     Ok(())
 }

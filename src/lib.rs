@@ -65,6 +65,7 @@
 //! | `http` | on | [`drain::http`]: HTTP/1.1 and HTTP/2 drained (and HTTP/1.1 migrated) with hyper and hyper-util |
 //! | `websocket` | on | [`drain::websocket`]: WebSockets drained with Close 1001, or migrated, with tokio-tungstenite |
 //! | `systemd` | on | socket activation (`LISTEN_FDS`) and `sd_notify` (READY, RELOADING, MAINPID); without it both are ignored |
+//! | `tls` | off | `drain::tls`: TLS served and drained (tokio-rustls) around any strategy; the application's `rustls::ServerConfig` brings its crypto provider |
 //! | `unstable-wire` | off | the handoff protocol's plumbing as a public `wire` module, for tools that speak it; no stability promise |
 //!
 //! # Platforms

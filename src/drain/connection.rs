@@ -11,16 +11,22 @@ use tokio::net::TcpStream;
 use super::shared::{Shared, Tally};
 use crate::migration::{Handover, MigrationError, Returned};
 
-/// No close slot assigned yet (a slot is nanoseconds after the drain started: `u64::MAX` is
-/// 584 years).
-const NO_SLOT: u64 = u64::MAX;
+/// No close slot assigned yet (a slot is nanoseconds after the drain started: 2^63 - 1 is
+/// 292 years).
+const NO_SLOT: u64 = u64::MAX >> 1;
+
+/// The slot word's top bit: the connection cannot migrate (TLS: its session keys stay in
+/// this process). Kept beside the slot so that tracking costs an idle connection no more
+/// bytes; a slot never reaches it (292 years).
+const UNMOVABLE: u64 = 1 << 63;
 
 /// One open connection's view of the drain. Dropping it marks the connection closed.
 #[derive(Debug)]
 pub struct TrackedConnection {
     /// Its source, which holds the drain's shared state.
-    tally: Arc<Tally>,
-    /// This connection's close slot when closes are spread, assigned on first use.
+    pub(super) tally: Arc<Tally>,
+    /// This connection's close slot when closes are spread, assigned on first use; and, in
+    /// its top bit ([`UNMOVABLE`]), whether it can migrate.
     slot: AtomicU64,
 }
 
@@ -118,21 +124,40 @@ impl TrackedConnection {
     /// This connection's close slot, in nanoseconds after the drain started: the next free
     /// one, taken once.
     fn slot(&self, per_second: f64) -> u64 {
-        let slot = self.slot.load(Ordering::Relaxed);
-        if slot != NO_SLOT {
-            return slot;
+        let mut word = self.slot.load(Ordering::Relaxed);
+        if word & NO_SLOT != NO_SLOT {
+            return word & NO_SLOT;
         }
         let step = (1e9 / per_second) as u64;
-        let taken = self.shared().next_slot.fetch_add(step, Ordering::Relaxed);
+        let taken = self
+            .shared()
+            .next_slot
+            .fetch_add(step, Ordering::Relaxed)
+            .min(NO_SLOT - 1);
         // Two first calls at once on the same connection (from two tasks sharing it): the
         // first to store its slot wins, the other's slot stays unused.
-        match self
-            .slot
-            .compare_exchange(NO_SLOT, taken, Ordering::Relaxed, Ordering::Relaxed)
-        {
-            Ok(_) => taken,
-            Err(stored) => stored,
+        loop {
+            let with_slot = (word & UNMOVABLE) | taken;
+            match self
+                .slot
+                .compare_exchange(word, with_slot, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return taken,
+                Err(stored) if stored & NO_SLOT != NO_SLOT => return stored & NO_SLOT,
+                Err(stored) => word = stored, // only the flag changed
+            }
         }
+    }
+
+    /// Marks the connection as one that cannot migrate: [`turn_to_close_or_migrate`](Self::turn_to_close_or_migrate)
+    /// says [`Turn::Close`], and [`migrate`](Self::migrate) refuses it.
+    #[cfg(feature = "tls")]
+    pub(super) fn mark_unmovable(&self) {
+        self.slot.fetch_or(UNMOVABLE, Ordering::Relaxed);
+    }
+
+    fn is_unmovable(&self) -> bool {
+        self.slot.load(Ordering::Relaxed) & UNMOVABLE != 0
     }
 
     #[cfg(feature = "http")]
@@ -162,7 +187,8 @@ impl TrackedConnection {
     /// once when a committed successor takes migrations
     /// ([`Drain::migrate_with`](super::Drain::migrate_with); [`Drain::serve`](super::Drain::serve) arranges it after an upgrade), else
     /// [`Turn::Close`] when [`turn_to_close`](Self::turn_to_close) would resolve. A connection
-    /// that never calls this (or `migrate`) is drained as without migration.
+    /// that never calls this (or `migrate`) is drained as without migration; so is a TLS
+    /// connection (feature `tls`), told [`Turn::Close`].
     ///
     /// # Cancel safety
     ///
@@ -170,7 +196,10 @@ impl TrackedConnection {
     pub async fn turn_to_close_or_migrate(&self) -> Turn {
         self.draining().await;
         if self.shared().migration.get().is_some() {
-            return Turn::Migrate;
+            if !self.is_unmovable() {
+                return Turn::Migrate;
+            }
+            self.shared().note_tls_not_migrated();
         }
         self.turn_to_close().await;
         Turn::Close
@@ -192,9 +221,9 @@ impl TrackedConnection {
     /// # Errors
     ///
     /// The stream back, in a [`Returned`], with a [`MigrationError`]: the state or leftover
-    /// too large, a state that cannot be serialized, no successor taking migrations, the
-    /// successor refused it or did not acknowledge it. This process is then its only owner:
-    /// drain it the old way.
+    /// too large, a state that cannot be serialized, no successor taking migrations, a TLS
+    /// connection ([`MigrationError::Tls`]), the successor refused it or did not acknowledge
+    /// it. This process is then its only owner: drain it the old way.
     ///
     /// # Cancel safety
     ///
@@ -205,6 +234,14 @@ impl TrackedConnection {
         stream: TcpStream,
         handover: Handover<'_, T>,
     ) -> Result<(), Returned> {
+        if self.is_unmovable() {
+            // Its plain socket carries records encrypted with keys only this process holds.
+            self.shared().note_tls_not_migrated();
+            return Err(Returned {
+                stream,
+                error: MigrationError::Tls,
+            });
+        }
         let Some(outbound) = self.shared().migration.get() else {
             return Err(Returned {
                 stream,

@@ -5,7 +5,12 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
 /// A source of connections: tokio's `TcpListener` and `UnixListener` are ones; implement it
-/// for another (a TLS acceptor around one of them, say).
+/// for another.
+///
+/// Not for TLS: `accept_connection` runs in the accept loop, so a handshake there would make
+/// every new connection wait for the slowest client's (and a handshake is not cancel safe).
+/// Wrap the strategy instead, with `drain::tls::Tls` (feature `tls`): each handshake then runs
+/// in its connection's own task, under a timeout.
 ///
 /// # Examples
 ///

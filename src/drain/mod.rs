@@ -21,7 +21,12 @@
 //!   then EOF), then read until the client's EOF, so that the socket is never closed over
 //!   unread bytes (which sends an RST).
 //!
-//! Any of them may instead move its connections to the successor: see [`crate::migration`].
+//! - **TLS** (`tls`, feature `tls`: tokio-rustls): a wrapper around any of them; each
+//!   handshake runs in the connection's own task under a timeout, and each session ends
+//!   with `close_notify` before the transport's half-close.
+//!
+//! Any of them may instead move its connections to the successor: see [`crate::migration`]
+//! (TLS connections are drained).
 //!
 //! # The deadline
 //!
@@ -60,6 +65,8 @@ mod shared;
 mod shared_connection;
 mod strategy;
 pub mod tcp;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod tracker;
 #[cfg(feature = "websocket")]
 pub mod websocket;

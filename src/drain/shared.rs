@@ -1,6 +1,6 @@
 //! [`Shared`]: the state a [`Drain`](super::Drain) shares with its connections.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -53,6 +53,8 @@ pub(super) struct Shared {
     pub(super) tallies: Mutex<Vec<Weak<Tally>>>,
     /// A second stop of the handoff this drain serves: the deadline is now.
     pub(super) hurry: OnceLock<crate::lifecycle::HurrySignal>,
+    /// Whether this drain has said that its TLS connections do not migrate.
+    tls_not_migrated: AtomicBool,
 }
 
 /// The connections of one source (a listener's accept loop, the connections migrated from
@@ -126,6 +128,7 @@ impl Shared {
             migrated: AtomicUsize::new(0),
             tallies: Mutex::new(Vec::new()),
             hurry: OnceLock::new(),
+            tls_not_migrated: AtomicBool::new(false),
         }
     }
 
@@ -151,6 +154,15 @@ impl Shared {
     /// drain has started, so this is a fallback that does not happen).
     pub(super) fn started_at(&self) -> Instant {
         self.started.get().map_or_else(Instant::now, |started| started.at)
+    }
+
+    /// A TLS connection was asked to migrate, or drained while its successor takes
+    /// migrations: it is drained instead. Said once per drain (once per upgrade), not once
+    /// per connection.
+    pub(super) fn note_tls_not_migrated(&self) {
+        if !self.tls_not_migrated.swap(true, Ordering::Relaxed) {
+            tracing::warn!("TLS connections do not migrate (their session keys stay in this process): draining them");
+        }
     }
 
     /// A connection closed.

@@ -68,4 +68,12 @@ pub trait DrainStrategy<C>: Send + Sync + 'static {
     fn protocol(&self) -> &str {
         "tcp"
     }
+
+    /// Whether this strategy moves its connections to the successor after an upgrade, where
+    /// it can (`http::Server::migrate`, say). A wrapper whose
+    /// connections cannot move (TLS) uses it to say, once per upgrade, that they are drained
+    /// instead. Default: `false`.
+    fn migrates(&self) -> bool {
+        false
+    }
 }

@@ -63,6 +63,10 @@ pub enum MigrationError {
         /// The limit.
         limit: usize,
     },
+    /// The connection is TLS (`drain::tls`, feature `tls`): its session keys stay in this
+    /// process, so it is drained, never migrated.
+    #[error("the connection is TLS, whose session keys do not move")]
+    Tls,
     /// The client closed the connection, or it failed, before it could move.
     #[error("the connection closed or failed before it could move")]
     Closed,

@@ -123,7 +123,8 @@
 //!
 //! Only connections whose task opts in move; one that never asks is drained as before, at the
 //! same idle cost. Raw TCP connections (IPv4 and IPv6) move; TLS connections are drained
-//! (their session keys do not move). The state is at most [`MAX_STATE_BYTES`] of JSON, the
+//! (their session keys do not move: `drain::tls` tells them [`Turn::Close`](crate::drain::Turn::Close),
+//! `migrate` refuses them with [`MigrationError::Tls`], and the old process logs it once). The state is at most [`MAX_STATE_BYTES`] of JSON, the
 //! leftover at most [`MAX_LEFTOVER_BYTES`]; a larger state, or one that does not serialize,
 //! is refused before sending ([`MigrationError::StateTooLarge`],
 //! [`MigrationError::StateMalformed`]) and drained. A connection handed to the successor

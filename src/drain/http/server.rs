@@ -169,6 +169,10 @@ where
     fn protocol(&self) -> &str {
         "http"
     }
+
+    fn migrates(&self) -> bool {
+        self.migrate.is_some()
+    }
 }
 
 impl<S> DrainStrategy<Resumed<()>> for Server<S>
