@@ -47,6 +47,8 @@
 //! 10 ms doubling to 1 s, and logs the burst once when it starts and once, with its count,
 //! when it ends.
 
+#[cfg(feature = "axum")]
+pub mod axum;
 mod connection;
 #[cfg(feature = "http")]
 pub mod http;
