@@ -93,7 +93,9 @@ async fn whoami(ConnectInfo(address): ConnectInfo<SocketAddr>) -> String {
 }
 
 fn app() -> Router {
-    Router::new().route("/ws", any(handler)).route("/peer", axum::routing::get(whoami))
+    Router::new()
+        .route("/ws", any(handler))
+        .route("/peer", axum::routing::get(whoami))
 }
 
 #[tokio::test]
@@ -114,8 +116,13 @@ async fn under_plain_axum_serve_the_router_works_as_axums_own() {
     // The client closes: the connection ends as axum's own ends it (the docs' handler
     // echoes the Close, which tungstenite refuses, and returns).
     client.close(None).await.unwrap();
-    let end = tokio::time::timeout(WAIT, client.next()).await.expect("the end within the wait");
-    assert!(!matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))), "{end:?}");
+    let end = tokio::time::timeout(WAIT, client.next())
+        .await
+        .expect("the end within the wait");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{end:?}"
+    );
     server.abort();
 }
 

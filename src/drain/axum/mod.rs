@@ -35,7 +35,7 @@
 //! # What the library does
 //!
 //! - [`serve`] is [`Drain::serve`] with a [`Server`]: accept until a successor serves (or a
-//!   stop), then drain: HTTP as [`http`](super::http) does (`Connection: close`, GOAWAY,
+//!   stop), then drain: HTTP as [`http`] does (`Connection: close`, GOAWAY,
 //!   idle keep-alive connections closed after the idle grace), and every WebSocket as below.
 //! - Every request carries `ConnectInfo<SocketAddr>` (the client's address), as
 //!   `into_make_service_with_connect_info::<SocketAddr>()` gives it under `axum::serve`.

@@ -86,7 +86,10 @@ impl DrainStrategy<Resumed<Head>> for ResumedWebSockets {
         // The route upgrades no more (a new version of the app): the client is told to
         // reconnect.
         if let Some(resumed) = slot.take() {
-            tracing::info!(uri = head.uri, "a migrated WebSocket's route did not take it; closing it (1001)");
+            tracing::info!(
+                uri = head.uri,
+                "a migrated WebSocket's route did not take it; closing it (1001)"
+            );
             let (socket, ()) = websocket::resume(resumed, None).await;
             websocket::finish(socket, &connection, |_| {}).await;
         }

@@ -29,9 +29,9 @@ pub(super) enum Inner {
     /// axum's, as axum upgraded it.
     Axum(ws::WebSocket),
     /// The library's, over the TCP stream itself: it can move.
-    Local(Box<MigratingWebSocket>),
+    Local(MigratingWebSocket),
     /// The library's, over hyper's upgraded I/O (not a plain TCP stream: it stays).
-    Upgraded(Box<WebSocketStream<TokioIo<Upgraded>>>),
+    Upgraded(WebSocketStream<TokioIo<Upgraded>>),
     /// On its way to the successor, or gone there.
     Moved,
 }
@@ -49,7 +49,9 @@ enum Phase {
     /// Serving; the turn not come yet.
     Open,
     /// The turn to close: Close 1001 to send (`flushing` once queued).
-    SendingClose { flushing: bool },
+    SendingClose {
+        flushing: bool,
+    },
     /// Our Close is out: the client's messages until its Close.
     AwaitingClose,
     /// The client's Close came: our reply (tungstenite queued it) to flush.
@@ -185,7 +187,8 @@ impl WebSocket {
                         code: ws::close_code::AWAY,
                         reason: GOING_AWAY.into(),
                     }));
-                    let queued = ready!(self.inner.poll_ready_unpin(cx)).and_then(|()| self.inner.start_send_unpin(close));
+                    let queued =
+                        ready!(self.inner.poll_ready_unpin(cx)).and_then(|()| self.inner.start_send_unpin(close));
                     drained.phase = match queued {
                         Ok(()) => Phase::SendingClose { flushing: true },
                         Err(_) => Phase::Done,
@@ -218,7 +221,7 @@ impl WebSocket {
                     }
                     Err(returned) => {
                         tracing::info!(error = %returned.error, "WebSocket not migrated; closing it (1001)");
-                        self.inner = Inner::Local(Box::new(returned.stream));
+                        self.inner = Inner::Local(returned.stream);
                         drained.migration = None;
                         drained.phase = Phase::SendingClose { flushing: false };
                     }
@@ -242,7 +245,7 @@ fn hand_over(inner: &mut Inner, drained: &Drained) -> HandingOver {
     );
     Box::pin(async move {
         let late = |message| tracing::warn!(?message, "a message read after the hand-over started; dropped");
-        websocket::migrate(*socket, &listener, &head, &connection, late).await
+        websocket::migrate(socket, &listener, &head, &connection, late).await
     })
 }
 
@@ -328,7 +331,10 @@ impl Stream for Inner {
     type Item = Result<Message, Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        fn next<S: Stream<Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>> + Unpin>(
+        fn next<
+            S: Stream<Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>>
+                + Unpin,
+        >(
             socket: &mut S,
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<Message, Error>>> {
@@ -369,9 +375,11 @@ impl Sink<Message> for Inner {
     type Error = Error;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(on_inner!(self.get_mut(), |s| ready!(s.poll_ready_unpin(cx)), |s| ready!(
-            s.poll_ready_unpin(cx)
-        )))
+        Poll::Ready(on_inner!(
+            self.get_mut(),
+            |s| ready!(s.poll_ready_unpin(cx)),
+            |s| ready!(s.poll_ready_unpin(cx))
+        ))
     }
 
     fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Error> {
@@ -380,14 +388,18 @@ impl Sink<Message> for Inner {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(on_inner!(self.get_mut(), |s| ready!(s.poll_flush_unpin(cx)), |s| ready!(
-            s.poll_flush_unpin(cx)
-        )))
+        Poll::Ready(on_inner!(
+            self.get_mut(),
+            |s| ready!(s.poll_flush_unpin(cx)),
+            |s| ready!(s.poll_flush_unpin(cx))
+        ))
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(on_inner!(self.get_mut(), |s| ready!(s.poll_close_unpin(cx)), |s| ready!(
-            s.poll_close_unpin(cx)
-        )))
+        Poll::Ready(on_inner!(
+            self.get_mut(),
+            |s| ready!(s.poll_close_unpin(cx)),
+            |s| ready!(s.poll_close_unpin(cx))
+        ))
     }
 }

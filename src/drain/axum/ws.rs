@@ -41,10 +41,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-pub use ::axum::extract::ws::{
-    close_code, rejection, CloseCode, CloseFrame, Message, OnFailedUpgrade, Utf8Bytes,
-};
 pub use super::socket::WebSocket;
+pub use ::axum::extract::ws::{close_code, rejection, CloseCode, CloseFrame, Message, OnFailedUpgrade, Utf8Bytes};
 
 use super::resumed::{Head, ResumedUpgrade};
 use super::socket::{Drained, Inner, Migration};
@@ -243,12 +241,12 @@ impl<F> WebSocketUpgrade<F> {
                                 leftover: read.to_vec(),
                             };
                             let (socket, ()) = websocket::resume(resumed, Some(config)).await;
-                            (Inner::Local(Box::new(socket)), Some(migration))
+                            (Inner::Local(socket), Some(migration))
                         }
                         Err(upgraded) => {
                             let io = TokioIo::new(upgraded);
                             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                            (Inner::Upgraded(Box::new(socket)), None)
+                            (Inner::Upgraded(socket), None)
                         }
                     };
                     let drained = Drained::new(connection.clone(), migration);
@@ -264,7 +262,7 @@ impl<F> WebSocketUpgrade<F> {
                     tokio::spawn(async move {
                         let (socket, ()) = websocket::resume(resumed, Some(config)).await;
                         let drained = Drained::new(connection.clone(), Some(migration));
-                        let socket = WebSocket::new(Inner::Local(Box::new(socket)), protocol, Some(drained));
+                        let socket = WebSocket::new(Inner::Local(socket), protocol, Some(drained));
                         until_hard_stop(Some(connection), callback(socket)).await;
                     });
                 }
@@ -334,7 +332,10 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade<DefaultOnFailedUpg
 
 /// Who upgrades the request's connection: the library when it serves the connection and its
 /// WebSockets may move; axum otherwise (with the request checked as axum checks it).
-async fn upgrade<S: Send + Sync>(parts: &mut Parts, state: &S) -> Result<Upgrade, rejection::WebSocketUpgradeRejection> {
+async fn upgrade<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+) -> Result<Upgrade, rejection::WebSocketUpgradeRejection> {
     let connection = parts.extensions.get::<SharedConnection>().cloned();
     let listener = parts.extensions.get::<Served>().and_then(|s| s.websockets.clone());
     if let (Some(connection), Some(slot), Some(listener)) =
