@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use axum::extract::ConnectInfo;
 use axum::response::Response;
@@ -17,7 +16,6 @@ use common::{example, get, is_drained_line, is_running, Server, WAIT};
 use futures_util::{SinkExt, StreamExt};
 // The one line that differs from axum's docs.
 use handover::drain::axum::ws::{WebSocket, WebSocketUpgrade};
-use handover::drain::Drain;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
@@ -127,15 +125,14 @@ async fn under_plain_axum_serve_the_router_works_as_axums_own() {
 }
 
 #[tokio::test]
-async fn under_the_library_the_websocket_gets_going_away_and_the_drain_waits_for_the_handshake() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+async fn under_the_library_in_one_call_the_websocket_gets_going_away_and_the_drain_waits_for_the_handshake() {
+    let handoff = handover::Handoff::builder().start().await.unwrap();
+    let listener = handoff.registry().tcp("http", "127.0.0.1:0".parse().unwrap()).unwrap();
     let address = listener.local_addr().unwrap();
-    let drain = Drain::builder().deadline(WAIT).build();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = Arc::new(handover::drain::axum::Server::new(app()));
-    let accepting = tokio::spawn({
-        let drain = drain.clone();
-        async move { drain.accept(listener, server, stopped).await }
+    handoff.ready().await.unwrap();
+    let serving = tokio::spawn({
+        let handoff = handoff.clone();
+        async move { handover::drain::axum::serve(&handoff, listener, app()).await }
     });
 
     let (body, ours) = peer(address).await;
@@ -145,14 +142,9 @@ async fn under_the_library_the_websocket_gets_going_away_and_the_drain_waits_for
         .unwrap();
     echo(&mut client, "before the drain").await;
 
-    stop.send(()).unwrap();
-    accepting.await.unwrap().unwrap();
-    let draining = tokio::spawn({
-        let drain = drain.clone();
-        async move { drain.drain().await }
-    });
+    handoff.stop(); // what SIGTERM does
     expect_going_away(&mut client, String::new).await;
-    let report = tokio::time::timeout(WAIT, draining).await.unwrap().unwrap();
+    let report = tokio::time::timeout(WAIT, serving).await.unwrap().unwrap();
     assert_eq!((report.connections, report.forced), (1, 0), "{report:?}");
 }
 
