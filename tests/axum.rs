@@ -251,3 +251,35 @@ async fn with_migrate_a_websocket_conversation_survives_upgrades_with_no_message
     }
     assert_eq!(got, sent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_migrate_a_keep_alive_connection_keeps_its_address_through_an_upgrade() {
+    use http_body_util::{BodyExt, Empty};
+    let server = Server::start(&example("axum_app"), &["--listen", "127.0.0.1:0", "--migrate"]);
+    let address = server.address("http");
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let ours = stream.local_addr().unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    for upgrade in [true, false] {
+        let request = hyper::Request::get("/peer")
+            .header("host", address.to_string())
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = tokio::time::timeout(WAIT, sender.send_request(request))
+            .await
+            .expect("an answer within the wait")
+            .expect("the same connection answers");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        // Under the successor too, `ConnectInfo` names the client of the moved connection.
+        assert_eq!(body, ours.to_string().as_bytes());
+        if upgrade {
+            let old = server.pid();
+            server.upgrade_and_settle();
+            let drained = server.drained_line(old);
+            assert!(drained.contains("migrated=1"), "{drained}");
+        }
+    }
+}
