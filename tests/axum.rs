@@ -283,3 +283,52 @@ async fn with_migrate_a_keep_alive_connection_keeps_its_address_through_an_upgra
         }
     }
 }
+
+#[tokio::test]
+async fn a_handler_that_returns_during_the_closing_handshake_does_not_cut_it_short() {
+    use std::sync::{Arc, Mutex};
+    let (returned, handler_returned) = tokio::sync::oneshot::channel::<()>();
+    let returned = Arc::new(Mutex::new(Some(returned)));
+    // Returns at the first message: one that arrives after our Close, here.
+    let router = Router::new().route(
+        "/ws",
+        any(move |ws: WebSocketUpgrade| async move {
+            ws.on_upgrade(move |mut socket: WebSocket| async move {
+                let _ = socket.recv().await;
+                drop(socket);
+                returned.lock().unwrap().take().unwrap().send(()).unwrap();
+            })
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let drain = handover::drain::Drain::builder().deadline(WAIT).build();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = std::sync::Arc::new(handover::drain::axum::Server::new(router));
+    let accepting = tokio::spawn({
+        let drain = drain.clone();
+        async move { drain.accept(listener, server, stopped).await }
+    });
+    let (mut client, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+        .await
+        .unwrap();
+
+    stop.send(()).unwrap();
+    accepting.await.unwrap().unwrap();
+    let draining = tokio::spawn({
+        let drain = drain.clone();
+        async move { drain.drain().await }
+    });
+    while !drain.is_draining() {
+        tokio::task::yield_now().await;
+    }
+    // Sent once the drain has started (the WebSocket sees its turn before this message),
+    // before we read the server's Close: the handler receives it, and returns.
+    client.send(Message::text("bye")).await.unwrap();
+    tokio::time::timeout(WAIT, handler_returned).await.unwrap().unwrap();
+    // The handshake goes on without it: the connection is still open, waiting for our Close.
+    assert_eq!(drain.open(), 1);
+    expect_going_away(&mut client, String::new).await;
+    let report = tokio::time::timeout(WAIT, draining).await.unwrap().unwrap();
+    assert_eq!((report.connections, report.forced), (1, 0), "{report:?}");
+}

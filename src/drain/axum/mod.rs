@@ -44,8 +44,9 @@
 //!   handshake: the library sends Close 1001 "going away", hands the handler the messages
 //!   the client sent before it saw ours, waits for the client's Close (bounded by the drain
 //!   deadline), and returns `None`. Sends after our Close are dropped (RFC 6455 allows none),
-//!   so that a handler that answers each message keeps reading to the end of the handshake.
-//!   A send still waiting at the deadline fails.
+//!   so that a handler that answers each message keeps reading to the end of the handshake;
+//!   a handler that drops its WebSocket during the handshake leaves it to a task of the
+//!   library's. A send still waiting at the deadline fails.
 //! - With [`Server::migrate`], idle HTTP/1.1 connections move as
 //!   [`http::Server::migrate`](super::http::Server::migrate) moves them, and each WebSocket
 //!   moves at its next message boundary: the messages already read are handed out first, then

@@ -232,6 +232,31 @@ impl WebSocket {
     }
 }
 
+impl Drop for WebSocket {
+    /// A handler that lets go of its WebSocket during the closing handshake (it returned on a
+    /// message it did not expect, say) does not cut it short: the handshake goes on in a task
+    /// of its own, bounded by the drain deadline, the messages still arriving dropped.
+    fn drop(&mut self) {
+        let closing = self.drained.as_deref().is_some_and(|drained| {
+            matches!(
+                drained.phase,
+                Phase::SendingClose { .. } | Phase::AwaitingClose | Phase::FlushingReply
+            )
+        });
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if closing {
+            let mut rest = WebSocket {
+                inner: std::mem::replace(&mut self.inner, Inner::Moved),
+                protocol: None,
+                drained: self.drained.take(),
+            };
+            runtime.spawn(async move { while rest.next().await.is_some() {} });
+        }
+    }
+}
+
 /// Starts the hand-over of `inner` (the library's own, reading stopped, every message read
 /// handed out).
 fn hand_over(inner: &mut Inner, drained: &Drained) -> HandingOver {
