@@ -21,8 +21,8 @@ mod load;
 mod stats;
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,40 +130,6 @@ fn breakdown(samples: &[Sample], log: &str) -> (Vec<[f64; PHASES.len()]>, Vec<f6
     (phases, spawn_call)
 }
 
-/// A server's process group, killed when dropped.
-struct Group(Child);
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.0.wait();
-    }
-}
-
-fn read_pid(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn running(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
-}
-
-/// Polls `condition` every millisecond for at most `limit`.
-fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    false
-}
-
 async fn run(
     name: &'static str,
     binary: PathBuf,
@@ -192,9 +158,9 @@ async fn run(
         .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-    let _group = Group(child);
+    let _group = common::Group(child);
     assert!(
-        wait_until(Duration::from_secs(30), || read_pid(&pid_file).is_some()),
+        common::wait_until(Duration::from_secs(30), || common::read_pid(&pid_file).is_some()),
         "{name} did not start"
     );
 
@@ -213,13 +179,13 @@ async fn run(
         tick.tick().await;
         let pid_file = pid_file.clone();
         let sample = tokio::task::spawn_blocking(move || {
-            let old = read_pid(&pid_file)?;
+            let old = common::read_pid(&pid_file)?;
             let triggered = Instant::now();
             let triggered_us = monotonic_us();
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGUSR2).ok()?;
             let mut new = None;
-            if !wait_until(Duration::from_secs(10), || {
-                new = read_pid(&pid_file).filter(|pid| *pid != old);
+            if !common::wait_until(Duration::from_secs(10), || {
+                new = common::read_pid(&pid_file).filter(|pid| *pid != old);
                 new.is_some()
             }) {
                 return None;
@@ -231,7 +197,7 @@ async fn run(
                 triggered_us,
                 seen_us: monotonic_us(),
             };
-            wait_until(Duration::from_secs(15), || !running(old)).then(|| {
+            common::wait_until(Duration::from_secs(15), || !common::running(old)).then(|| {
                 (
                     ready.as_secs_f64() * 1e3,
                     (triggered.elapsed() - ready).as_secs_f64() * 1e3,

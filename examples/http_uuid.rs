@@ -1,5 +1,6 @@
 //! The seed's demo (gograceful), on handoff: `GET /uuid` returns this process's UUID;
 //! `GET /delayed` waits (10 s by default) and returns the UUID of the process that accepted it.
+//! `POST /echo` reads the whole request body and answers it.
 //!
 //! ```text
 //! cargo run --example http_uuid -- --pid-file /tmp/http_uuid.pid &
@@ -21,7 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser;
 use handover::drain::http;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
 
 /// HTTP server answering with its process's UUID, upgradable without downtime.
@@ -84,6 +85,17 @@ async fn handle(app: Arc<App>, request: Request<hyper::body::Incoming>) -> Resul
             tracing::debug!(%uuid, "delayed request started");
             tokio::time::sleep(app.delay).await;
             Response::new(Full::from(uuid))
+        }
+        "/echo" => {
+            tracing::debug!("echo request started");
+            match request.into_body().collect().await {
+                Ok(body) => Response::new(Full::from(body.to_bytes())),
+                Err(error) => {
+                    let mut response = Response::new(Full::from(format!("{error}\n")));
+                    *response.status_mut() = StatusCode::BAD_REQUEST;
+                    response
+                }
+            }
         }
         _ => {
             let mut response = Response::new(Full::from("not found\n"));

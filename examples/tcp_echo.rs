@@ -29,6 +29,13 @@ struct Args {
     /// Move established connections to the successor instead of draining them.
     #[arg(long)]
     migrate: bool,
+    /// Hand each successor this many MiB of application state (zeros), which it reads
+    /// before it says ready (for the tests and the state stream's benchmark).
+    #[arg(long, hide = true, default_value_t = 0)]
+    state_mib: u64,
+    /// Never read the predecessor's state (for the tests).
+    #[arg(long, hide = true)]
+    ignore_state: bool,
 }
 
 /// The name of the listener, under which connections also migrate.
@@ -48,10 +55,47 @@ async fn main() -> anyhow::Result<()> {
         // Before ready(): the predecessor migrates as soon as it has committed.
         drain.resume_migrated::<EchoState, _>(&handoff, LISTENER, Protocol::RawTcp, echo.clone());
     }
+    if !args.ignore_state {
+        read_state(&handoff).await?;
+    }
+    if args.state_mib > 0 {
+        let bytes = args.state_mib << 20;
+        handoff.send_state_with(move |mut writer| async move {
+            let chunk = vec![0u8; 1 << 20];
+            for _ in 0..bytes >> 20 {
+                writer.write_all(&chunk).await?;
+            }
+            Ok(())
+        });
+    }
     handoff.ready().await?;
     tracing::info!(address = %listener.local_addr()?, generation = handoff.generation(), migrate = args.migrate, "serving tcp_echo");
     drain.serve(&handoff, listener, echo).await;
     common::log_exit(&handoff);
+    Ok(())
+}
+
+/// Reads the predecessor's state to its end, if it sent one, and says how fast it came.
+async fn read_state(handoff: &handover::Handoff) -> std::io::Result<()> {
+    let Some(mut state) = handoff.take_state() else {
+        return Ok(());
+    };
+    let started = std::time::Instant::now();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        match state.read(&mut buffer).await? {
+            0 => break,
+            n => bytes += n as u64,
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        bytes,
+        seconds,
+        mb_per_s = bytes as f64 / 1e6 / seconds,
+        "application state received"
+    );
     Ok(())
 }
 

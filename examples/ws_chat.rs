@@ -28,6 +28,11 @@
 //!   [`ROOM_GATE_TIMEOUT`] after the start). A new joiner is welcomed only then: it joins
 //!   after every message of the old room.
 //!
+//! The room keeps its last [`HISTORY`] messages; a member that sends `/history` gets them,
+//! to itself alone, as one message (`history: N` then a line each). The history survives
+//! upgrades, drained or migrated: the old process writes it to its successor as the
+//! application's state (`Handoff::send_state_with`), which reads it before it says ready.
+//!
 //! ```text
 //! cargo run --example ws_chat -- --pid-file /tmp/ws_chat.pid [--migrate] &
 //! websocat ws://127.0.0.1:8083/       # type lines; every member sees them
@@ -104,6 +109,11 @@ const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How many messages a member takes from its queue at once.
 const BATCH: usize = 64;
+/// How many of the last messages the room keeps as its history.
+const HISTORY: usize = 100;
+/// The first line of the history as the application's state: a successor that does not know
+/// it starts with an empty history.
+const HISTORY_FORMAT: &str = "ws_chat history v1";
 
 /// How many messages a member writes before it lets the other tasks run.
 const WRITE_BUDGET: usize = 4 * BATCH;
@@ -118,6 +128,12 @@ async fn main() -> anyhow::Result<()> {
         .tcp(LISTENER, args.server.listen_or("127.0.0.1:8083"))?;
     let drain = args.server.drain();
     let room = Arc::new(Room::new(&handoff, args.migrate));
+    room.inherit_history(&handoff).await;
+    let history = room.clone();
+    handoff.send_state_with(move |mut writer| {
+        let state = history.history_state();
+        async move { tokio::io::AsyncWriteExt::write_all(&mut writer, &state).await }
+    });
     if args.migrate {
         // Before ready(): the predecessor migrates as soon as it has committed.
         if args.refuse_migrated {
@@ -163,6 +179,8 @@ struct Room {
 #[derive(Default)]
 struct Inboxes {
     members: HashMap<u64, Inbox>,
+    /// The last [`HISTORY`] messages said, oldest first.
+    history: VecDeque<Utf8Bytes>,
     next_id: u64,
     /// How many queues are full: the room takes no message while one is.
     full: usize,
@@ -186,24 +204,47 @@ impl Inbox {
     fn is_full(&self) -> bool {
         self.bounded && self.queue.len() >= QUEUE_CAPACITY
     }
+
+    /// Appends `text`, counting the queue in `full` if this fills it; returns the member if
+    /// its queue is full for the first time.
+    fn push(&mut self, text: Utf8Bytes, full: &mut usize) -> Option<MemberState> {
+        self.queue.push_back(text);
+        self.arrived.notify_one();
+        if self.bounded && self.queue.len() == QUEUE_CAPACITY {
+            *full += 1;
+            return (!std::mem::replace(&mut self.was_full, true)).then_some(self.member);
+        }
+        None
+    }
 }
 
 impl Inboxes {
     /// Appends `text` to every queue; returns the members whose queue is full for the first
     /// time.
     fn push(&mut self, text: &Utf8Bytes) -> Vec<MemberState> {
-        let mut first_full = Vec::new();
-        for inbox in self.members.values_mut() {
-            inbox.queue.push_back(text.clone());
-            if inbox.bounded && inbox.queue.len() == QUEUE_CAPACITY {
-                self.full += 1;
-                if !std::mem::replace(&mut inbox.was_full, true) {
-                    first_full.push(inbox.member);
-                }
-            }
-            inbox.arrived.notify_one();
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
         }
-        first_full
+        self.history.push_back(text.clone());
+        let full = &mut self.full;
+        let pushed = self.members.values_mut().map(|inbox| inbox.push(text.clone(), full));
+        pushed.flatten().collect()
+    }
+
+    /// Appends `text` to member `id`'s queue alone; returns the member if its queue is full
+    /// for the first time.
+    fn push_to(&mut self, id: u64, text: Utf8Bytes) -> Option<MemberState> {
+        self.members.get_mut(&id)?.push(text, &mut self.full)
+    }
+
+    /// The history as one message: `history: N`, then a line each.
+    fn history_message(&self) -> Utf8Bytes {
+        let mut text = format!("history: {}", self.history.len());
+        for line in &self.history {
+            text.push('\n');
+            text.push_str(line);
+        }
+        text.into()
     }
 }
 
@@ -255,6 +296,36 @@ impl Room {
             everyone_stopped: watch::channel(true).0,
             resumed_joined: watch::channel(0).0,
         }
+    }
+
+    /// The history as the application's state: [`HISTORY_FORMAT`], then the messages as a
+    /// JSON array of strings.
+    fn history_state(&self) -> Vec<u8> {
+        let lines: Vec<String> = self.inboxes().history.iter().map(|l| l.to_string()).collect();
+        let mut state = format!("{HISTORY_FORMAT}\n").into_bytes();
+        state.extend(serde_json::to_vec(&lines).unwrap_or_default());
+        state
+    }
+
+    /// Takes the history the predecessor sent, if any, and if in a format this process reads.
+    async fn inherit_history(&self, handoff: &Handoff) {
+        let Some(mut state) = handoff.take_state() else {
+            return;
+        };
+        let mut bytes = Vec::new();
+        if let Err(error) = tokio::io::AsyncReadExt::read_to_end(&mut state, &mut bytes).await {
+            return tracing::warn!(%error, "the predecessor's history could not be read; starting without it");
+        }
+        let lines = bytes
+            .strip_prefix(format!("{HISTORY_FORMAT}\n").as_bytes())
+            .and_then(|json| serde_json::from_slice::<Vec<String>>(json).ok());
+        let Some(lines) = lines else {
+            return state.refuse(format!("not a `{HISTORY_FORMAT}` history"));
+        };
+        let mut inboxes = self.inboxes();
+        let keep = lines.len().saturating_sub(HISTORY);
+        inboxes.history = lines.into_iter().skip(keep).map(Utf8Bytes::from).collect();
+        tracing::info!(messages = inboxes.history.len(), "room history inherited");
     }
 
     /// Opens the room once the predecessor can migrate nothing more and every member it
@@ -403,6 +474,16 @@ impl Subscription<'_> {
         });
     }
 
+    /// Queues the room's history for this member alone.
+    fn history(&self) {
+        let first_full = {
+            let mut inboxes = self.room.inboxes();
+            let history = inboxes.history_message();
+            inboxes.push_to(self.id, history)
+        };
+        log_full(first_full.as_slice());
+    }
+
     /// How many messages wait in the queue.
     fn waiting(&self) -> usize {
         self.room
@@ -477,6 +558,10 @@ impl DrainStrategy<Resumed<MemberState>> for Room {
         tracing::debug!(id = %state, leftover, "member resumed");
         self.member(ws, Some(state), &connection).await;
     }
+
+    fn protocol(&self) -> &str {
+        "websocket"
+    }
 }
 
 impl DrainStrategy<Resumed<Unreadable>> for Room {
@@ -545,6 +630,7 @@ impl Room {
                 biased;
                 turn = self.turn(connection) => break Left::Turn(turn),
                 pumped = poll_fn(|cx| outgoing.poll(cx, &mut ws, &inbox, reading, STALL_LIMIT, false)) => match pumped {
+                    Pumped::Incoming(Some(Ok(Message::Text(text)))) if text.as_str() == "/history" => inbox.history(),
                     Pumped::Incoming(Some(Ok(Message::Text(text)))) => waiting = self.speak(text),
                     Pumped::Incoming(Some(Ok(Message::Close(_)) | Err(_)) | None) | Pumped::Failed => return,
                     Pumped::Incoming(Some(Ok(_))) | Pumped::Idle => {}

@@ -35,7 +35,7 @@
 //! | `predecessor_running` | bool | whether it still drains (no upgrade starts until it exits) |
 //! | `draining_generations` | array of `{pid, generation}` | generations still draining |
 //! | `sockets` | array | `{name, kind, address or path, origin}`: `origin` is `inherited` or `bound` |
-//! | `connections` | array | per protocol: `{protocol, active, draining, forced}` ([`ConnectionCounts`](crate::status::ConnectionCounts)) |
+//! | `connections` | array | per listener and protocol: `{listener, protocol, active, draining, forced}` ([`ConnectionCounts`](crate::status::ConnectionCounts)) |
 //! | `upgrades` | object | `{attempted, succeeded, failed, refused, last_failure, last_handoff, arrival}` ([`UpgradeCounters`](crate::status::UpgradeCounters)) |
 //! | `migrated_in` | object | `{batches, connections, refused}`: connections live-migrated from the predecessor ([`crate::migration`]), taken and refused |
 //!
@@ -45,8 +45,11 @@
 //! it arrived (its start-up, and the wait for its predecessor's commit), a failed upgrade is
 //! counted (with its reason and phase) by the process that serves on, and the trigger → ready
 //! and ready → commit timings of a successful one come back in the `upgrade` reply.
-//! Connections are counted per protocol (`http`, `websocket`, `tcp`) by the drains that
-//! serve them ([`Drain::serve`](crate::drain::Drain::serve) registers its own).
+//! Connections are counted per listener (its name in the registry; `null` for one the registry
+//! does not hold) and protocol (`http`, `websocket`, `tcp`, or a name the application's
+//! strategy gives): two HTTP listeners are two rows. The accept loops count them
+//! ([`Drain::serve`](crate::drain::Drain::serve), [`Drain::accept`](crate::drain::Drain::accept)),
+//! and so does [`Drain::resume_migrated`](crate::drain::Drain::resume_migrated).
 //!
 //! `handoverctl --control PATH upgrade|status|stop` is this protocol's command line: it prints
 //! the phases and the `status` table, and `--json` the raw answer.

@@ -29,6 +29,18 @@ pub enum Error {
         /// Why.
         problem: String,
     },
+    /// A socket was claimed after [`Handoff::ready`](crate::Handoff::ready), but the socket
+    /// inherited (or activated) under that name or at that address was closed then, since
+    /// nothing had claimed it. Binding anew would lose the clients queued on it, and collide
+    /// with the predecessor while it drains: the rule is to claim every socket before
+    /// `ready()`.
+    #[error("socket `{name}` claimed after ready(): {socket} was inherited and closed at ready(), since nothing had claimed it; claim every socket before ready()")]
+    ClaimedAfterReady {
+        /// The name claimed.
+        name: String,
+        /// The released socket, as "TCP listener `http` (127.0.0.1:8081)".
+        socket: String,
+    },
     /// Receiving the sockets from the predecessor failed; we refused them all.
     #[error("inheriting sockets from the predecessor: {0}")]
     Inherit(#[source] WireError),

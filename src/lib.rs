@@ -116,6 +116,8 @@ pub mod migration;
 #[cfg(target_os = "linux")]
 mod registry;
 #[cfg(target_os = "linux")]
+pub mod state;
+#[cfg(target_os = "linux")]
 pub mod status;
 #[cfg(target_os = "linux")]
 mod systemd;

@@ -1,4 +1,4 @@
-//! What a process reports about itself: the sockets it holds, its connections per protocol,
+//! What a process reports about itself: the sockets it holds, its connections per listener and protocol,
 //! its upgrades (counters, the phases of the one under way, the timings of the last), as the
 //! control socket's `status` answers them and [`Handoff`](crate::Handoff)'s accessors return
 //! them.

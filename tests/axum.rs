@@ -307,7 +307,7 @@ async fn a_handler_that_returns_during_the_closing_handshake_does_not_cut_it_sho
     let server = std::sync::Arc::new(handover::drain::axum::Server::new(router));
     let accepting = tokio::spawn({
         let drain = drain.clone();
-        async move { drain.accept(listener, server, stopped).await }
+        async move { drain.accept_until(listener, server, stopped).await }
     });
     let (mut client, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
         .await

@@ -390,3 +390,70 @@ async fn a_second_sigterm_while_draining_ends_the_drain_at_once() {
     assert!(drained.contains("connections=1 forced=1"), "{drained}");
     drop(client);
 }
+
+/// Accept loops written out (`Drain::accept` on two listeners, then `drain()`, as its docs
+/// show): a second SIGTERM while draining makes the deadline now there too. With
+/// `--drain-timeout 60` and a client on each listener that keeps its side open, the drain
+/// ends long before its deadline, both clients counted as forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_a_hand_written_two_listener_drain() {
+    use nix::sys::signal::{kill, Signal};
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--tcp",
+        "2",
+        "--hold",
+        "--drain-timeout",
+        "60",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ];
+    let server = Server::start(&example("many_sockets"), &args);
+    let mut clients = Vec::new();
+    for name in ["tcp-0", "tcp-1"] {
+        let mut client = tokio::net::TcpStream::connect(server.address(name)).await.unwrap();
+        let mut greeting = [0; 2];
+        client.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(&greeting, b"1\n");
+        clients.push(client);
+    }
+    let pid = server.pid();
+    let process = nix::unistd::Pid::from_raw(pid as i32);
+
+    kill(process, Signal::SIGTERM).unwrap();
+    server.wait_for_log(|l| l.contains("draining reason=Some(Stopped)"));
+    kill(process, Signal::SIGTERM).unwrap();
+    tokio::task::block_in_place(|| server.wait_for_exit(pid, EXIT_BOUND));
+    let drained = server.drained_line(pid);
+    assert!(drained.contains("connections=2 forced=2"), "{drained}");
+    let drain_ms: u64 = drained.rsplit_once("drain_ms=").unwrap().1.trim().parse().unwrap();
+    assert!(drain_ms < 60_000, "the drain ran to its deadline: {drained}");
+    drop(clients);
+}
+
+/// The accept loops `Drain::accept`'s docs show are the ones the test above runs: every line
+/// of the docs' example is in `examples/many_sockets.rs`, but how the drain is configured.
+#[test]
+fn the_documented_accept_loops_are_the_tested_ones() {
+    let docs = include_str!("../src/drain/tracker.rs");
+    let fixture: Vec<&str> = include_str!("../examples/many_sockets.rs")
+        .lines()
+        .map(str::trim)
+        .collect();
+    let example = docs
+        .split("/// Many listeners, one drain, written out")
+        .nth(1)
+        .and_then(|rest| rest.split("/// ```no_run").nth(1))
+        .and_then(|rest| rest.split("/// ```").next())
+        .expect("the example in Drain::accept's docs");
+    let shown: Vec<&str> = example
+        .lines()
+        .map(|l| l.trim().trim_start_matches("///").trim())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(shown.first(), Some(&"let drain = Drain::builder().build();"));
+    assert!(fixture.contains(&"let drain = args.server.drain();"));
+    for line in &shown[1..] {
+        assert!(fixture.contains(line), "{line:?}, in the docs, is not in many_sockets");
+    }
+}

@@ -205,6 +205,7 @@ async fn the_largest_generation_crosses_without_wrapping() {
         protocol: wire::PROTOCOL_VERSION,
         pid: u32::MAX,
         generation: Some(u64::MAX),
+        state: false,
     };
     assert_eq!(Message::decode(&hello.encode().unwrap()).unwrap(), hello);
     let (a, b) = wire::pair().unwrap();
@@ -288,6 +289,7 @@ async fn an_oversized_datagram_is_truncated_and_the_channel_stays_usable() {
         protocol: wire::PROTOCOL_VERSION,
         pid: 1,
         generation: None,
+        state: false,
     };
     send_raw(&peer, &hello.encode().unwrap(), &[]).unwrap();
 

@@ -191,6 +191,81 @@ async fn a_partly_sent_next_request_is_answered_by_the_successor() {
     assert_eq!(answer.body, client.current_uuid().await, "the successor answers");
 }
 
+/// `POST /echo` with a body of `whole`, of which only `sent` goes now.
+fn half_posted(whole: &str, sent: usize) -> Vec<u8> {
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+        whole.len()
+    );
+    [head.as_bytes(), &whole.as_bytes()[..sent]].concat()
+}
+
+/// A request whose body is still arriving at the turn is not between two requests: the old
+/// process reads the rest and answers it (the echo of the whole body, without
+/// `Connection: close`), then the connection moves and the successor answers the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_is_half_sent_at_the_turn_is_answered_and_the_next_by_the_successor() {
+    let server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0", "--migrate"]);
+    let mut client = Client::connect(server.address("http")).await;
+    let old_uuid = client.uuid().await;
+    let old = server.pid();
+    client.send(&half_posted("helloworld", 5)).await;
+    server.wait_for_log(|l| l.contains("echo request started"));
+    assert_eq!(server.upgrade()["ok"], true);
+    client.send(b"world").await;
+    let echoed = client.answer().await;
+    assert_eq!(echoed.body, "helloworld");
+    assert!(!echoed.says_close(), "{echoed:?}");
+    let next = client.uuid().await;
+    assert_ne!(next, old_uuid, "the successor answers the next request");
+    assert_migrated_one(&server, old);
+}
+
+/// Drained rather than migrated, the same request is answered whole with `Connection: close`,
+/// and only then does the connection end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_is_half_sent_at_a_drain_is_answered_with_close() {
+    let server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0"]);
+    let mut client = Client::connect(server.address("http")).await;
+    client.uuid().await;
+    client.send(&half_posted("helloworld", 5)).await;
+    server.wait_for_log(|l| l.contains("echo request started"));
+    assert_eq!(server.upgrade()["ok"], true);
+    server.wait_for_log(|l| l.contains("draining"));
+    client.send(b"world").await;
+    let echoed = client.answer().await;
+    assert_eq!(echoed.body, "helloworld");
+    assert!(echoed.says_close(), "{echoed:?}");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, client.stream.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "EOF after the answer: {read:?}");
+}
+
+/// A service that answers without reading the request's body (`/uuid`): with the body whole
+/// in hand, hyper discards it and the connection stays open; with only part of it, hyper
+/// closes after the answer, and the answer says so (`Connection: close`), so the client
+/// never sends its next request into a closing connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_body_is_read_says_close_exactly_when_the_connection_closes() {
+    let server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0", "--migrate"]);
+    let unread = |sent| {
+        let post = half_posted("helloworld", sent);
+        String::from_utf8(post).unwrap().replace("/echo", "/uuid").into_bytes()
+    };
+    let mut client = Client::connect(server.address("http")).await;
+    client.send(&unread(10)).await;
+    let whole = client.answer().await;
+    assert!(!whole.says_close(), "{whole:?}");
+    client.uuid().await;
+
+    client.send(&unread(5)).await;
+    let half = client.answer().await;
+    assert!(half.says_close(), "{half:?}");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, client.stream.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "EOF after the answer: {read:?}");
+}
+
 /// Under `--migrate`, an HTTP/2 connection is still drained: GOAWAY, then the close; the old
 /// process migrates nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,6 +116,39 @@ fn a_timeout_racing_a_successors_ready_never_leaves_the_pid_file_wrong() {
     eprintln!("{committed} committed, {failed} failed");
 }
 
+/// The signals a successor starts with blocked (its predecessor holds them until it can
+/// handle them) are ours, not the application's: no thread of the successor keeps one of
+/// them blocked, the runtime's threads started before `Handoff::start` included, so a child
+/// the application starts from any thread gets a clean mask.
+#[test]
+fn no_thread_of_a_successor_keeps_the_signals_held_at_its_start() {
+    let server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0"]);
+    let successor = server.upgrade_and_settle();
+    let ours = [Signal::SIGUSR2, Signal::SIGTERM, Signal::SIGINT]
+        .iter()
+        .fold(0u64, |mask, s| mask | 1 << (*s as i32 - 1));
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{successor}/task"))
+        .unwrap()
+        .flatten()
+        .map(|task| task.path())
+        .collect();
+    assert!(tasks.len() > 1, "a runtime with worker threads: {tasks:?}");
+    for task in tasks {
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let blocked = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigBlk:"))
+            .map(|mask| u64::from_str_radix(mask.trim(), 16).unwrap())
+            .unwrap();
+        assert_eq!(
+            blocked & ours,
+            0,
+            "thread {} of the successor blocks {blocked:#x}",
+            task.display()
+        );
+    }
+}
+
 /// A successor sends itself SIGUSR2, then SIGTERM, before it runs a line of Rust: the signals
 /// wait until it handles them. The trigger is refused (not ready); the stop makes it give up
 /// before its commit, and the old process goes on serving.

@@ -27,14 +27,31 @@ use nix::unistd::Pid;
 /// (dup2 in the child), `LISTEN_FDS`, `LISTEN_FDNAMES`, and `LISTEN_PID` set to the
 /// program's own pid by a shell that then execs it (the pid is only known in the child).
 fn start_activated(binary: &Path, args: &[&str], sockets: Vec<OwnedFd>, names: &str, pid: &str) -> Server {
-    let script = format!("LISTEN_PID={pid} exec \"$@\"");
+    launch_activated(binary, args, sockets, Some(names), Some(pid))
+}
+
+/// As [`start_activated`], leaving out `LISTEN_FDNAMES` and `LISTEN_PID` when `None` (as
+/// `systemfd --no-pid` does).
+fn launch_activated(
+    binary: &Path,
+    args: &[&str],
+    sockets: Vec<OwnedFd>,
+    names: Option<&str>,
+    pid: Option<&str>,
+) -> Server {
+    let script = match pid {
+        Some(pid) => format!("LISTEN_PID={pid} exec \"$@\""),
+        None => "exec \"$@\"".to_owned(),
+    };
     let mut wrapped = vec!["-c", script.as_str(), "sh", binary.to_str().unwrap()];
     wrapped.extend_from_slice(args);
     let count = sockets.len();
     Server::start_with(Path::new("/bin/sh"), &wrapped, move |command| {
-        command
-            .env("LISTEN_FDS", count.to_string())
-            .env("LISTEN_FDNAMES", names);
+        command.env("LISTEN_FDS", count.to_string()).env_remove("LISTEN_PID");
+        match names {
+            Some(names) => command.env("LISTEN_FDNAMES", names),
+            None => command.env_remove("LISTEN_FDNAMES"),
+        };
         place_from_3(command, sockets);
     })
 }
@@ -103,7 +120,7 @@ async fn socket_activation_adopts_the_named_socket_closes_the_others_and_upgrade
     let first = server.pid();
     let reply = get(http_address, "/").await.unwrap();
     assert_eq!(reply.body, format!("pid {first} generation 1\n"));
-    server.wait_for_log(|l| l.contains("adopted a socket from the service manager") && l.contains("`http`"));
+    server.wait_for_log(|l| l.contains("socket activation: a socket from the service manager") && l.contains("`http`"));
     // The test's copies were closed once the server started; the server closed its own at
     // ready, since nothing claimed them: nobody listens there any more.
     assert!(refused(metrics_address), "the unclaimed `metrics` socket is still open");
@@ -117,6 +134,66 @@ async fn socket_activation_adopts_the_named_socket_closes_the_others_and_upgrade
     assert_eq!(reply.body, format!("pid {second} generation 2\n"));
     let environment = environment(second);
     assert!(!environment.contains("LISTEN_"), "{environment}");
+}
+
+/// A request written on a connection the kernel has queued on `address` before any process
+/// accepts it; read its answer with [`answer`].
+fn queued_request(address: SocketAddr) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    stream
+}
+
+/// The whole answer on `stream`, up to the server's close.
+fn answer(mut stream: std::net::TcpStream) -> String {
+    use std::io::Read;
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// systemd without `FileDescriptorName=` (the socket is named after its unit), and
+/// `systemfd --no-pid` (no name, no `LISTEN_PID`): the server asks for `http` at the address
+/// the socket is bound to, and adopts it by that address. The client queued before the server
+/// started is answered, and an upgrade hands the same socket on.
+async fn activated_by_address(names: Option<&str>, pid: Option<&str>, logged: &str) {
+    let (http, address) = listener();
+    let queued = queued_request(address);
+    let listen = address.to_string();
+    let server = launch_activated(&example("systemd"), &["--listen", &listen], vec![http], names, pid);
+    server.wait_for_log(|l| l.contains(logged));
+    server.wait_for_log(|l| {
+        l.contains("adopted an activated socket by its address") && l.contains("claimed_as=\"http\"")
+    });
+    let first = server.pid();
+    let reply = answer(queued);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.ends_with(&format!("pid {first} generation 1\n")), "{reply}");
+    assert_eq!(server.address("http"), address);
+    assert!(
+        !server.has_log(|l| l.contains("closed an inherited socket")),
+        "{}",
+        server.log()
+    );
+
+    let second = server.upgrade_and_settle();
+    let reply = get(address, "/").await.unwrap();
+    assert_eq!(reply.body, format!("pid {second} generation 2\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_activated_under_its_units_name_is_adopted_by_address_and_upgraded() {
+    let logged = "socket activation: a socket from the service manager";
+    activated_by_address(Some("handoff-example.socket"), Some("$$"), logged).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_passed_without_listen_pid_or_name_is_adopted_by_address_and_upgraded() {
+    activated_by_address(None, None, "socket activation without LISTEN_PID").await;
 }
 
 #[test]

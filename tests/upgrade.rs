@@ -127,6 +127,38 @@ async fn failed_successors_leave_the_old_process_serving() {
     assert_ne!(get(address, "/uuid").await.unwrap().body, uuid);
 }
 
+/// A successor that never reads the application state holds nobody: one that hangs is
+/// killed at the upgrade timeout, the old process's writer stopped with the upgrade (no
+/// descriptor left behind), and it serves on; one that says ready without taking the state
+/// closes it there, and the upgrade completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_never_reads_the_state_holds_nobody() {
+    let bin = tempfile::tempdir().unwrap();
+    let binary = copy_binary(&example("tcp_echo"), bin.path());
+    let original = bin.path().join("original");
+    std::fs::hard_link(&binary, &original).unwrap();
+    let args = ["--listen", "127.0.0.1:0", "--upgrade-timeout", "1"];
+    let server = Server::start(&binary, &[&args[..], &["--state-mib", "64", "--ignore-state"]].concat());
+    let pid = server.pid();
+    let descriptors = fd_count(pid);
+
+    replace_with_script(&binary, "exec sleep 60");
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("timed out"), "{reply}");
+    assert_eq!(server.pid(), pid, "the old process serves on");
+    common::poll_until(
+        common::WAIT,
+        || (fd_count(pid) == descriptors).then_some(()),
+        || format!("descriptors: {} before, {} after", descriptors, fd_count(pid)),
+    );
+
+    replace_with_script(&binary, &format!("exec '{}' \"$@\"", original.display()));
+    let successor = server.upgrade_and_settle();
+    assert_ne!(successor, pid);
+    server.wait_for_log(|l| l.contains("did not read the application state"));
+}
+
 /// 300 TCP listeners, a Unix listener and a UDP socket cross in more than one batch, and the
 /// successor adopts each by name: same addresses, same kernel sockets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,4 +224,81 @@ fn status_counts_upgrades_across_generations() {
     );
     assert_eq!(upgrades["arrival"]["predecessor_pid"], second, "{status}");
     assert_ne!(first, third);
+}
+
+/// Connects to `name`'s listener of `server` and reads its greeting (the generation); the
+/// connection stays open (`--hold`) while the stream lives.
+fn greeted(server: &Server, name: &str) -> std::net::TcpStream {
+    let mut stream = std::net::TcpStream::connect(server.address(name)).unwrap();
+    let mut greeting = [0; 2];
+    std::io::Read::read_exact(&mut stream, &mut greeting).unwrap();
+    stream
+}
+
+/// A socket claimed after `ready()` (the misplaced line): the first generation binds it and
+/// warns; the successor, which released the inherited one at its ready, gets a typed error
+/// naming the socket and the rule, never a new bind, while the socket claimed in time (the
+/// same kernel socket) keeps serving.
+#[test]
+fn a_claim_after_ready_is_an_error_and_the_socket_claimed_in_time_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--tcp", "1", "--claim-late", "--dir", dir.path().to_str().unwrap()];
+    let server = Server::start(&example("many_sockets"), &args);
+    // Claimed after ready: in the registry once the warning is out, not before.
+    server.wait_for_log(|l| l.contains("WARN") && l.contains("bound after ready()") && l.contains("`late`"));
+    let (served, late) = (server.address("tcp-0"), server.address("late"));
+    drop(greeted(&server, "late"));
+
+    let second = server.upgrade_and_settle();
+    let released = server.wait_for_log(|l| l.contains("closed an inherited socket that nothing claimed"));
+    assert!(
+        released.contains("WARN") && released.contains(&format!("TCP listener `late` ({late})")),
+        "{released}"
+    );
+    let error = server.wait_for_log(|l| l.contains("claiming `late`"));
+    assert!(
+        error.contains(&format!("socket `late` claimed after ready(): TCP listener `late` ({late}) was inherited and closed at ready(), since nothing had claimed it; claim every socket before ready()")),
+        "{error}"
+    );
+    // Not rebound: nothing listens there; the socket claimed in time serves the successor.
+    let refused = std::net::TcpStream::connect(late);
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "{refused:?}"
+    );
+    assert_eq!(server.address("tcp-0"), served);
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut std::net::TcpStream::connect(served).unwrap(), &mut answer).unwrap();
+    assert_eq!(answer, "2\n");
+    assert_eq!(server.pid(), second);
+}
+
+/// `status` counts connections per listener name and protocol: two listeners of one
+/// protocol are two rows, named as the registry names them, with the application's protocol
+/// name (never a Rust type).
+#[test]
+fn status_counts_connections_per_listener_and_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--tcp", "2", "--hold", "--dir", dir.path().to_str().unwrap()];
+    let server = Server::start(&example("many_sockets"), &args);
+    let _held = [
+        greeted(&server, "tcp-0"),
+        greeted(&server, "tcp-0"),
+        greeted(&server, "tcp-1"),
+    ];
+    let mut unix = std::os::unix::net::UnixStream::connect(dir.path().join("many.sock")).unwrap();
+    std::io::Read::read_exact(&mut unix, &mut [0; 2]).unwrap();
+    let status = server.control("status");
+    let mut rows: Vec<(String, String, u64)> = status["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let text = |key: &str| row[key].as_str().unwrap_or("?").to_owned();
+            (text("listener"), text("protocol"), row["active"].as_u64().unwrap())
+        })
+        .collect();
+    rows.sort();
+    let row = |listener: &str, active| (listener.to_owned(), "greeting".to_owned(), active);
+    assert_eq!(rows, [row("tcp-0", 2), row("tcp-1", 1), row("unix", 1)], "{status}");
 }

@@ -253,3 +253,59 @@ async fn read_until_close(mut member: Member) -> (u64, Option<CloseFrame>) {
         }
     }
 }
+
+/// Sends `text` and reads until the member's own line comes back through the room.
+async fn say(member: &mut Member, text: &str) {
+    member.send(Message::text(text)).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, member.next()).await {
+            Ok(Some(Ok(Message::Text(got)))) if got.as_str() == text => return,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected our line back, got {other:?}"),
+        }
+    }
+}
+
+/// Asks for the room's history; returns its lines.
+async fn history(member: &mut Member) -> Vec<String> {
+    member.send(Message::text("/history")).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, member.next()).await {
+            Ok(Some(Ok(Message::Text(got)))) if got.starts_with("history: ") => {
+                return got.lines().skip(1).map(str::to_owned).collect();
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected the history, got {other:?}"),
+        }
+    }
+}
+
+/// The room's last 100 messages outlive ten upgrades, drained (each old process writes them
+/// to its successor as the application's state) and migrated: a member who joins the
+/// eleventh generation gets them all, in order, with what was said in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rooms_history_survives_ten_upgrades_drained_and_migrated() {
+    for mode in [&[][..], &["--migrate"][..]] {
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        args.extend_from_slice(mode);
+        let server = Server::start(&example("ws_chat"), &args);
+        let url = format!("ws://{}/", server.address("ws"));
+        let mut said = Vec::new();
+        for generation in 1..=11 {
+            let mut member = join(&url, None).await;
+            for n in 0..15 {
+                let line = format!("generation {generation} line {n}");
+                say(&mut member, &line).await;
+                said.push(line);
+            }
+            drop(member);
+            if generation < 11 {
+                tokio::task::block_in_place(|| server.upgrade_and_settle());
+            }
+        }
+        let mut late = join(&url, None).await;
+        let kept = &said[said.len() - 100..];
+        assert_eq!(history(&mut late).await, kept, "{mode:?}");
+        assert!(server.has_log(|l| l.contains("room history inherited") && l.contains("messages=100")));
+    }
+}

@@ -1,8 +1,9 @@
 //! What the benches share: arguments, and building the example servers they run.
 #![allow(dead_code)] // each bench uses its own subset
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 /// Builds `examples` in release mode and returns the directory holding them.
 pub fn build_examples(examples: &[&str]) -> PathBuf {
@@ -39,4 +40,40 @@ pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// True under `cargo test --benches` or `--list`: there is nothing to smoke-test.
 pub fn listing_only() -> bool {
     std::env::args().any(|a| a == "--list" || a == "--test")
+}
+
+/// A server's process group, killed when dropped.
+pub struct Group(pub Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+/// The pid a server's PID file names, if it names one yet.
+pub fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` is alive (a zombie is not).
+pub fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
+}
+
+/// Polls `condition` every millisecond for at most `limit`.
+pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
 }

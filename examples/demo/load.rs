@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -32,6 +32,7 @@ async fn http_connect(address: SocketAddr) -> Result<Sender, Box<dyn std::error:
 
 /// One GET /uuid; `Ok(true)` when the server said `Connection: close`.
 async fn http_get(sender: &mut Sender, stats: &Counters) -> Result<bool, ()> {
+    let asked = Instant::now();
     let result = async {
         sender.ready().await?;
         let response = sender
@@ -44,7 +45,7 @@ async fn http_get(sender: &mut Sender, stats: &Counters) -> Result<bool, ()> {
     };
     let failure = match tokio::time::timeout(ANSWER_TIMEOUT, result).await {
         Ok(Ok((status, close, body))) if status.is_success() && body.len() == 36 => {
-            Counters::add(&stats.ok);
+            stats.answered(asked);
             return Ok(close);
         }
         Ok(Ok((status, ..))) if status.is_server_error() => &stats.server_error,
@@ -123,6 +124,7 @@ pub async fn websocket_member(id: usize, address: SocketAddr, stats: Arc<Counter
         'session: while !stop.load(Ordering::Relaxed) {
             sequence += 1;
             let text = format!("member {id} message {sequence}");
+            let asked = Instant::now();
             if ws.send(Message::text(text.clone())).await.is_err() {
                 Counters::add(&stats.abnormal_close);
                 break;
@@ -137,7 +139,7 @@ pub async fn websocket_member(id: usize, address: SocketAddr, stats: Arc<Counter
                 };
                 match next {
                     Some(Ok(Message::Text(got))) if got.as_str() == text => {
-                        Counters::add(&stats.ok);
+                        stats.answered(asked);
                         break;
                     }
                     Some(Ok(Message::Text(got))) if got.starts_with("welcome") => {
@@ -220,6 +222,7 @@ pub async fn tcp_stream(id: usize, address: SocketAddr, stats: Arc<Counters>, st
             let chunk: Vec<u8> = (0..4096 + (round * 977) % 12_288)
                 .map(|i| (i * 31 + round + id) as u8)
                 .collect();
+            let asked = Instant::now();
             if let Err(error) = stream.write_all(&chunk).await {
                 stats.io_error(&error);
                 break;
@@ -248,7 +251,7 @@ pub async fn tcp_stream(id: usize, address: SocketAddr, stats: Arc<Counters>, st
                 finish(stream, &stats, true).await;
                 break;
             }
-            Counters::add(&stats.ok);
+            stats.answered(asked);
         }
     }
 }

@@ -1,6 +1,10 @@
 //! What the clients saw, counted per protocol.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
 
 /// Counters of one protocol's clients. Everything but `ok` and `reconnects` is a
 /// client-visible error.
@@ -22,11 +26,42 @@ pub struct Counters {
     pub abnormal_close: AtomicU64,
     pub corrupted: AtomicU64,
     pub other: AtomicU64,
+    /// How long each answer took, in microseconds (request → response, message → its echo).
+    pub latency: Latency,
+}
+
+/// A latency histogram (µs, 3 significant digits) that the clients share.
+#[derive(Debug)]
+pub struct Latency(Mutex<Histogram<u64>>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self(Mutex::new(Histogram::new(3).expect("3 significant digits")))
+    }
+}
+
+impl Latency {
+    /// What was recorded since the last call, and a fresh start.
+    #[allow(dead_code)] // read by `benches/clients.rs`, which shares these clients
+    pub fn take(&self) -> Histogram<u64> {
+        let mut histogram = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = histogram.clone();
+        histogram.reset();
+        taken
+    }
 }
 
 impl Counters {
     pub fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One more answer, asked for at `asked`.
+    pub fn answered(&self, asked: Instant) {
+        Self::add(&self.ok);
+        let micros = asked.elapsed().as_micros().max(1) as u64;
+        let mut histogram = self.latency.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = histogram.record(micros); // grows as it needs to: never fails
     }
 
     /// Counts an I/O error by what the client would call it.

@@ -77,17 +77,20 @@ fn sockets(out: &mut String, reply: &Value) {
 fn connections(out: &mut String, reply: &Value) {
     let _ = writeln!(
         out,
-        "\n{:<20}{:>8}{:>10}{:>8}",
-        "CONNECTIONS", "ACTIVE", "DRAINING", "FORCED"
+        "\n{:<20}{:<12}{:>8}{:>10}{:>8}",
+        "CONNECTIONS", "PROTOCOL", "ACTIVE", "DRAINING", "FORCED"
     );
     let counts = array(&reply["connections"]);
     if counts.is_empty() {
         let _ = writeln!(out, "(no drain registered)");
     }
     for count in counts {
+        // The listener's name in the registry; `-` for connections a drain tracks without one.
+        let listener = count["listener"].as_str().unwrap_or("-");
         let _ = writeln!(
             out,
-            "{:<20}{:>8}{:>10}{:>8}",
+            "{:<20}{:<12}{:>8}{:>10}{:>8}",
+            listener,
             text(&count["protocol"]),
             text(&count["active"]),
             text(&count["draining"]),
@@ -181,7 +184,8 @@ mod tests {
             "ok": true, "pid": 4100, "generation": 2, "state": "ready", "uptime_s": 3725.0,
             "upgrade_phase": null, "draining_generations": [{"pid": 4001, "generation": 1}],
             "sockets": [{"name": "http", "kind": "tcp_listener", "address": "127.0.0.1:8081", "origin": "inherited"}],
-            "connections": [{"protocol": "http", "active": 3, "draining": 0, "forced": 0}],
+            "connections": [{"listener": "web", "protocol": "http", "active": 3, "draining": 0, "forced": 0},
+                {"listener": "admin", "protocol": "http", "active": 1, "draining": 0, "forced": 0}],
             "upgrades": {"attempted": 2, "succeeded": 0, "failed": 1, "refused": 1,
                 "last_failure": {"reason": "successor pid 9 timed out", "phase": "startup", "at_unix": 1},
                 "last_handoff": null,
@@ -194,7 +198,8 @@ mod tests {
             "uptime      1h 02m 05s",
             "draining    pid 4001 (generation 1)",
             "http                tcp_listener    127.0.0.1:8081              inherited",
-            "http                       3         0       0",
+            "web                 http               3         0       0",
+            "admin               http               1         0       0",
             "attempted 2, succeeded 0, failed 1, refused 1",
             "last failure (phase startup): successor pid 9 timed out",
             "arrived from pid 4001: adopted -> ready 12.5 ms, ready -> commit 0.3 ms",

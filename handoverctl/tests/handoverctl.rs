@@ -111,6 +111,7 @@ fn upgrade_prints_its_phases_and_status_counts_what_happened() {
     );
     assert_eq!(status["generation"], 2);
     assert_eq!(status["connections"][0]["protocol"], "tcp");
+    assert_eq!(status["connections"][0]["listener"], "echo");
     assert_eq!(status["upgrades"]["arrival"]["predecessor_pid"], first);
     assert!(status["uptime_s"].as_f64().unwrap() > 0.0);
     let echo = status["sockets"]

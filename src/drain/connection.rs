@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use super::shared::Shared;
+use super::shared::{Shared, Tally};
 use crate::migration::{Handover, MigrationError, Returned};
 
 /// No close slot assigned yet (a slot is nanoseconds after the drain started: `u64::MAX` is
@@ -18,17 +18,24 @@ const NO_SLOT: u64 = u64::MAX;
 /// One open connection's view of the drain. Dropping it marks the connection closed.
 #[derive(Debug)]
 pub struct TrackedConnection {
-    pub(super) shared: Arc<Shared>,
+    /// Its source, which holds the drain's shared state.
+    tally: Arc<Tally>,
     /// This connection's close slot when closes are spread, assigned on first use.
     slot: AtomicU64,
 }
 
 impl TrackedConnection {
-    pub(super) fn new(shared: Arc<Shared>) -> Self {
+    /// A connection of `tally`'s source, counted open until dropped.
+    pub(super) fn new(tally: Arc<Tally>) -> Self {
+        tally.open_one();
         Self {
-            shared,
+            tally,
             slot: AtomicU64::new(NO_SLOT),
         }
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.tally.shared
     }
 
     /// Resolves when the drain starts: wind down in the way of the protocol.
@@ -37,12 +44,12 @@ impl TrackedConnection {
     ///
     /// Cancel safe.
     pub async fn draining(&self) {
-        self.shared.draining.cancelled().await;
+        self.shared().draining.cancelled().await;
     }
 
     /// Whether the drain has started.
     pub fn is_draining(&self) -> bool {
-        self.shared.draining.is_cancelled()
+        self.shared().draining.is_cancelled()
     }
 
     /// Resolves at the drain deadline: close now. A connection still open
@@ -53,7 +60,7 @@ impl TrackedConnection {
     ///
     /// Cancel safe.
     pub async fn deadline(&self) {
-        self.shared.deadline.cancelled().await;
+        self.shared().deadline.cancelled().await;
     }
 
     /// Runs `future` (a write to the client, say) unless the drain deadline comes first:
@@ -93,7 +100,7 @@ impl TrackedConnection {
     /// every later call (after a cancelled one, in a `select!` loop) waits for the same slot.
     pub async fn turn_to_close(&self) {
         self.draining().await;
-        if let Some(per_second) = self.shared.config.spread {
+        if let Some(per_second) = self.shared().config.spread {
             // Boxed: the timer is paid for by draining connections only; an idle one's task
             // holds no more than the wait above.
             Box::pin(self.wait_for_slot(per_second)).await;
@@ -101,7 +108,7 @@ impl TrackedConnection {
     }
 
     async fn wait_for_slot(&self, per_second: f64) {
-        let at = self.shared.started_at() + Duration::from_nanos(self.slot(per_second));
+        let at = self.shared().started_at() + Duration::from_nanos(self.slot(per_second));
         tokio::select! {
             () = tokio::time::sleep_until(at) => {}
             () = self.deadline() => {}
@@ -116,7 +123,7 @@ impl TrackedConnection {
             return slot;
         }
         let step = (1e9 / per_second) as u64;
-        let taken = self.shared.next_slot.fetch_add(step, Ordering::Relaxed);
+        let taken = self.shared().next_slot.fetch_add(step, Ordering::Relaxed);
         // Two first calls at once on the same connection (from two tasks sharing it): the
         // first to store its slot wins, the other's slot stays unused.
         match self
@@ -132,7 +139,7 @@ impl TrackedConnection {
     /// connection's state machine that polls it beside its I/O (the axum WebSocket).
     #[cfg(feature = "axum")]
     pub(crate) fn deadline_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
-        self.shared.deadline.clone().cancelled_owned()
+        self.shared().deadline.clone().cancelled_owned()
     }
 
     /// Resolves [`Drain::GRACE_AFTER_DEADLINE`](super::Drain::GRACE_AFTER_DEADLINE) after the
@@ -140,18 +147,18 @@ impl TrackedConnection {
     /// library spawns outside [`Drain::spawn`](super::Drain::spawn) (an upgraded WebSocket's).
     #[cfg(feature = "axum")]
     pub(crate) fn hard_stop_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
-        self.shared.hard_stop.clone().cancelled_owned()
+        self.shared().hard_stop.clone().cancelled_owned()
     }
 
     #[cfg(feature = "http")]
     pub(crate) fn idle_grace(&self) -> Duration {
-        self.shared.config.idle_grace
+        self.shared().config.idle_grace
     }
 }
 
 impl Drop for TrackedConnection {
     fn drop(&mut self) {
-        self.shared.close_one();
+        self.tally.close_one();
     }
 }
 
@@ -177,7 +184,7 @@ impl TrackedConnection {
     /// Cancel safe, as [`turn_to_close`](Self::turn_to_close).
     pub async fn turn_to_close_or_migrate(&self) -> Turn {
         self.draining().await;
-        if self.shared.migration.get().is_some() {
+        if self.shared().migration.get().is_some() {
             return Turn::Migrate;
         }
         self.turn_to_close().await;
@@ -213,7 +220,7 @@ impl TrackedConnection {
         stream: TcpStream,
         handover: Handover<'_, T>,
     ) -> Result<(), Returned> {
-        let Some(outbound) = self.shared.migration.get() else {
+        let Some(outbound) = self.shared().migration.get() else {
             return Err(Returned {
                 stream,
                 error: MigrationError::NotMigrating,
@@ -228,7 +235,7 @@ impl TrackedConnection {
         };
         // Counted once acknowledged; one left to the successor at the deadline is not.
         if outbound.migrate(entry, stream, self.deadline()).await? {
-            self.shared.migrated.fetch_add(1, Ordering::Relaxed);
+            self.shared().migrated.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 
 /// A source of connections: tokio's `TcpListener` and `UnixListener` are ones; implement it
 /// for another (a TLS acceptor around one of them, say).
@@ -22,6 +23,11 @@ use std::io;
 ///         stream.set_nodelay(true)?;
 ///         Ok(stream)
 ///     }
+///
+///     // So that `status` counts its connections under the registry's name for it.
+///     fn as_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+///         self.0.as_socket()
+///     }
 /// }
 /// ```
 pub trait Listener: Send {
@@ -40,6 +46,13 @@ pub trait Listener: Send {
     /// Must be cancel safe: the accept loop drops it when the shutdown comes first. Tokio's
     /// listeners' `accept` is.
     fn accept_connection(&mut self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+
+    /// The socket it accepts from, by which `status` names its connections (the name the
+    /// registry holds it under). Default: `None`, and its connections are counted without a
+    /// name; a wrapper around a registry listener returns the inner one's.
+    fn as_socket(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 impl Listener for tokio::net::TcpListener {
@@ -48,6 +61,10 @@ impl Listener for tokio::net::TcpListener {
     async fn accept_connection(&mut self) -> io::Result<Self::Io> {
         Ok(self.accept().await?.0)
     }
+
+    fn as_socket(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
 }
 
 impl Listener for tokio::net::UnixListener {
@@ -55,5 +72,9 @@ impl Listener for tokio::net::UnixListener {
 
     async fn accept_connection(&mut self) -> io::Result<Self::Io> {
         Ok(self.accept().await?.0)
+    }
+
+    fn as_socket(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
     }
 }

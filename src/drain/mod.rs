@@ -31,7 +31,9 @@
 //! ([`Drain::GRACE_AFTER_DEADLINE`]) the drain ends whatever the connections do: the task of
 //! every connection the library spawned that is still open is dropped, which closes its
 //! socket (counted as `aborted`). No client and no strategy holds the old process longer. A
-//! second stop (SIGTERM, `stop`) while draining makes the deadline now ([`Drain::expire`]).
+//! second stop (SIGTERM, `stop`) while draining makes the deadline now, for every drain
+//! attached to the [`Handoff`](crate::Handoff) ([`Drain::serve`], [`Drain::accept`] and
+//! [`Drain::attach`] attach it; [`Drain::expire`] does it by hand).
 //!
 //! Closes of long-lived connections may be spread at a bounded rate
 //! ([`DrainBuilder::spread_closes`]), to spare the successor a reconnect storm: each
@@ -40,12 +42,14 @@
 //!
 //! # Accepting
 //!
-//! [`Drain::serve`] (or [`Drain::accept`], for several listeners) is the accept loop, so that
-//! no application writes one: the shutdown is looked at first (once a successor is ready, not
-//! one more connection is accepted); after one connection's error it accepts the next at
-//! once; out of descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) it backs off,
-//! 10 ms doubling to 1 s, and logs the burst once when it starts and once, with its count,
-//! when it ends.
+//! [`Drain::serve`] (or [`Drain::accept`] on each of several listeners, then
+//! [`Drain::drain`]) is the accept loop, so that no application writes one. The shutdown is
+//! looked at first (once a successor is ready, not one more connection is accepted); after one
+//! connection's error it accepts the next at once; out of descriptors or memory (`EMFILE`,
+//! `ENFILE`, `ENOBUFS`, `ENOMEM`) it backs off, 10 ms doubling to 1 s, and logs the burst once
+//! when it starts and once, with its count, when it ends. `status` counts its connections
+//! under the listener's name in the registry and the strategy's
+//! [`protocol`](DrainStrategy::protocol): two HTTP listeners are two rows.
 
 #[cfg(feature = "axum")]
 pub mod axum;

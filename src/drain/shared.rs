@@ -1,7 +1,7 @@
 //! [`Shared`]: the state a [`Drain`](super::Drain) shares with its connections.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -49,6 +49,48 @@ pub(super) struct Shared {
     pub(super) migration: OnceLock<crate::migration::Outbound>,
     /// Connections the successor has taken.
     pub(super) migrated: AtomicUsize,
+    /// Every source's count, to record what each had left at the deadline.
+    pub(super) tallies: Mutex<Vec<Weak<Tally>>>,
+    /// A second stop of the handoff this drain serves: the deadline is now.
+    pub(super) hurry: OnceLock<crate::lifecycle::HurrySignal>,
+}
+
+/// The connections of one source (a listener's accept loop, the connections migrated from
+/// it, or what the drain tracks directly), counted for `status`. Each connection holds its
+/// source, which holds the drain: one pointer per connection, as before sources.
+#[derive(Debug)]
+pub(super) struct Tally {
+    pub(super) shared: Arc<Shared>,
+    pub(super) open: AtomicUsize,
+    /// How many were open when the deadline was reached.
+    pub(super) forced: AtomicUsize,
+}
+
+impl Tally {
+    /// A new source of `shared`'s connections, none open.
+    pub(super) fn new(shared: &Arc<Shared>) -> Arc<Self> {
+        let tally = Arc::new(Self {
+            shared: shared.clone(),
+            open: AtomicUsize::new(0),
+            forced: AtomicUsize::new(0),
+        });
+        let mut tallies = shared.tallies.lock().unwrap_or_else(|p| p.into_inner());
+        tallies.retain(|known| known.strong_count() > 0);
+        tallies.push(Arc::downgrade(&tally));
+        tally
+    }
+
+    /// One more connection open.
+    pub(super) fn open_one(&self) {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.shared.open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection closed.
+    pub(super) fn close_one(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.shared.close_one();
+    }
 }
 
 /// The start of the drain, recorded once (a second `drain()` call reports the same drain).
@@ -82,6 +124,26 @@ impl Shared {
             next_slot: AtomicU64::new(0),
             migration: OnceLock::new(),
             migrated: AtomicUsize::new(0),
+            tallies: Mutex::new(Vec::new()),
+            hurry: OnceLock::new(),
+        }
+    }
+
+    /// Records, per source, what was open at the deadline (counted as forced).
+    pub(super) fn record_forced(&self) {
+        let tallies = self.tallies.lock().unwrap_or_else(|p| p.into_inner());
+        for tally in tallies.iter().filter_map(Weak::upgrade) {
+            tally
+                .forced
+                .store(tally.open.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves at a second stop of the handoff this drain serves; never without one.
+    pub(super) async fn hurried(&self) {
+        match self.hurry.get() {
+            Some(signal) => signal.requested().await,
+            None => std::future::pending().await,
         }
     }
 

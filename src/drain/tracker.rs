@@ -16,7 +16,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::connection::TrackedConnection;
 use super::listener::Listener;
 use super::report::DrainReport;
-use super::shared::{Config, Reached, Shared, Started};
+use super::shared::{Config, Reached, Shared, Started, Tally};
 use super::strategy::DrainStrategy;
 use crate::accept_backoff::AcceptBackoff;
 use crate::lifecycle::{Census, Handoff, Shutdown};
@@ -65,6 +65,9 @@ use crate::migration::{Protocol, Receiver, Resumed};
 #[derive(Debug, Clone)]
 pub struct Drain {
     pub(super) shared: Arc<Shared>,
+    /// The connections tracked directly ([`track`](Self::track), [`spawn`](Self::spawn)),
+    /// not through a listener's accept loop.
+    tally: Arc<Tally>,
 }
 
 /// Configures a [`Drain`]. Each option states its default.
@@ -97,9 +100,9 @@ impl DrainBuilder {
 
     /// The [`Drain`].
     pub fn build(self) -> Drain {
-        Drain {
-            shared: Arc::new(Shared::new(self.0)),
-        }
+        let shared = Arc::new(Shared::new(self.0));
+        let tally = Tally::new(&shared);
+        Drain { shared, tally }
     }
 }
 
@@ -118,8 +121,7 @@ impl Drain {
     /// A connection tracked this way is told when to wind down and when to close, but it is
     /// closed by force only if its task was spawned by the library ([`spawn`](Self::spawn)).
     pub fn track(&self) -> TrackedConnection {
-        self.shared.open.fetch_add(1, Ordering::Relaxed);
-        TrackedConnection::new(self.shared.clone())
+        TrackedConnection::new(self.tally.clone())
     }
 
     /// How many tracked connections are open.
@@ -145,10 +147,24 @@ impl Drain {
         self.shared.expired.cancel();
     }
 
+    /// Makes this drain follow `handoff`'s stops: a stop requested while it drains (a second
+    /// SIGTERM, a second `handoverctl stop`) makes its deadline now, whoever awaits
+    /// [`drain`](Self::drain). [`serve`](Self::serve), [`accept`](Self::accept),
+    /// [`resume_migrated`](Self::resume_migrated) and [`migrate_with`](Self::migrate_with)
+    /// do it; call it for a drain fed by accept loops of your own ([`spawn`](Self::spawn)).
+    /// A drain follows the first handoff it is attached to.
+    pub fn attach(&self, handoff: &Handoff) {
+        let _ = self.shared.hurry.set(handoff.hurry_signal());
+    }
+
     /// Starts the drain and waits until every connection has closed, or the deadline; then
     /// tells the rest to close at once and waits for them, at most
     /// [`GRACE_AFTER_DEADLINE`](Self::GRACE_AFTER_DEADLINE). Then the drain ends, whatever the
     /// connections do: the library drops the tasks it spawned that are still running.
+    ///
+    /// A drain [attached](Self::attach) to a [`Handoff`] (by [`accept`](Self::accept), say)
+    /// reaches its deadline at once when a stop is requested while it drains (a second
+    /// SIGTERM).
     ///
     /// # Cancel safety
     ///
@@ -166,9 +182,14 @@ impl Drain {
                 () = self.all_closed() => return self.report(started),
                 () = tokio::time::sleep_until(started.at + shared.config.deadline) => {}
                 () = shared.expired.cancelled() => {}
+                () = shared.hurried() => {
+                    tracing::info!("stop requested while draining: the deadline is now");
+                    self.expire();
+                }
             }
         }
         let reached = shared.reached.get_or_init(|| {
+            shared.record_forced();
             let left = self.open();
             tracing::warn!(
                 connections = left,
@@ -224,7 +245,16 @@ impl Drain {
         C: Send + 'static,
         S: DrainStrategy<C>,
     {
-        let connection = self.track();
+        self.spawn_in(self.tally.clone(), strategy, io);
+    }
+
+    /// [`spawn`](Self::spawn), counting the connection in `tally`'s source.
+    fn spawn_in<C, S>(&self, tally: Arc<Tally>, strategy: Arc<S>, io: C)
+    where
+        C: Send + 'static,
+        S: DrainStrategy<C>,
+    {
+        let connection = TrackedConnection::new(tally);
         tokio::spawn(Supervised {
             hard_stop: self.shared.hard_stop.clone().cancelled_owned(),
             connection: async move { strategy.serve(io, connection).await },
@@ -232,11 +262,17 @@ impl Drain {
     }
 
     /// Accepts connections from `listener` and serves each with `strategy` (in a task of its
-    /// own, as [`spawn`](Self::spawn) does) until `shutdown` resolves; then drops the
-    /// listener and returns what `shutdown` gave. Does not drain: that is
-    /// [`serve`](Self::serve), or [`drain`](Self::drain) once every accept loop has returned.
+    /// own, as [`spawn`](Self::spawn) does) until `handoff` says stop (a successor is ready,
+    /// or a stop was requested); then drops the listener and returns why. Does not drain:
+    /// that is [`serve`](Self::serve), or [`drain`](Self::drain) once every accept loop has
+    /// returned.
     ///
-    /// `shutdown` is looked at first: once it has resolved, not one more connection is
+    /// The drain is [attached](Self::attach) to `handoff`: a stop requested while it drains
+    /// (a second SIGTERM) makes its deadline now. `status` counts the connections under the
+    /// listener's name in the registry ([`Listener::as_socket`]) and the strategy's
+    /// [`protocol`](DrainStrategy::protocol): two HTTP listeners are two rows.
+    ///
+    /// The shutdown is looked at first: once it has come, not one more connection is
     /// accepted. Accept errors never end the loop: after one connection's error
     /// (`ECONNABORTED`…) it accepts the next at once; after the process's (`EMFILE`,
     /// `ENFILE`, `ENOBUFS`, `ENOMEM`…) it backs off, 10 ms doubling up to 1 s until an accept
@@ -244,20 +280,25 @@ impl Drain {
     ///
     /// # Examples
     ///
-    /// Several listeners, one drain:
+    /// Many listeners, one drain, written out (`examples/many_sockets.rs` runs these lines,
+    /// and `tests/drain.rs` stops it twice):
     ///
     /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use futures_util::future::join_all;
     /// # use handover::drain::{Drain, DrainStrategy};
-    /// # async fn example<S: DrainStrategy<tokio::net::TcpStream>>(
+    /// # async fn example<S: DrainStrategy<tokio::net::TcpStream> + DrainStrategy<tokio::net::UnixStream>>(
     /// #     handoff: handover::Handoff,
     /// #     listeners: Vec<tokio::net::TcpListener>,
-    /// #     strategy: std::sync::Arc<S>,
+    /// #     unix: tokio::net::UnixListener,
+    /// #     strategy: Arc<S>,
     /// # ) {
     /// let drain = Drain::builder().build();
-    /// let loops = listeners
+    /// let tcp = listeners
     ///     .into_iter()
-    ///     .map(|listener| drain.accept(listener, strategy.clone(), handoff.shutdown_signal()));
-    /// futures_util::future::join_all(loops).await;
+    ///     .map(|listener| drain.accept(&handoff, listener, strategy.clone()));
+    /// let (reasons, _) = tokio::join!(join_all(tcp), drain.accept(&handoff, unix, strategy.clone()));
+    /// // Every loop has stopped accepting: drain. A second SIGTERM makes the deadline now.
     /// let report = drain.drain().await;
     /// # }
     /// ```
@@ -266,7 +307,50 @@ impl Drain {
     ///
     /// Cancel safe: no connection is lost (an unaccepted one stays in the listener's queue),
     /// though the listener is dropped with the future.
-    pub async fn accept<L, S, F>(&self, mut listener: L, strategy: Arc<S>, shutdown: F) -> F::Output
+    pub async fn accept<L, S>(&self, handoff: &Handoff, listener: L, strategy: Arc<S>) -> Shutdown
+    where
+        L: Listener,
+        S: DrainStrategy<L::Io>,
+    {
+        self.attach(handoff);
+        let name = listener.as_socket().and_then(|fd| handoff.registry().name_of(fd));
+        let tally = self.count(handoff, name, strategy.protocol());
+        self.accept_loop(tally, listener, strategy, handoff.shutdown_signal())
+            .await
+    }
+
+    /// [`accept`](Self::accept), until `shutdown` resolves rather than a [`Handoff`]'s stop;
+    /// returns what it gave. For a drain that serves no handoff: nothing then follows a
+    /// second stop (see [`attach`](Self::attach)), and `status` does not count these
+    /// connections.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`accept`](Self::accept).
+    pub async fn accept_until<L, S, F>(&self, listener: L, strategy: Arc<S>, shutdown: F) -> F::Output
+    where
+        L: Listener,
+        S: DrainStrategy<L::Io>,
+        F: Future,
+    {
+        self.accept_loop(self.tally.clone(), listener, strategy, shutdown).await
+    }
+
+    /// A new source of connections, counted by `handoff`'s `status` under `listener` and
+    /// `protocol`.
+    fn count(&self, handoff: &Handoff, listener: Option<String>, protocol: &str) -> Arc<Tally> {
+        let tally = Tally::new(&self.shared);
+        let counted = tally.clone();
+        let census = Box::new(move || Census {
+            open: counted.open.load(Ordering::Relaxed),
+            draining: counted.shared.draining.is_cancelled(),
+            forced: counted.forced.load(Ordering::Relaxed),
+        });
+        handoff.count_connections(Arc::as_ptr(&tally) as usize, listener, protocol, census);
+        tally
+    }
+
+    async fn accept_loop<L, S, F>(&self, tally: Arc<Tally>, mut listener: L, strategy: Arc<S>, shutdown: F) -> F::Output
     where
         L: Listener,
         S: DrainStrategy<L::Io>,
@@ -283,7 +367,7 @@ impl Drain {
             match accepted {
                 Ok(io) => {
                     backoff.succeeded();
-                    self.spawn(strategy.clone(), io);
+                    self.spawn_in(tally.clone(), strategy.clone(), io);
                 }
                 Err(error) => tokio::select! {
                     biased;
@@ -298,7 +382,7 @@ impl Drain {
     /// `handoff` says stop (a successor is ready, or a stop was requested), drops the
     /// listener (a successor accepts from the same socket from then on), drains, logs the
     /// report and returns it. A stop requested while draining (a second SIGTERM) makes the
-    /// deadline now ([`expire`](Self::expire)).
+    /// deadline now (see [`accept`](Self::accept), which it runs).
     ///
     /// Accepts as [`accept`](Self::accept) does: shutdown first, and accept errors back off
     /// without ending the loop. The drain ends
@@ -318,26 +402,10 @@ impl Drain {
         L: Listener,
         S: DrainStrategy<L::Io>,
     {
-        let drain = self.clone();
-        let census = Box::new(move || Census {
-            open: drain.open(),
-            draining: drain.is_draining(),
-            forced: drain.forced(),
-        });
-        // The shared state's address tells drains apart: clones of one drain count once.
-        handoff.count_connections(Arc::as_ptr(&self.shared) as usize, strategy.protocol(), census);
-        let reason = self.accept(listener, strategy, handoff.shutdown_signal()).await;
+        let reason = self.accept(handoff, listener, strategy).await;
         let migrating = matches!(reason, Shutdown::Upgraded { .. }) && self.migrate_with(handoff);
         tracing::info!(?reason, connections = self.open(), migrating, "draining");
-        let report = tokio::select! {
-            biased;
-            report = self.drain() => report,
-            () = handoff.deadline_now() => {
-                tracing::info!("stop requested while draining: the deadline is now");
-                self.expire();
-                self.drain().await
-            }
-        };
+        let report = self.drain().await;
         tracing::info!(
             pid = std::process::id(),
             generation = handoff.generation(),
@@ -355,6 +423,7 @@ impl Drain {
     /// migrate to `handoff`'s successor, if it has committed to one; returns whether it has.
     /// Call before [`drain`](Self::drain); [`serve`](Self::serve) calls it after an upgrade.
     pub fn migrate_with(&self, handoff: &Handoff) -> bool {
+        self.attach(handoff);
         match handoff.migration().outbound() {
             Some(outbound) => {
                 let _ = self.shared.migration.set(outbound);
@@ -377,6 +446,8 @@ impl Drain {
         S: DeserializeOwned + Send + 'static,
         St: DrainStrategy<Resumed<S>>,
     {
+        self.attach(handoff);
+        let tally = self.count(handoff, Some(listener.to_owned()), strategy.protocol());
         let drain = self.clone();
         let receiver: Arc<Receiver> = Arc::new(move |stream, entry| {
             let state = S::deserialize(&entry.state.0).map_err(|e| format!("a state this process cannot read: {e}"))?;
@@ -385,8 +456,8 @@ impl Drain {
                 state,
                 leftover: entry.leftover.clone(),
             };
-            let (drain, strategy) = (drain.clone(), strategy.clone());
-            Ok(Box::new(move || drain.spawn(strategy, resumed)))
+            let (drain, tally, strategy) = (drain.clone(), tally.clone(), strategy.clone());
+            Ok(Box::new(move || drain.spawn_in(tally, strategy, resumed)))
         });
         handoff.migration().inbound().register(listener, protocol, receiver);
     }

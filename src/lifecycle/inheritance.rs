@@ -41,7 +41,13 @@ pub(crate) struct Inheritance {
     pub predecessor_pid: u32,
     pub generation: u64,
     pub sockets: Vec<(SocketEntry, OwnedFd)>,
+    /// The application's state stream, if the predecessor sends one.
+    pub state: Option<OwnedFd>,
 }
+
+/// What the handshake brought: the predecessor's pid, our generation, the sockets and the
+/// state stream.
+type Handshake = (u32, u64, Vec<(SocketEntry, OwnedFd)>, Option<OwnedFd>);
 
 /// Takes the channel named by `HANDOFF_FD`, if the variable is set and names what a
 /// predecessor leaves: an open `AF_UNIX` `SOCK_SEQPACKET` socket created by our parent, or
@@ -193,7 +199,7 @@ pub(crate) async fn inherit(timeout: Duration) -> Result<Option<Inheritance>, Er
             }
         }
     };
-    let (predecessor_pid, generation, sockets) = match tokio::time::timeout(timeout, exchange).await {
+    let (predecessor_pid, generation, sockets, state) = match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result.map_err(Error::Inherit)?,
         Err(_) => {
             return Err(Error::Inherit(WireError::TimedOut {
@@ -207,24 +213,26 @@ pub(crate) async fn inherit(timeout: Duration) -> Result<Option<Inheritance>, Er
         predecessor_pid,
         generation,
         sockets,
+        state,
     }))
 }
 
-async fn handshake(channel: &mut Channel) -> Result<(u32, u64, Vec<(SocketEntry, OwnedFd)>), WireError> {
+async fn handshake(channel: &mut Channel) -> Result<Handshake, WireError> {
     // A socketpair reports its creator on both ends: the predecessor, our parent (checked
     // with the descriptor, in `check_channel`); here, its user.
     let predecessor = wire::check_same_user(channel)?;
     // Everything the predecessor sends unasked (its hello, the sockets) is read before we
     // say anything: should it be gone, all it left is ours (and no message of ours that it
     // never read turns our next read into a reset).
-    let generation = match channel.recv("hello").await?.message {
+    let (generation, with_state) = match channel.recv("hello").await?.message {
         Message::Hello {
             protocol,
             generation: Some(generation),
+            state,
             ..
         } => {
             wire::check_version(protocol)?;
-            generation
+            (generation, state)
         }
         Message::Hello {
             protocol,
@@ -242,13 +250,18 @@ async fn handshake(channel: &mut Channel) -> Result<(u32, u64, Vec<(SocketEntry,
         }
     };
     let (_, sockets) = wire::recv_sockets(channel).await?;
+    let state = match with_state {
+        true => Some(wire::recv_state(channel).await?),
+        false => None,
+    };
     let hello = Message::Hello {
         protocol: PROTOCOL_VERSION,
         pid: std::process::id(),
         generation: None,
+        state: false,
     };
     say(channel, &hello).await?;
-    Ok((predecessor.pid() as u32, generation, sockets))
+    Ok((predecessor.pid() as u32, generation, sockets, state))
 }
 
 /// Sends `message` to the predecessor. One that is gone cannot read it, which is no error:

@@ -8,10 +8,12 @@
 //! deadline), `program` (what to start), `spawn` and `child` (`posix_spawn`, the child
 //! process), `platform` (what the C library offers). The successor's side: `inheritance`.
 
+mod app_state;
 mod builder;
 mod child;
 mod connections;
 mod counters;
+mod early_signals;
 mod handoff;
 mod inheritance;
 mod machine;
@@ -28,10 +30,12 @@ mod transitions;
 mod trigger;
 mod upgrade_error;
 
+pub use app_state::{StateReader, StateWriter};
 pub use builder::Builder;
 pub(crate) use connections::Census;
 pub use connections::ConnectionCounts;
 pub use counters::{ArrivalTimings, HandoffTimings, UpgradeCounters, UpgradeFailure};
 pub use handoff::Handoff;
+pub(crate) use handoff::HurrySignal;
 pub use state::{Shutdown, State};
 pub use upgrade_error::{Phase, UpgradeError, UpgradeReport};

@@ -43,6 +43,10 @@ fn copy_error(error: &Error) -> Error {
             name: name.clone(),
             problem: problem.clone(),
         },
+        Error::ClaimedAfterReady { name, socket } => Error::ClaimedAfterReady {
+            name: name.clone(),
+            socket: socket.clone(),
+        },
         Error::Inherit(source) => Error::Inherit(copy_wire(source)),
         Error::Ready(source) => Error::Ready(copy_wire(source)),
         Error::Stopped => Error::Stopped,

@@ -9,6 +9,7 @@ use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal as Number};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::builder::Builder;
+use super::early_signals;
 use super::upgrade_error::UpgradeError;
 
 /// The process's signal handlers, installed but not yet answered.
@@ -40,7 +41,10 @@ impl Signals {
         // Taken synchronously, so that they act before anything else does (a stop that came
         // first must win over the ready that follows), then unblocked for the handlers.
         let held = held_until_installed(config);
-        signals.early = take_pending(&held)?;
+        signals.early = early_signals::take();
+        // Where the constructor did not release them (a process started with them blocked
+        // by another parent than a predecessor), they wait here.
+        signals.early.extend(take_pending(&held)?);
         pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&held), None)?;
         Ok(signals)
     }
@@ -91,10 +95,8 @@ impl Signals {
 /// [`Signals::install`] whatever the configuration, so that a process that handles none of
 /// them gets their default actions back.
 ///
-/// Only the thread that installs the handlers unblocks them: runtime threads started
-/// before keep them blocked, so a process-directed signal is delivered to that thread (or
-/// to threads started from it later). Children started with `std`'s or tokio's `Command`
-/// get a clean mask; one started with a raw `fork` from such a thread would inherit it.
+/// A successor releases them before `main` and records what arrives (`early_signals`), so
+/// that no thread of the application, nor any process it starts, inherits them.
 pub(crate) fn held_until_installed(config: &Builder) -> SigSet {
     let mut set = SigSet::empty();
     for signal in [Number::SIGUSR2, Number::SIGTERM, Number::SIGINT] {

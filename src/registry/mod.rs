@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
+mod passed;
 mod unix_path;
 
 use unix_path::{bind_unix, socket_inode, unlink_if_still_ours};
@@ -60,6 +61,13 @@ struct State {
     held: Vec<(SocketEntry, OwnedFd)>,
     /// Names being bound right now: the syscalls run outside the lock, the name stays taken.
     binding: HashSet<String>,
+    /// Whether the sockets on offer came from a service manager (socket activation), whose
+    /// names say little: then a claim may adopt one by its address (see `passed`).
+    by_address: bool,
+    /// Whether ready() has released what nobody claimed (`close_unclaimed`).
+    ready: bool,
+    /// The sockets released then: claiming one of them later is an error, never a new bind.
+    released: Vec<SocketEntry>,
 }
 
 impl ListenerRegistry {
@@ -77,44 +85,6 @@ impl ListenerRegistry {
                 inherited,
                 ..State::default()
             }),
-        }
-    }
-
-    /// A registry offering the sockets systemd passed (socket activation), by their
-    /// `FileDescriptorName=`. Each is checked as a handed-over one is (type, family,
-    /// protocol, address, listening); one that is not a TCP or Unix stream listener or a UDP
-    /// socket is closed at once, with a warning. The paths of activated Unix listeners belong
-    /// to the socket unit: they are never unlinked.
-    pub(crate) fn with_activated(activated: Vec<crate::systemd::activation::Activated>) -> Self {
-        let mut state = State::default();
-        for crate::systemd::activation::Activated { name, fd } in activated {
-            let label = name.clone().unwrap_or_else(|| "(unnamed)".into());
-            let kind = match describe(std::os::fd::AsFd::as_fd(&fd)) {
-                Ok(kind) => kind,
-                Err(problem) => {
-                    tracing::warn!(socket = %label, "closing an activated socket: {problem}");
-                    continue;
-                }
-            };
-            let entry = SocketEntry { name: label, kind };
-            if let Err(error) = crate::wire::verify(&entry, &fd) {
-                tracing::warn!(%error, "closing an activated socket");
-                continue;
-            }
-            tracing::info!(socket = %entry, "socket activation: adopted a socket from the service manager");
-            match name {
-                Some(name) if !state.inherited.contains_key(&name) => {
-                    state.inherited.insert(name, (entry, fd));
-                }
-                Some(_) => {
-                    tracing::warn!(socket = %entry, "another activated socket has this name; this one is closed at ready");
-                    state.unnamed.push((entry, fd));
-                }
-                None => state.unnamed.push((entry, fd)),
-            }
-        }
-        Self {
-            state: Mutex::new(state),
         }
     }
 
@@ -338,6 +308,18 @@ impl ListenerRegistry {
         self.lock().inherited.remove(name).map(|(_, fd)| fd)
     }
 
+    /// The name of the socket `fd` is (a duplicate of), if this registry holds it.
+    pub(crate) fn name_of(&self, fd: std::os::fd::BorrowedFd<'_>) -> Option<String> {
+        let identity = |fd: std::os::fd::BorrowedFd<'_>| nix::sys::stat::fstat(fd).ok().map(|s| (s.st_dev, s.st_ino));
+        let wanted = identity(fd)?;
+        let state = self.lock();
+        let held = state
+            .held
+            .iter()
+            .find(|(_, held)| identity(held.as_fd()) == Some(wanted));
+        held.map(|(entry, _)| entry.name.clone())
+    }
+
     /// The sockets this process holds and will hand over, listeners first.
     pub fn sockets(&self) -> Vec<SocketEntry> {
         let mut entries: Vec<_> = self.lock().held.iter().map(|(e, _)| e.clone()).collect();
@@ -361,10 +343,15 @@ impl ListenerRegistry {
     /// Closes every inherited socket nobody claimed, unlinking the paths of Unix listeners
     /// among them (each only if it is still the socket file the predecessor bound): no process
     /// will serve them any more. Returns what was closed.
+    ///
+    /// From then on, claiming one of them is an error ([`Error::ClaimedAfterReady`]): a new
+    /// bind would have lost the clients queued on it, and may collide with the predecessor.
     pub(crate) fn close_unclaimed(&self) -> Vec<SocketEntry> {
         let mut state = self.lock();
         let mut unclaimed: Vec<_> = state.inherited.drain().map(|(_, socket)| socket).collect();
         unclaimed.append(&mut state.unnamed);
+        state.ready = true;
+        state.released.extend(unclaimed.iter().map(|(entry, _)| entry.clone()));
         drop(state);
         close(unclaimed, Unlink::IfStillOurs)
     }
@@ -409,7 +396,7 @@ impl ListenerRegistry {
         matches: impl Fn(&SocketKind) -> bool,
         bind: impl FnOnce(&mut SocketEntry) -> io::Result<Socket>,
     ) -> Result<Socket, Error> {
-        let (entry, socket, reservation) = match self.claim(name, matches)? {
+        let (entry, socket, reservation) = match self.claim(name, &requested, matches)? {
             Claim::Inherited(entry, fd) => {
                 tracing::debug!(socket = %entry, "adopted inherited socket");
                 (entry, Socket::from(fd), None)
@@ -427,14 +414,30 @@ impl ListenerRegistry {
             .set_nonblocking(true)
             .and_then(|()| socket.try_clone())
             .map_err(|source| bind_error(&entry, source))?;
+        let late = reservation
+            .as_ref()
+            .is_some_and(|r| r.after_ready)
+            .then(|| entry.to_string());
         self.lock().held.push((entry, dup.into()));
         // Only now: the name is held before it stops being reserved, so no claim slips between.
         drop(reservation);
+        if let Some(socket) = late {
+            // Harmless here, fatal at the next upgrade: the successor releases it at its own
+            // ready(), before this same line of its code would claim it.
+            tracing::warn!(%socket, "bound after ready(): a successor will release it at its ready() unless it claims it before; claim every socket before ready()");
+        }
         Ok(socket)
     }
 
-    /// Takes the inherited socket `name` if it matches, else reserves the name for a bind.
-    fn claim(&self, name: &str, matches: impl Fn(&SocketKind) -> bool) -> Result<Claim<'_>, Error> {
+    /// Takes the inherited socket `name` if it matches, or an activated one at the address
+    /// asked ([`State::adopt_by_address`]); else reserves the name for a bind, unless the
+    /// socket asked for was released at ready (an error: see [`Error::ClaimedAfterReady`]).
+    fn claim(
+        &self,
+        name: &str,
+        requested: &SocketKind,
+        matches: impl Fn(&SocketKind) -> bool,
+    ) -> Result<Claim<'_>, Error> {
         let mut state = self.lock();
         if state.is_taken(name) {
             return Err(Error::DuplicateName(name.into()));
@@ -447,10 +450,20 @@ impl ListenerRegistry {
             }
             None => {}
         }
+        if let Some((entry, fd)) = state.adopt_by_address(name, requested) {
+            return Ok(Claim::Inherited(entry, fd));
+        }
+        if let Some(released) = state.released_match(name, requested) {
+            return Err(Error::ClaimedAfterReady {
+                name: name.into(),
+                socket: released.to_string(),
+            });
+        }
         state.binding.insert(name.into());
         Ok(Claim::Reserved(Reservation {
             registry: self,
             name: name.into(),
+            after_ready: state.ready,
         }))
     }
 }
@@ -468,6 +481,8 @@ enum Claim<'a> {
 struct Reservation<'a> {
     registry: &'a ListenerRegistry,
     name: String,
+    /// Reserved after ready(): the bind is worth a warning.
+    after_ready: bool,
 }
 
 impl Drop for Reservation<'_> {

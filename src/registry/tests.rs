@@ -372,3 +372,80 @@ mod paths_and_claims {
         registry.tcp("two", "127.0.0.1:0".parse().unwrap()).unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_claim_after_ready_of_a_released_socket_is_an_error_naming_it_and_the_rule() {
+    let first = ListenerRegistry::new();
+    let address = first.tcp("http", localhost()).unwrap().local_addr().unwrap();
+    let successor = ListenerRegistry::with_inherited(first.handoff_set().unwrap());
+    assert_eq!(
+        successor.close_unclaimed().len(),
+        1,
+        "nothing claimed `http` before ready"
+    );
+    for (name, asked) in [("http", localhost()), ("web", address)] {
+        let error = successor.tcp(name, asked).unwrap_err();
+        assert!(matches!(error, Error::ClaimedAfterReady { .. }), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            format!("socket `{name}` claimed after ready(): TCP listener `http` ({address}) was inherited and closed at ready(), since nothing had claimed it; claim every socket before ready()")
+        );
+    }
+    // Not bound anew, and not held: nothing to hand on under that name.
+    assert!(successor.sockets().is_empty());
+    // A socket that was never inherited may still be bound after ready.
+    successor.tcp("admin", localhost()).unwrap();
+}
+
+#[tokio::test]
+async fn an_activated_socket_under_another_name_or_none_is_adopted_by_its_address() {
+    use crate::systemd::activation::Activated;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let unnamed = std::net::TcpListener::bind(localhost()).unwrap();
+    let unnamed_address = unnamed.local_addr().unwrap();
+    let unit_named = std::net::TcpListener::bind(localhost()).unwrap();
+    let unit_address = unit_named.local_addr().unwrap();
+    let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let activated = |name: Option<&str>, fd: OwnedFd| Activated {
+        name: name.map(str::to_owned),
+        fd,
+    };
+    let registry = ListenerRegistry::with_activated(vec![
+        activated(None, unnamed.into()),
+        activated(Some("myapp.socket"), unit_named.into()),
+        activated(None, unix.into()),
+    ]);
+    // Port 0 asks for no address in particular: nothing is adopted by address.
+    assert_ne!(
+        registry.tcp("any", localhost()).unwrap().local_addr().unwrap(),
+        unnamed_address
+    );
+    let http = registry.tcp("http", unnamed_address).unwrap();
+    let metrics = registry.tcp("metrics", unit_address).unwrap();
+    drop(registry.unix("api", &path).unwrap());
+    // The same kernel sockets: a client queued before the claim is accepted.
+    let _client = std::net::TcpStream::connect(unit_address).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), metrics.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(http.local_addr().unwrap(), unnamed_address);
+    let names: Vec<_> = registry.sockets().into_iter().map(|e| e.name).collect();
+    assert_eq!(
+        names,
+        ["any", "http", "metrics", "api"],
+        "handed on under the names claimed"
+    );
+    assert!(registry.close_unclaimed().is_empty());
+}
+
+#[tokio::test]
+async fn a_handed_over_socket_is_never_adopted_under_another_name() {
+    let first = ListenerRegistry::new();
+    let address = first.tcp("http", localhost()).unwrap().local_addr().unwrap();
+    let successor = ListenerRegistry::with_inherited(first.handoff_set().unwrap());
+    // Its address is taken (by the inherited socket), and the rename is the application's.
+    let error = successor.tcp("web", address).unwrap_err();
+    assert!(matches!(error, Error::Bind { .. }), "{error:?}");
+}

@@ -4,6 +4,7 @@
 //! successor ◀── Hello ─────────────────── predecessor   (carries the new generation)
 //! successor ◀── Manifest ──────────────── predecessor
 //! successor ◀── Batch × n (+ SCM_RIGHTS)─ predecessor
+//! successor ◀── State (+ SCM_RIGHTS) ──── predecessor   (optional: the application's state)
 //! successor ── Hello ───────────────────▶ predecessor   (with SCM_CREDENTIALS)
 //! successor ── Accepted | Rejected ─────▶ predecessor
 //! successor ── ExtendStartup × n ───────▶ predecessor   (optional: more time, bounded)
@@ -44,6 +45,10 @@ pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
 /// (`SCM_MAX_FD`) per `sendmsg`; staying below leaves room and keeps batches small.
 pub const MAX_FDS_PER_MESSAGE: usize = 200;
 
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
 /// One message of the handoff protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -57,6 +62,11 @@ pub enum Message {
         /// From the predecessor: the generation number the successor will have.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         generation: Option<u64>,
+        /// From the predecessor: the application's state stream follows the sockets (a
+        /// [`State`](Message::State) message). A successor that does not know the field
+        /// ignores it and the message, and starts cold.
+        #[serde(default, skip_serializing_if = "is_false")]
+        state: bool,
     },
     /// Announces the sockets that follow, in `batches` messages.
     Manifest {
@@ -74,6 +84,10 @@ pub enum Message {
         /// One entry per attached descriptor.
         sockets: Vec<SocketEntry>,
     },
+    /// From the predecessor, after the batches when its `Hello` said `state`: the
+    /// application's state stream, a connected Unix stream socket, attached. The predecessor
+    /// writes on its end until it has written everything or the upgrade ends.
+    State,
     /// The successor checked every descriptor and took them.
     Accepted,
     /// The successor refused the handoff and closed everything it received.
@@ -134,6 +148,7 @@ impl Message {
             Self::Hello { .. } => "hello",
             Self::Manifest { .. } => "manifest",
             Self::Batch { .. } => "batch",
+            Self::State => "state",
             Self::Accepted => "accepted",
             Self::Rejected { .. } => "rejected",
             Self::ExtendStartup { .. } => "extend_startup",
@@ -234,11 +249,13 @@ mod tests {
                 protocol: 1,
                 pid: 42,
                 generation: Some(3),
+                state: false,
             },
             Message::Hello {
                 protocol: 1,
                 pid: 43,
                 generation: None,
+                state: false,
             },
             Message::Manifest {
                 generation: 2,

@@ -101,6 +101,7 @@ mod manifest;
 mod message;
 pub mod migration;
 mod peer;
+mod state;
 mod transfer;
 mod verify;
 
@@ -112,5 +113,6 @@ pub(crate) use message::Bounded;
 pub use message::{check_version, Message, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 pub use migration::{verify_connection, ConnectionEntry, Protocol, RefusedConnection};
 pub use peer::{check_same_user, check_sender};
+pub use state::{recv_state, send_state};
 pub use transfer::{recv_sockets, send_sockets};
 pub use verify::verify;

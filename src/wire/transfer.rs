@@ -264,6 +264,7 @@ mod tests {
             protocol: 1,
             pid: 2,
             generation: None,
+            state: false,
         };
         assert_eq!(decode_batch(&hello.encode().unwrap()), None);
         let bad = br#"{"type":"batch","index":0,"sockets":[{"name":"x","kind":"udp"}]}"#;

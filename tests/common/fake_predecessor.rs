@@ -42,6 +42,7 @@ pub async fn handover(binary: &Path, args: &[&str], generation: u64) -> (Server,
         protocol: PROTOCOL_VERSION,
         pid: std::process::id(),
         generation: Some(generation),
+        state: false,
     };
     channel.send(&hello, &[]).await.unwrap();
     wire::send_sockets(&channel, generation - 1, &[]).await.unwrap();

@@ -5,7 +5,9 @@
 //!
 //! 1. a request in flight is answered first, in full and without `Connection: close`: the
 //!    connection is between two requests once every response has been produced to its end
-//!    and flushed (the service and the socket say so);
+//!    and flushed (the service and the socket say so); a request whose body is still
+//!    arriving is in flight (its service reads it before it answers, or else its answer
+//!    says `Connection: close`: see `CloseOnDrain`);
 //! 2. then hyper is told to close; between two requests it closes at once, reading and
 //!    writing nothing, and the socket is left as it is; its read buffer holds the next
 //!    request as far as it was received: the leftover, which the successor replays first;

@@ -115,6 +115,7 @@ impl<S, B> hyper::service::Service<Request<Incoming>> for CloseOnDrain<S>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
     S::Future: Send + 'static,
+    B: Send,
 {
     type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
@@ -126,10 +127,21 @@ where
             self.activity.http2.store(true, Ordering::Release);
         }
         request.extensions_mut().insert(self.activity.connection.clone());
+        let with_body = http1 && !request.body().is_end_stream();
         let in_flight = InFlight::start(self.activity.clone());
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;
+            if with_body {
+                // A service that answers without reading the whole body drops it as its
+                // future ends, and hyper writes the response head at once, promising
+                // keep-alive, before it notices the drop: then it discards what remains of
+                // the body if it has it, and otherwise closes after the response, a close the
+                // client was not told of (its next request meets EOF). One yield lets hyper
+                // look first, so that the head says `Connection: close` exactly when hyper
+                // will close.
+                tokio::task::yield_now().await;
+            }
             // Connection-specific headers are not allowed in HTTP/2 (RFC 9113, 8.2.2). A 101
             // must say `Connection: upgrade` (RFC 9110, 7.8): the upgraded connection is no
             // longer HTTP, and its task winds it down.

@@ -178,7 +178,7 @@ mod accept_loop {
         let drain = Drain::builder().build();
         let strategy = Arc::new(Counting::default());
         let listener = Scripted((0..10).map(Ok).collect());
-        let reason = drain.accept(listener, strategy.clone(), async { "stop" }).await;
+        let reason = drain.accept_until(listener, strategy.clone(), async { "stop" }).await;
         assert_eq!(reason, "stop");
         tokio::task::yield_now().await;
         assert_eq!(strategy.0.load(Ordering::Relaxed), 0);
@@ -204,7 +204,7 @@ mod accept_loop {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let accepting = tokio::spawn({
             let (drain, strategy) = (drain.clone(), strategy.clone());
-            async move { drain.accept(listener, strategy, rx).await }
+            async move { drain.accept_until(listener, strategy, rx).await }
         });
         while drain.open() < 3 {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -227,7 +227,87 @@ mod accept_loop {
         let listener = Scripted(std::iter::repeat_with(|| os(libc::EMFILE)).take(100).collect());
         let started = Instant::now();
         let shutdown = tokio::time::sleep(Duration::from_millis(15));
-        drain.accept(listener, Arc::new(Counting::default()), shutdown).await;
+        drain
+            .accept_until(listener, Arc::new(Counting::default()), shutdown)
+            .await;
         assert_eq!(started.elapsed(), Duration::from_millis(15));
+    }
+}
+
+mod attached {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// Counts its connections, and holds each until its turn to close.
+    #[derive(Default)]
+    struct Holding(AtomicUsize);
+
+    impl DrainStrategy<tokio::net::TcpStream> for Holding {
+        async fn serve(&self, _io: tokio::net::TcpStream, connection: TrackedConnection) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            connection.turn_to_close().await;
+        }
+    }
+
+    /// A handoff that answers no signal (the test's process is shared), ready.
+    async fn handoff() -> Handoff {
+        let handoff = Handoff::builder()
+            .upgrade_signal(None)
+            .stop_on_signals(false)
+            .start()
+            .await
+            .unwrap();
+        handoff.ready().await.unwrap();
+        handoff
+    }
+
+    #[tokio::test]
+    async fn a_second_stop_ends_the_drain_of_loops_of_ones_own() {
+        let handoff = handoff().await;
+        let drain = Drain::builder().deadline(Duration::from_secs(600)).build();
+        drain.attach(&handoff);
+        let stubborn = drain.track(); // a connection of an accept loop of the application's
+        handoff.stop();
+        let draining = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.drain().await }
+        });
+        while !drain.is_draining() {
+            tokio::task::yield_now().await;
+        }
+        assert!(!draining.is_finished());
+        handoff.stop();
+        let report = tokio::time::timeout(Duration::from_secs(30), draining)
+            .await
+            .expect("the drain ends at the second stop, not at its deadline")
+            .unwrap();
+        assert_eq!((report.connections, report.forced), (1, 1));
+        drop(stubborn);
+    }
+
+    #[tokio::test]
+    async fn accept_counts_connections_under_the_listeners_name() {
+        let handoff = handoff().await;
+        let web = handoff.registry().tcp("web", "127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = web.local_addr().unwrap();
+        let drain = Drain::builder().build();
+        let strategy = Arc::new(Holding::default());
+        let accepting = tokio::spawn({
+            let (drain, handoff, strategy) = (drain.clone(), handoff.clone(), strategy.clone());
+            async move { drain.accept(&handoff, web, strategy).await }
+        });
+        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
+        while strategy.0.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let counts = handoff.connections();
+        assert_eq!(counts.len(), 1, "{counts:?}");
+        assert_eq!(
+            (counts[0].listener.as_deref(), counts[0].protocol.as_str()),
+            (Some("web"), "tcp")
+        );
+        handoff.stop();
+        assert_eq!(accepting.await.unwrap(), Shutdown::Stopped);
     }
 }

@@ -6,8 +6,11 @@
 
 mod control_server;
 mod ready;
+mod state;
 mod stop;
 mod upgrade;
+
+pub(crate) use stop::HurrySignal;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -73,6 +76,8 @@ struct Inner {
     progress: Phases,
     /// Established connections: sent to a committed successor, received from a predecessor.
     migration: crate::migration::Endpoints,
+    /// The application's state: how to write it for a successor, and what a predecessor sent.
+    state: state::StateSlots,
 }
 
 impl Handoff {
@@ -90,15 +95,22 @@ impl Handoff {
             .iter()
             .flat_map(|i| i.sockets.iter().map(|(e, _)| e.clone()))
             .collect();
-        let (registry, generation, predecessor, predecessor_pid) = match inheritance {
+        let (registry, generation, predecessor, predecessor_pid, state) = match inheritance {
             Some(i) => (
                 ListenerRegistry::with_inherited(i.sockets),
                 i.generation,
                 Some(i.channel),
                 Some(i.predecessor_pid),
+                i.state,
             ),
             // A first start: the sockets systemd passed, if any (socket activation).
-            None => (ListenerRegistry::with_activated(activation::take()), 1, None, None),
+            None => (
+                ListenerRegistry::with_activated(activation::take()),
+                1,
+                None,
+                None,
+                None,
+            ),
         };
         let inherited = predecessor.is_some();
         let announcer = Announcer::new(Notifier::from_env(), generation, inherited, config.upgrade_timeout);
@@ -118,6 +130,7 @@ impl Handoff {
                 connections: Connections::default(),
                 progress: Phases::default(),
                 migration: Default::default(),
+                state: state::StateSlots::received(state),
             }),
         };
         tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");
@@ -176,17 +189,26 @@ impl Handoff {
         self.inner.counters.snapshot()
     }
 
-    /// The connections this process holds, per protocol: one entry per protocol that the
-    /// drains [`Drain::serve`](crate::drain::Drain::serve) runs for this handle name
-    /// ([`DrainStrategy::protocol`](crate::drain::DrainStrategy::protocol)).
+    /// The connections this process holds, per listener and protocol: one entry per
+    /// listener name (as the registry knows it) and protocol
+    /// ([`DrainStrategy::protocol`](crate::drain::DrainStrategy::protocol)) that the drains
+    /// run for this handle ([`Drain::serve`](crate::drain::Drain::serve),
+    /// [`Drain::accept`](crate::drain::Drain::accept),
+    /// [`Drain::resume_migrated`](crate::drain::Drain::resume_migrated)) serve.
     pub fn connections(&self) -> Vec<ConnectionCounts> {
         self.inner.connections.counts()
     }
 
-    /// Counts the connections a drain reports in [`connections`](Self::connections), under
-    /// `protocol`; a drain registered again (`identity`) is counted once.
-    pub(crate) fn count_connections(&self, identity: usize, protocol: &str, census: CensusTaker) {
-        self.inner.connections.register(identity, protocol, census);
+    /// Counts the connections `census` reports in [`connections`](Self::connections), under
+    /// `listener` and `protocol`; a source registered again (`identity`) is counted once.
+    pub(crate) fn count_connections(
+        &self,
+        identity: usize,
+        listener: Option<String>,
+        protocol: &str,
+        census: CensusTaker,
+    ) {
+        self.inner.connections.register(identity, listener, protocol, census);
     }
 
     /// Resolves once the predecessor can migrate nothing more (it has exited: its end of the

@@ -69,6 +69,7 @@ impl Handoff {
         let handoff = self.clone();
         let span = tracing::info_span!("ready", pid = std::process::id(), generation = self.generation());
         let becoming = async move {
+            handoff.close_untaken_state();
             let done = ReadyDoneOnDrop(Some(&handoff.inner.lifecycle));
             done.record(handoff.become_ready().await);
         };
@@ -105,7 +106,9 @@ impl Handoff {
         }
         // Past the commit: this process owns the paths.
         for entry in inner.registry.close_unclaimed() {
-            tracing::info!(socket = %entry, "closed an inherited socket that nothing claimed");
+            // Loud: a socket claimed later (a misplaced line) would be lost here; see
+            // `Error::ClaimedAfterReady`.
+            tracing::warn!(socket = %entry, "closed an inherited socket that nothing claimed before ready()");
         }
         let control = control.and_then(|claimed| control_server::settle(self, claimed));
         // The PID file goes in place in the same critical section as the change to `Ready`:

@@ -99,7 +99,9 @@ impl Handoff {
     }
 
     /// Resolves when a stop is requested while this process already drains or stops (a
-    /// second SIGTERM, say): the drain's deadline is now. `Drain::serve` follows it.
+    /// second SIGTERM, say): the drain's deadline is now. Every drain attached to this handle
+    /// follows it ([`Drain::attach`](crate::drain::Drain::attach): `Drain::serve` and
+    /// `Drain::accept` attach theirs).
     ///
     /// # Cancel safety
     ///
@@ -108,6 +110,27 @@ impl Handoff {
         let mut status = self.inner.lifecycle.watch();
         async move {
             let _ = status.wait_for(|s| s.hurry).await;
+        }
+    }
+
+    /// What a drain keeps to follow [`deadline_now`](Self::deadline_now) without keeping
+    /// the handle (which counts the drain's connections: a cycle).
+    pub(crate) fn hurry_signal(&self) -> HurrySignal {
+        HurrySignal(self.inner.lifecycle.watch())
+    }
+}
+
+/// [`Handoff::deadline_now`], as often as asked, from a watch on the lifecycle.
+#[derive(Debug, Clone)]
+pub(crate) struct HurrySignal(tokio::sync::watch::Receiver<crate::lifecycle::transitions::Status>);
+
+impl HurrySignal {
+    /// Resolves when a stop is requested while stopping or draining; never if the lifecycle
+    /// is gone first (its handle dropped: nobody can ask for a stop any more).
+    pub(crate) async fn requested(&self) {
+        let mut status = self.0.clone();
+        if status.wait_for(|s| s.hurry).await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }

@@ -83,10 +83,12 @@ impl Handoff {
             move |remaining| announcer.startup_extended(remaining),
         );
         let mut progress = Progress::start(inner.generation, &inner.progress);
+        let state = self.state_writer();
         let successor = successor::launch(
             &inner.program,
             next_generation,
             sockets,
+            state.as_ref(),
             &deadline,
             given_up,
             &mut progress,

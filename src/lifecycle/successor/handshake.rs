@@ -1,5 +1,5 @@
-//! The predecessor's half of the handshake with the successor it spawned: our hello and the
-//! sockets, then its hello, its verdict on the sockets and its ready. (The successor's half
+//! The predecessor's half of the handshake with the successor it spawned: our hello, the
+//! sockets and the application's state stream, then its hello, its verdict on the sockets and its ready. (The successor's half
 //! is in `inheritance`.)
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -22,6 +22,7 @@ pub(super) async fn handshake(
     pid: u32,
     next_generation: u64,
     sockets: &[(SocketEntry, OwnedFd)],
+    state: Option<BorrowedFd<'_>>,
     progress: &mut Progress<'_>,
     deadline: &StartupDeadline,
 ) -> Result<usize, WireError> {
@@ -29,10 +30,14 @@ pub(super) async fn handshake(
         protocol: PROTOCOL_VERSION,
         pid: std::process::id(),
         generation: Some(next_generation),
+        state: state.is_some(),
     };
     channel.send(&hello, &[]).await?;
     let borrowed: Vec<(SocketEntry, BorrowedFd<'_>)> = sockets.iter().map(|(e, fd)| (e.clone(), fd.as_fd())).collect();
     wire::send_sockets(channel, next_generation - 1, &borrowed).await?;
+    if let Some(state) = state {
+        wire::send_state(channel, state).await?;
+    }
 
     progress.enter(Phase::Hello);
     let hello = channel.recv("hello").await?;

@@ -6,11 +6,13 @@ pub(crate) mod ready_successor;
 pub(crate) mod startup_deadline;
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use self::handshake::handshake;
 use self::ready_successor::{KillOnFailure, ReadySuccessor};
 use self::startup_deadline::StartupDeadline;
+use super::app_state;
 use super::program::Program;
 use super::progress::Progress;
 use super::upgrade_error::{Phase, UpgradeError, UpgradeReport};
@@ -22,6 +24,7 @@ pub(crate) async fn launch(
     program: &Program,
     next_generation: u64,
     sockets: Vec<(SocketEntry, OwnedFd)>,
+    state: Option<&Arc<app_state::Writer>>,
     deadline: &StartupDeadline,
     cancelled: impl std::future::Future<Output = ()>,
     progress: &mut Progress<'_>,
@@ -38,8 +41,14 @@ pub(crate) async fn launch(
     tracing::info!(successor_pid = pid, generation = next_generation, "successor started");
 
     progress.enter(Phase::Transfer);
+    // Written while the successor starts; dropped (stopped) when this upgrade's wait ends.
+    let (state, _sending) = match state.map(app_state::start).transpose().map_err(UpgradeError::Io)? {
+        Some((theirs, sending)) => (Some(theirs), Some(sending)),
+        None => (None, None),
+    };
     let outcome = {
-        let handshake = handshake(&mut channel, pid, next_generation, &sockets, progress, deadline);
+        let state = state.as_ref().map(|fd| fd.as_fd());
+        let handshake = handshake(&mut channel, pid, next_generation, &sockets, state, progress, deadline);
         tokio::select! {
             result = handshake => match result {
                 Ok(count) => Outcome::Ready(count),
@@ -50,7 +59,7 @@ pub(crate) async fn launch(
             () = cancelled => Outcome::Cancelled,
         }
     };
-    drop(sockets);
+    drop((sockets, state));
     let phase = progress.phase();
     let error = match outcome {
         Outcome::Ready(count) => {
