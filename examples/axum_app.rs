@@ -1,29 +1,38 @@
 //! An axum app on handoff: `GET /uuid` returns this process's UUID; `GET /delayed` waits
-//! (10 s by default) and returns the UUID of the process that accepted it; `/ws` is an echo
-//! WebSocket (axum's `WebSocketUpgrade`), drained with Close 1001 "going away".
+//! (10 s by default) and returns the UUID of the process that accepted it; `GET /peer`
+//! returns the client's address as `ConnectInfo<SocketAddr>` gives it; `/ws` is an echo
+//! WebSocket, written as in axum's docs, drained with Close 1001 "going away" and the
+//! closing handshake. With `--migrate`, keep-alive connections and WebSockets move to the
+//! successor instead (a WebSocket at its next message boundary: the client keeps its
+//! connection, and no message is lost or echoed twice).
 //!
 //! ```text
 //! cargo run --example axum_app -- --pid-file /tmp/axum_app.pid &
 //! curl localhost:8084/delayed & kill -USR2 $(cat /tmp/axum_app.pid)
 //! curl localhost:8084/uuid     # a new UUID, while /delayed answers with the old one
+//! curl localhost:8084/peer     # 127.0.0.1:53412
 //! ```
 //!
-//! The glue is two lines in `main` (a strategy from the router) and one extractor in the
-//! WebSocket handler (`Extension<SharedConnection>`); the rest is a plain axum app.
+//! No glue: handlers are plain axum, the WebSocket types come from
+//! `handover::drain::axum::ws` instead of `axum::extract::ws`, and `main` serves the router
+//! with `handover::drain::axum::Server`.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
-use axum::routing::get;
-use axum::{Extension, Router};
+use axum::routing::{any, get};
+use axum::Router;
 use clap::Parser;
-use handover::drain::{http, websocket, SharedConnection};
-use hyper_util::service::TowerToHyperService;
+// The one line that differs from axum's docs: `ws` from handover, not `axum::extract::ws`.
+use handover::drain::axum::ws::{WebSocket, WebSocketUpgrade};
+
+/// The name of the listener, under which connections also migrate.
+const LISTENER: &str = "http";
 
 /// axum server answering with its process's UUID, upgradable without downtime.
 #[derive(Debug, Parser)]
@@ -33,6 +42,10 @@ struct Args {
     /// How long `/delayed` waits before answering, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     delay_ms: u64,
+    /// Move keep-alive connections and WebSockets to the successor at an upgrade, instead of
+    /// closing them.
+    #[arg(long)]
+    migrate: bool,
 }
 
 struct App {
@@ -47,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let handoff = args.server.builder().start().await?;
     let listener = handoff
         .registry()
-        .tcp("http", args.server.listen_or("127.0.0.1:8084"))?;
+        .tcp(LISTENER, args.server.listen_or("127.0.0.1:8084"))?;
     let app = Arc::new(App {
         uuid: uuid::Uuid::new_v4().to_string(),
         delay: Duration::from_millis(args.delay_ms),
@@ -55,14 +68,21 @@ async fn main() -> anyhow::Result<()> {
     let router = Router::new()
         .route("/uuid", get(uuid))
         .route("/delayed", get(delayed))
-        .route("/ws", get(ws))
+        .route("/peer", get(peer))
+        .route("/ws", any(ws))
         .with_state(app.clone());
-    handoff.ready().await?;
-    tracing::info!(address = %listener.local_addr()?, uuid = %app.uuid, generation = handoff.generation(), "serving axum_app");
 
-    // The glue: the router as a hyper service, served and drained by handoff.
-    let strategy = http::Server::new(TowerToHyperService::new(router));
-    args.server.drain().serve(&handoff, listener, Arc::new(strategy)).await;
+    // Without options, this is one call: `handover::drain::axum::serve(&handoff, listener, router)`.
+    let mut server = handover::drain::axum::Server::new(router);
+    if args.migrate {
+        server = server.migrate(LISTENER);
+    }
+    let (server, drain) = (Arc::new(server), args.server.drain());
+    // Before ready(): the predecessor migrates as soon as it has committed.
+    server.resume_migrated(&drain, &handoff);
+    handoff.ready().await?;
+    tracing::info!(address = %listener.local_addr()?, uuid = %app.uuid, generation = handoff.generation(), migrate = args.migrate, "serving axum_app");
+    drain.serve(&handoff, listener, server).await;
     common::log_exit(&handoff);
     Ok(())
 }
@@ -79,34 +99,28 @@ async fn delayed(State(app): State<Arc<App>>) -> String {
     uuid
 }
 
-/// The one extractor of glue: the connection's drain handle, for the upgraded connection.
-async fn ws(upgrade: WebSocketUpgrade, Extension(connection): Extension<SharedConnection>) -> Response {
-    upgrade.on_upgrade(move |socket| echo(socket, connection))
+async fn peer(ConnectInfo(address): ConnectInfo<SocketAddr>) -> String {
+    address.to_string()
 }
 
-/// Echoes text and binary messages until the client leaves or the drain says close; then
-/// Close 1001 and the close handshake, bounded by the drain's deadline.
-async fn echo(mut socket: WebSocket, connection: SharedConnection) {
-    loop {
-        tokio::select! {
-            incoming = socket.recv() => match incoming {
-                Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                    // A client that does not read cannot hold the send past the deadline.
-                    if !matches!(connection.until_deadline(socket.send(message)).await, Some(Ok(()))) {
-                        return;
-                    }
-                }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
-                Some(Ok(_)) => {} // ping and pong: axum answers pings itself
-            },
-            () = connection.turn_to_close() => break,
+// From here on, axum's WebSocket example as its docs write it.
+async fn ws(ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(handle_socket)
+}
+
+async fn handle_socket(mut socket: WebSocket) {
+    while let Some(msg) = socket.recv().await {
+        let msg = if let Ok(msg) = msg {
+            msg
+        } else {
+            // client disconnected
+            return;
+        };
+
+        if socket.send(msg).await.is_err() {
+            // client disconnected
+            return;
         }
     }
-    let close = Message::Close(Some(CloseFrame {
-        code: close_code::AWAY,
-        reason: websocket::GOING_AWAY.into(),
-    }));
-    let is_close = |message: &Message| matches!(message, Message::Close(_));
-    let finished = websocket::finish_with(socket, &connection, close, is_close, |_late| {}).await;
-    tracing::info!(?finished, "websocket drained");
+    tracing::info!("websocket ended");
 }

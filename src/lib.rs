@@ -55,7 +55,8 @@
 //! ```
 //!
 //! Any other protocol implements [`drain::DrainStrategy`]; raw TCP has [`drain::tcp`], WebSocket
-//! [`drain::websocket`]. Established connections can move to the successor instead of being
+//! [`drain::websocket`], an axum `Router` `drain::axum` (feature `axum`: no glue, its
+//! WebSockets drained or migrated through a drop-in for `axum::extract::ws`). Established connections can move to the successor instead of being
 //! drained ([`migration`]).
 //!
 //! # Features

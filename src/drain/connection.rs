@@ -160,6 +160,21 @@ impl TrackedConnection {
         self.slot.load(Ordering::Relaxed) & UNMOVABLE != 0
     }
 
+    /// [`deadline`](Self::deadline) as a future that owns what it waits on: for a
+    /// connection's state machine that polls it beside its I/O (the axum WebSocket).
+    #[cfg(feature = "axum")]
+    pub(crate) fn deadline_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.shared().deadline.clone().cancelled_owned()
+    }
+
+    /// Resolves [`Drain::GRACE_AFTER_DEADLINE`](super::Drain::GRACE_AFTER_DEADLINE) after the
+    /// deadline, when the library drops the connection tasks it spawned: for a task the
+    /// library spawns outside [`Drain::spawn`](super::Drain::spawn) (an upgraded WebSocket's).
+    #[cfg(feature = "axum")]
+    pub(crate) fn hard_stop_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.shared().hard_stop.clone().cancelled_owned()
+    }
+
     #[cfg(feature = "http")]
     pub(crate) fn idle_grace(&self) -> Duration {
         self.shared().config.idle_grace

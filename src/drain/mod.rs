@@ -4,8 +4,8 @@
 //! [`Drain`] accepts connections ([`Drain::serve`]), tracks them, tells them when to wind
 //! down and when time is up, and at the deadline (plus [`Drain::GRACE_AFTER_DEADLINE`])
 //! drops what is left. One module per protocol holds the strategy: [`http`], [`websocket`],
-//! [`tcp`]. A strategy for another protocol implements [`DrainStrategy`] with the same
-//! [`TrackedConnection`] signals. A connection an HTTP request upgrades (a WebSocket) stays
+//! [`tcp`]; an axum `Router` has `axum` (feature `axum`). A strategy for another protocol
+//! implements [`DrainStrategy`] with the same [`TrackedConnection`] signals. A connection an HTTP request upgrades (a WebSocket) stays
 //! tracked, and learns when to wind down from its [`SharedConnection`].
 //!
 //! # Per protocol
@@ -56,6 +56,8 @@
 //! under the listener's name in the registry and the strategy's
 //! [`protocol`](DrainStrategy::protocol): two HTTP listeners are two rows.
 
+#[cfg(feature = "axum")]
+pub mod axum;
 mod connection;
 #[cfg(feature = "http")]
 pub mod http;

@@ -17,8 +17,8 @@ use super::TrackedConnection;
 ///
 /// # Examples
 ///
-/// An axum handler takes it with one extractor, `Extension<SharedConnection>`, and hands it
-/// to the upgraded connection's task (`examples/axum_app.rs` shows the whole app):
+/// With axum, nothing to do: `drain::axum::ws` (feature `axum`) takes it for each WebSocket.
+/// Otherwise, the upgraded connection's task takes it from the request:
 ///
 /// ```no_run
 /// use handover::drain::SharedConnection;

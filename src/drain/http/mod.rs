@@ -106,6 +106,25 @@ where
     type Body = B;
 }
 
+/// The TCP stream under a connection that an HTTP/1.1 request upgraded, with the bytes read
+/// from it but not consumed (hyper's read buffer, then what the replaying I/O still held), if
+/// this module served it over a plain `TcpStream`; else the upgraded I/O back. The tracking
+/// the I/O held is released: the caller holds the connection's [`SharedConnection`].
+#[cfg(feature = "axum")]
+pub(crate) fn upgraded_tcp(
+    upgraded: hyper::upgrade::Upgraded,
+) -> Result<(tokio::net::TcpStream, bytes::Bytes), hyper::upgrade::Upgraded> {
+    let upgraded = match upgraded.downcast::<TokioIo<Watched<rewind::Rewind<tokio::net::TcpStream>>>>() {
+        Ok(parts) => {
+            let (rest, stream) = parts.io.into_inner().into_inner().into_parts();
+            return Ok((stream, rewind::joined(parts.read_buf, rest)));
+        }
+        Err(upgraded) => upgraded,
+    };
+    let parts = upgraded.downcast::<TokioIo<Watched<tokio::net::TcpStream>>>()?;
+    Ok((parts.io.into_inner().into_inner(), parts.read_buf))
+}
+
 /// The connection builder [`serve_connection`] uses: hyper-util's defaults (HTTP/1.1 and
 /// HTTP/2, told apart by the client's first bytes), on tokio. Start from it to configure
 /// your own for [`serve_connection_with`] or [`Server::with_builder`].

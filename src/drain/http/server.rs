@@ -142,13 +142,15 @@ impl<S> Server<S> {
     }
 }
 
-impl<I, S> DrainStrategy<I> for Server<S>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService + Clone + Sync,
-{
-    async fn serve(&self, io: I, connection: TrackedConnection) {
-        let service = self.service.clone();
+impl<S> Server<S> {
+    /// Serves an accepted connection with `service` (this server's own, or one made for
+    /// this connection: the axum strategy's, which knows the peer's address), drained or
+    /// migrated as this server is configured.
+    pub(crate) async fn serve_with<I, T>(&self, io: I, service: T, connection: TrackedConnection)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        T: HttpService,
+    {
         let result = match &self.migrate {
             // Only a plain TCP connection can be handed over.
             Some(listener) => match downcast::<I, TcpStream>(io) {
@@ -166,21 +168,13 @@ where
         }
     }
 
-    fn protocol(&self) -> &str {
-        "http"
-    }
-
-    fn migrates(&self) -> bool {
-        self.migrate.is_some()
-    }
-}
-
-impl<S> DrainStrategy<Resumed<()>> for Server<S>
-where
-    S: HttpService + Clone + Sync,
-{
-    async fn serve(&self, resumed: Resumed<()>, connection: TrackedConnection) {
-        let (service, leftover) = (self.service.clone(), Bytes::from(resumed.leftover));
+    /// Serves a connection migrated from the predecessor with `service`, the bytes it had
+    /// read first.
+    pub(crate) async fn serve_resumed_with<T>(&self, resumed: Resumed<()>, service: T, connection: TrackedConnection)
+    where
+        T: HttpService,
+    {
+        let leftover = Bytes::from(resumed.leftover);
         let result = match &self.migrate {
             Some(listener) => {
                 self.migrating(listener)
@@ -200,6 +194,39 @@ where
         if let Err(error) = result {
             tracing::debug!(%error, "resumed HTTP connection ended with an error");
         }
+    }
+
+    /// The name its connections migrate under, if they do.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))] // the axum strategy asks
+    pub(crate) fn migrates_as(&self) -> Option<&str> {
+        self.migrate.as_deref()
+    }
+}
+
+impl<I, S> DrainStrategy<I> for Server<S>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService + Clone + Sync,
+{
+    async fn serve(&self, io: I, connection: TrackedConnection) {
+        self.serve_with(io, self.service.clone(), connection).await;
+    }
+
+    fn protocol(&self) -> &str {
+        "http"
+    }
+
+    fn migrates(&self) -> bool {
+        self.migrate.is_some()
+    }
+}
+
+impl<S> DrainStrategy<Resumed<()>> for Server<S>
+where
+    S: HttpService + Clone + Sync,
+{
+    async fn serve(&self, resumed: Resumed<()>, connection: TrackedConnection) {
+        self.serve_resumed_with(resumed, self.service.clone(), connection).await;
     }
 
     fn protocol(&self) -> &str {

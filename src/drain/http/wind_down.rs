@@ -93,8 +93,8 @@ pub(crate) async fn wind_down<C: GracefulShutdown>(
 }
 
 /// A [`DrainStrategy`] serving HTTP/1.1 and HTTP/2 with a clone of one hyper service per
-/// connection, through [`serve_connection_with`]. An axum `Router` is such a service once
-/// wrapped in hyper-util's `TowerToHyperService` (`examples/axum_app.rs`).
+/// connection, through [`serve_connection_with`]. (An axum `Router` has its own strategy,
+/// `drain::axum::Server`, feature `axum`.)
 pub(crate) struct CloseOnDrain<S> {
     inner: S,
     activity: Arc<Activity>,

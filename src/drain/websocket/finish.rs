@@ -65,7 +65,7 @@ where
 ///
 /// # Examples
 ///
-/// With axum's WebSocket (see `examples/axum_app.rs`):
+/// With axum's own WebSocket (`drain::axum::ws`, feature `axum`, does this for you):
 ///
 /// ```no_run
 /// use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
