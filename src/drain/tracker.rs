@@ -272,6 +272,17 @@ impl Drain {
         S: DrainStrategy<L::Io>,
         F: Future,
     {
+        self.accept_on(&mut listener, strategy, shutdown).await
+    }
+
+    /// [`accept`](Self::accept), keeping the listener: a process on probation after an
+    /// upgrade may serve on it again.
+    async fn accept_on<L, S, F>(&self, listener: &mut L, strategy: Arc<S>, shutdown: F) -> F::Output
+    where
+        L: Listener,
+        S: DrainStrategy<L::Io>,
+        F: Future,
+    {
         let mut backoff = AcceptBackoff::new();
         tokio::pin!(shutdown);
         loop {
@@ -295,10 +306,18 @@ impl Drain {
     }
 
     /// The whole life of a listener: accepts and serves connections with `strategy` until
-    /// `handoff` says stop (a successor is ready, or a stop was requested), drops the
-    /// listener (a successor accepts from the same socket from then on), drains, logs the
-    /// report and returns it. A stop requested while draining (a second SIGTERM) makes the
-    /// deadline now ([`expire`](Self::expire)).
+    /// `handoff` says stop (a successor is ready, or a stop was requested), stops accepting
+    /// (a successor accepts from the same socket from then on), drains, logs the report and
+    /// returns it. A stop requested while draining (a second SIGTERM) makes the deadline now
+    /// ([`expire`](Self::expire)).
+    ///
+    /// After an upgrade it keeps the listener through the probation
+    /// ([`Builder::probation`](crate::Builder::probation)), and returns only when both the
+    /// drain and the probation are over. If the successor dies on probation and this process
+    /// takes the service back ([`Handoff::taken_back`]), it accepts on the same listener
+    /// again, its connections tracked afresh (the ones still draining drain on), and the
+    /// report it returns in the end is of its last spell of serving. [`open`](Self::open)
+    /// and [`is_draining`](Self::is_draining) of this handle tell of the first spell only.
     ///
     /// Accepts as [`accept`](Self::accept) does: shutdown first, and accept errors back off
     /// without ending the loop. The drain ends
@@ -313,11 +332,55 @@ impl Drain {
     ///
     /// Not cancel safe: cancelled while accepting, the listener is dropped; while draining,
     /// the drain goes on, and [`drain`](Self::drain) waits for it.
-    pub async fn serve<L, S>(&self, handoff: &Handoff, listener: L, strategy: Arc<S>) -> DrainReport
+    pub async fn serve<L, S>(&self, handoff: &Handoff, mut listener: L, strategy: Arc<S>) -> DrainReport
     where
         L: Listener,
         S: DrainStrategy<L::Io>,
     {
+        let mut spell = self.clone();
+        // The drains of earlier spells of serving, before take-backs: they go on.
+        let mut earlier = Vec::new();
+        loop {
+            spell.count_with(handoff, strategy.protocol());
+            let serving = handoff.serving();
+            let reason = spell
+                .accept_on(&mut listener, strategy.clone(), handoff.shutdown_signal())
+                .await;
+            let draining = {
+                let (spell, handoff) = (spell.clone(), handoff.clone());
+                async move {
+                    let report = spell.drain_after(&handoff, reason).await;
+                    drop(serving); // once every drain is over, the successor hears it
+                    report
+                }
+            };
+            let mut draining = Box::pin(draining);
+            let taken_back = tokio::select! {
+                report = &mut draining => {
+                    if !matches!(reason, Shutdown::Upgraded { .. }) || !handoff.taken_back().await {
+                        for drain in earlier {
+                            let _ = drain.await;
+                        }
+                        return report;
+                    }
+                    None
+                }
+                // Mid-drain: the drain goes on in a task of its own.
+                true = handoff.taken_back(), if matches!(reason, Shutdown::Upgraded { .. }) => Some(draining),
+            };
+            earlier.extend(taken_back.map(tokio::spawn));
+            tracing::info!(
+                pid = std::process::id(),
+                "serving again on the listener kept through the probation"
+            );
+            spell = Drain {
+                shared: Arc::new(Shared::new(self.shared.config.clone())),
+            };
+        }
+    }
+
+    /// Registers this drain's census with `handoff`, for `status`.
+    fn count_with(&self, handoff: &Handoff, protocol: &str) {
         let drain = self.clone();
         let census = Box::new(move || Census {
             open: drain.open(),
@@ -325,8 +388,11 @@ impl Drain {
             forced: drain.forced(),
         });
         // The shared state's address tells drains apart: clones of one drain count once.
-        handoff.count_connections(Arc::as_ptr(&self.shared) as usize, strategy.protocol(), census);
-        let reason = self.accept(listener, strategy, handoff.shutdown_signal()).await;
+        handoff.count_connections(Arc::as_ptr(&self.shared) as usize, protocol, census);
+    }
+
+    /// The drain once `handoff` stopped serving for `reason`, logged.
+    async fn drain_after(&self, handoff: &Handoff, reason: Shutdown) -> DrainReport {
         let migrating = matches!(reason, Shutdown::Upgraded { .. }) && self.migrate_with(handoff);
         tracing::info!(?reason, connections = self.open(), migrating, "draining");
         let report = tokio::select! {

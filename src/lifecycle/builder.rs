@@ -31,6 +31,7 @@ pub struct Builder {
     pub(crate) control_socket: Option<PathBuf>,
     pub(crate) executable: Option<PathBuf>,
     pub(crate) working_dir: Option<PathBuf>,
+    pub(crate) probation: Duration,
 }
 
 impl Default for Builder {
@@ -44,6 +45,7 @@ impl Default for Builder {
             control_socket: None,
             executable: None,
             working_dir: None,
+            probation: Duration::from_secs(10),
         }
     }
 }
@@ -111,6 +113,22 @@ impl Builder {
     /// upgrade starts (a deploy removed the old release) is replaced by `/`, with a warning.
     pub fn working_dir(mut self, path: impl Into<PathBuf>) -> Self {
         self.working_dir = Some(path.into());
+        self
+    }
+
+    /// How long, after committing to a successor, this process stands ready to take the
+    /// service back should the successor die. Meanwhile it keeps its copies of the listening
+    /// sockets (not accepting: the successor does), even once its own connections are
+    /// drained; [`Drain::serve`](crate::drain::Drain::serve) returns only when it ends. If
+    /// the successor exits in that time without having said that it stops (a crash, a kill;
+    /// not a final stop, not a handover to a successor of its own), and no stop has reached
+    /// this process, it serves again on the same sockets (what waits in their accept queues
+    /// is not lost), rewrites the PID file, answers the control socket, tells a service
+    /// manager (`MAINPID=`, `READY=1`) and counts a rollback. Connections the successor had
+    /// taken (accepted, or migrated to it) are lost with it. `Duration::ZERO` turns it off.
+    /// Default: 10 seconds.
+    pub fn probation(mut self, probation: Duration) -> Self {
+        self.probation = probation;
         self
     }
 }

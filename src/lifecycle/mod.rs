@@ -31,7 +31,7 @@ mod upgrade_error;
 pub use builder::Builder;
 pub(crate) use connections::Census;
 pub use connections::ConnectionCounts;
-pub use counters::{ArrivalTimings, HandoffTimings, UpgradeCounters, UpgradeFailure};
+pub use counters::{ArrivalTimings, HandoffTimings, Rollback, UpgradeCounters, UpgradeFailure};
 pub use handoff::Handoff;
 pub use state::{Shutdown, State};
 pub use upgrade_error::{Phase, UpgradeError, UpgradeReport};

@@ -87,17 +87,23 @@ fn restrict(path: &Path) -> Result<(), Error> {
         .map_err(|e| Error::io(format!("restricting the control socket {}", path.display()), e))
 }
 
-/// Answers commands on `listener` until this process stops serving.
+/// Answers commands on `listener` until this process stops serving, and again if it takes
+/// the service back from a successor that died on probation (it keeps the listener meanwhile).
 pub(crate) fn serve(handoff: &Handoff, listener: tokio::net::UnixListener) {
     let handoff = handoff.clone();
     tokio::spawn(async move {
-        let shutdown = handoff.shutdown_signal();
-        tokio::pin!(shutdown);
+        let mut shutdown = Box::pin(handoff.shutdown_signal());
         let mut errors = AcceptBackoff::new();
         loop {
             tokio::select! {
                 biased;
-                _ = &mut shutdown => break, // the successor answers from now on
+                _ = &mut shutdown => {
+                    // The successor answers from now on, unless it dies on probation.
+                    if !handoff.taken_back().await {
+                        break;
+                    }
+                    shutdown = Box::pin(handoff.shutdown_signal());
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         errors.succeeded();

@@ -5,6 +5,7 @@
 //! the handle.
 
 mod control_server;
+mod probation;
 mod ready;
 mod stop;
 mod upgrade;
@@ -73,6 +74,8 @@ struct Inner {
     progress: Phases,
     /// Established connections: sent to a committed successor, received from a predecessor.
     migration: crate::migration::Endpoints,
+    /// The predecessor's side of the probation (see `probation`).
+    probation: probation::Watch,
 }
 
 impl Handoff {
@@ -118,6 +121,7 @@ impl Handoff {
                 connections: Connections::default(),
                 progress: Phases::default(),
                 migration: Default::default(),
+                probation: Default::default(),
             }),
         };
         tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");
