@@ -225,6 +225,19 @@ impl Server {
         new
     }
 
+    /// Triggers an upgrade that must succeed, then waits until the successor is ready and
+    /// has heard that the predecessor drained (or exited): for a predecessor on probation,
+    /// which outlives its drain. Returns the successor's pid.
+    pub fn upgrade_until_drained(&self) -> u32 {
+        let old = self.pid();
+        let reply = self.upgrade();
+        assert_eq!(reply["ok"], true, "upgrade failed: {reply}\nlog:\n{}", self.log());
+        let new = reply["successor_pid"].as_u64().unwrap() as u32;
+        self.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("pid={new} ")));
+        self.wait_for_log(|l| l.contains("predecessor exited") && l.contains(&format!("predecessor_pid=Some({old})")));
+        new
+    }
+
     /// Waits at most `within` until process `pid` has exited (gone, or a zombie).
     pub fn wait_for_exit(&self, pid: u32, within: Duration) {
         poll_until(

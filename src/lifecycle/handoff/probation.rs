@@ -21,7 +21,7 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -46,8 +46,11 @@ pub(super) struct Watch {
     /// Predecessor: a duplicate of the channel to the committed successor, half-closed once
     /// every drain is over.
     successor_link: Mutex<Option<OwnedFd>>,
-    /// Predecessor: the drains serving or draining (`Drain::serve`).
+    /// Predecessor: the drains serving or draining (`Drain::serve`), and whether any ever
+    /// did (an application with an accept loop of its own tells us nothing of its drain: its
+    /// exit closes the channel).
     drains: AtomicUsize,
+    drains_ever: AtomicBool,
     /// Successor: a duplicate of the channel to the predecessor, to say `Leaving` on.
     leave_link: Mutex<Option<Channel>>,
 }
@@ -95,6 +98,7 @@ impl Handoff {
     /// Counts a drain as serving or draining until the guard is dropped: once none is, a
     /// committed process half-closes its channel (see the module's docs).
     pub(crate) fn serving(&self) -> Serving {
+        self.inner.probation.drains_ever.store(true, Ordering::Release);
         self.inner.probation.drains.fetch_add(1, Ordering::AcqRel);
         Serving(self.clone())
     }
@@ -145,6 +149,11 @@ impl Handoff {
     pub(super) fn watch_successor(&self, mut child: Child, channel: &Channel) -> watch::Sender<Heard> {
         let (heard, listening) = watch::channel(Heard::default());
         *lock(&self.inner.probation.successor_link) = channel.as_fd().try_clone_to_owned().ok();
+        let watch = &self.inner.probation;
+        if watch.drains_ever.load(Ordering::Acquire) && watch.drains.load(Ordering::Acquire) == 0 {
+            // Every drain ended between the commit and now (nothing to drain).
+            self.drains_over();
+        }
         let handoff = self.clone();
         let committed = Instant::now();
         tokio::spawn(async move {
