@@ -717,7 +717,11 @@ fn a_successor_that_dies_on_probation_is_taken_back_and_the_supervisor_follows()
     signal(successor, Signal::SIGKILL);
     server.wait_for_log(|l| l.contains("rollback:"));
     server.wait_for_log(|l| l.contains(&format!("pid {first_inside} serves (MAINPID from pid {first_inside})")));
-    assert_eq!(server.pid().to_string(), first_inside, "the control socket answers from the first again");
+    assert_eq!(
+        server.pid().to_string(),
+        first_inside,
+        "the control socket answers from the first again"
+    );
 
     // The supervisor's next SIGUSR2 reaches the process that took back: its upgrade sticks.
     signal(supervisor, Signal::SIGUSR2);

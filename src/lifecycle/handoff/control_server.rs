@@ -169,7 +169,12 @@ async fn upgrade(handoff: &Handoff) -> Value {
         Ok(report) => {
             let mut reply = serde_json::to_value(&report).unwrap_or_default();
             reply["ok"] = json!(true);
-            reply["timings"] = json!(handoff.upgrade_counters().last_handoff);
+            let counters = handoff.upgrade_counters();
+            reply["timings"] = json!(counters.last_handoff);
+            // A rollback before this upgrade (the successor died on probation) is news to
+            // whoever triggers the next one.
+            reply["rollbacks"] = json!(counters.rollbacks);
+            reply["last_rollback"] = json!(counters.last_rollback);
             reply
         }
         Err(error) => json!({"ok": false, "error": error.to_string(), "phase": error.phase()}),
