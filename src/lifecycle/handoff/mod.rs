@@ -1,8 +1,8 @@
 //! [`Handoff`]: one process's part in the chain of generations: the type, its start and its
 //! accessors. What it does is split by side: `ready` (the successor's way to serving),
 //! `upgrade` (the predecessor's handoff to a successor), `stop` (the final stop, and what a
-//! transition's effect sets off); and `control_server`, which answers the control socket for
-//! the handle.
+//! transition's effect sets off), `probation` (after the commit: the take-back of a successor
+//! that dies); and `control_server`, which answers the control socket for the handle.
 
 mod control_server;
 mod probation;
@@ -158,8 +158,9 @@ impl Handoff {
         self.inner.predecessor_pid
     }
 
-    /// Whether the previous generation is still alive (draining). No upgrade starts until it
-    /// has exited.
+    /// Whether the previous generation still drains. No upgrade starts until it has drained
+    /// (it may stay alive, on probation, after that: see
+    /// [`Builder::probation`](crate::Builder::probation)) or exited.
     pub fn predecessor_running(&self) -> bool {
         self.inner.lifecycle.status().predecessor_running
     }
