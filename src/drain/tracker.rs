@@ -332,7 +332,7 @@ impl Drain {
     ///
     /// Not cancel safe: cancelled while accepting, the listener is dropped; while draining,
     /// the drain goes on, and [`drain`](Self::drain) waits for it.
-    pub async fn serve<L, S>(&self, handoff: &Handoff, mut listener: L, strategy: Arc<S>) -> DrainReport
+    pub async fn serve<L, S>(&self, handoff: &Handoff, listener: L, strategy: Arc<S>) -> DrainReport
     where
         L: Listener,
         S: DrainStrategy<L::Io>,
@@ -340,12 +340,19 @@ impl Drain {
         let mut spell = self.clone();
         // The drains of earlier spells of serving, before take-backs: they go on.
         let mut earlier = Vec::new();
-        loop {
+        let mut listener = Some(listener);
+        while let Some(accepting) = listener.as_mut() {
             spell.count_with(handoff, strategy.protocol());
             let serving = handoff.serving();
             let reason = spell
-                .accept_on(&mut listener, strategy.clone(), handoff.shutdown_signal())
+                .accept_on(accepting, strategy.clone(), handoff.shutdown_signal())
                 .await;
+            // (Ready again: taken back already.)
+            if !handoff.on_probation() && handoff.state() != crate::lifecycle::State::Ready {
+                // A final stop, or no probation: new clients are refused at once (and can
+                // fail over) once the successor, if any, has closed its copy too.
+                listener = None;
+            }
             let draining = {
                 let (spell, handoff) = (spell.clone(), handoff.clone());
                 async move {
@@ -377,6 +384,13 @@ impl Drain {
                 shared: Arc::new(Shared::new(self.shared.config.clone())),
             };
         }
+        // Only a process on probation keeps its listener past the shutdown, and only a
+        // take-back (which needs the probation) loops back: never here, but should it be,
+        // nothing is left to serve on.
+        for drain in earlier {
+            let _ = drain.await;
+        }
+        spell.drain().await
     }
 
     /// Registers this drain's census with `handoff`, for `status`.

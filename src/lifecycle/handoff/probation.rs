@@ -95,6 +95,12 @@ impl Handoff {
         }
     }
 
+    /// Whether this process is on probation: committed, and keeping its sockets to take the
+    /// service back should its successor die.
+    pub(crate) fn on_probation(&self) -> bool {
+        self.inner.lifecycle.status().probation
+    }
+
     /// Counts a drain as serving or draining until the guard is dropped: once none is, a
     /// committed process half-closes its channel (see the module's docs).
     pub(crate) fn serving(&self) -> Serving {
