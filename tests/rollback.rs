@@ -200,7 +200,8 @@ fn a_successor_stopped_on_purpose_is_not_taken_back() {
             "control" => assert_eq!(server.control("stop")["ok"], true),
             _ => signal(successor, Signal::SIGTERM),
         }
-        server.wait_for_log(|l| l.contains("probation over") && l.contains("stops on purpose"));
+        // "stops" when told before its exit, "stopped" when its exit came first: either way.
+        server.wait_for_log(|l| l.contains("probation over") && l.contains("on purpose"));
         // Well before the 30 s probation: told, the old process exits once drained.
         server.wait_for_exit(successor, Duration::from_secs(10));
         server.wait_for_exit(old, Duration::from_secs(10));

@@ -164,10 +164,11 @@ impl Handoff {
         let committed = Instant::now();
         tokio::spawn(async move {
             let pid = child.id();
-            let status = match handoff.probation(&mut child, listening, committed).await {
-                Some(exited) => exited,
-                None => child.wait().await,
-            };
+            // An exit during the probation has been judged (and logged) already.
+            if handoff.probation(&mut child, listening, committed).await.is_some() {
+                return;
+            }
+            let status = child.wait().await;
             if let (Ok(status), State::Draining | State::Stopping) = (status, handoff.state()) {
                 tracing::error!(successor_pid = pid, %status, "successor exited while this process drains");
             }
