@@ -32,11 +32,11 @@
 //! | `uptime_s` | number | seconds since this process started |
 //! | `upgrade_phase` | string or `null` | the phase of the upgrade under way ([`Phase`](crate::status::Phase)) |
 //! | `predecessor_pid` | integer or `null` | the process that handed over to this one |
-//! | `predecessor_running` | bool | whether it still drains (no upgrade starts until it exits) |
+//! | `predecessor_running` | bool | whether it still drains (no upgrade starts until it has drained: it half-closes the channel, or exits) |
 //! | `draining_generations` | array of `{pid, generation}` | generations still draining |
 //! | `sockets` | array | `{name, kind, address or path, origin}`: `origin` is `inherited` or `bound` |
 //! | `connections` | array | per listener and protocol: `{listener, protocol, active, draining, forced}` ([`ConnectionCounts`](crate::status::ConnectionCounts)) |
-//! | `upgrades` | object | `{attempted, succeeded, failed, refused, last_failure, last_handoff, arrival}` ([`UpgradeCounters`](crate::status::UpgradeCounters)) |
+//! | `upgrades` | object | `{attempted, succeeded, failed, refused, last_failure, last_handoff, arrival, rollbacks, last_rollback}` ([`UpgradeCounters`](crate::status::UpgradeCounters)); `last_rollback` is `{successor_pid, status, after_commit_ms, at_unix}` ([`Rollback`](crate::status::Rollback)) |
 //! | `migrated_in` | object | `{batches, connections, refused}`: connections live-migrated from the predecessor ([`crate::migration`]), taken and refused |
 //!
 //! New fields may appear; none changes meaning within a major version.
@@ -44,7 +44,9 @@
 //! The counters are the answering process's, since it started: a new generation reports how
 //! it arrived (its start-up, and the wait for its predecessor's commit), a failed upgrade is
 //! counted (with its reason and phase) by the process that serves on, and the trigger → ready
-//! and ready → commit timings of a successful one come back in the `upgrade` reply.
+//! and ready → commit timings of a successful one come back in the `upgrade` reply, with
+//! `rollbacks` and `last_rollback`: a successor that died on probation and was taken back
+//! (`Builder::probation`) is counted by the process that took it back, and carried on.
 //! Connections are counted per listener (its name in the registry; `null` for one the registry
 //! does not hold) and protocol (`http`, `websocket`, `tcp`, or a name the application's
 //! strategy gives): two HTTP listeners are two rows. The accept loops count them

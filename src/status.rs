@@ -7,6 +7,6 @@
 //! never built by the application.
 
 pub use crate::lifecycle::{
-    ArrivalTimings, ConnectionCounts, HandoffTimings, Phase, UpgradeCounters, UpgradeFailure, UpgradeReport,
+    ArrivalTimings, ConnectionCounts, HandoffTimings, Phase, Rollback, UpgradeCounters, UpgradeFailure, UpgradeReport,
 };
 pub use crate::wire::{Inode, SocketEntry, SocketKind};

@@ -463,6 +463,31 @@ fn the_service_manager_hears_each_phase_of_a_good_upgrade_a_failed_one_and_a_fin
     drop(original);
 }
 
+/// A successor killed on probation: the old process names itself again (`MAINPID=`,
+/// `READY=1`, why in `STATUS=`), which the manager accepts with `NotifyAccess=all` (the main
+/// process it replaces is dead); see `Builder::probation` for the unit's settings.
+#[test]
+fn a_take_back_names_the_old_process_again() {
+    let manager = Manager::at_path();
+    let server = start_notified(
+        &example("systemd"),
+        &manager,
+        &["--listen", "127.0.0.1:0", "--probation", "10"],
+    );
+    let first = server.pid();
+    let (ready, _) = manager.wait_for(0, &["READY=1", &format!("MAINPID={first}")]);
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let second = reply["successor_pid"].as_u64().unwrap() as u32;
+    let (named, _) = manager.wait_for(ready + 1, &[&format!("MAINPID={second}"), "READY=1"]);
+    kill(Pid::from_raw(second as i32), Signal::SIGKILL).unwrap();
+    let (back, sender) = manager.wait_for(named + 1, &[&format!("MAINPID={first}"), "READY=1", "STATUS="]);
+    assert_eq!(sender, first);
+    let said = &manager.messages()[back].1;
+    assert!(said.contains("took the service back"), "{said}");
+    assert_eq!(server.pid(), first);
+}
+
 #[test]
 fn an_abstract_notify_socket_hears_ready_and_stopping() {
     let manager = Manager::abstract_name();

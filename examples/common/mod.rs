@@ -27,12 +27,18 @@ pub struct ServerFlags {
     /// Close long-lived connections at most this many per second during a drain (0: all at once).
     #[arg(long, default_value_t = 0.0)]
     pub spread_closes: f64,
+    /// Seconds after a commit during which this process takes the service back if its
+    /// successor dies (0: off).
+    #[arg(long, default_value_t = 10.0)]
+    pub probation: f64,
 }
 
 impl ServerFlags {
     /// The handoff configuration these flags describe.
     pub fn builder(&self) -> handover::Builder {
-        let mut builder = handover::Handoff::builder().upgrade_timeout(Duration::from_secs_f64(self.upgrade_timeout));
+        let mut builder = handover::Handoff::builder()
+            .upgrade_timeout(Duration::from_secs_f64(self.upgrade_timeout))
+            .probation(Duration::from_secs_f64(self.probation));
         if let Some(path) = &self.pid_file {
             builder = builder.pid_file(path);
         }

@@ -18,7 +18,26 @@ pub fn upgraded(reply: &Value) -> String {
         let _ = write!(line, ", committed {} later", millis(commit));
     }
     line.push(')');
+    if let Some(rollback) = rollback(&reply["last_rollback"]) {
+        let _ = write!(
+            line,
+            "\nbefore it: {} rollback(s), the last {rollback}",
+            reply["rollbacks"]
+        );
+    }
     line
+}
+
+/// `pid 4243 died (signal: 9 (SIGKILL)) 212.0 ms after its commit; taken back`.
+fn rollback(rollback: &Value) -> Option<String> {
+    (!rollback.is_null()).then(|| {
+        format!(
+            "pid {} died ({}) {} after its commit; taken back",
+            rollback["successor_pid"],
+            text(&rollback["status"]),
+            millis(&rollback["after_commit_ms"])
+        )
+    })
 }
 
 /// The `status` answer as a table.
@@ -123,6 +142,9 @@ fn upgrades(out: &mut String, upgrades: &Value) {
             millis(&handoff["ready_to_commit_ms"])
         );
     }
+    if let Some(rollback) = rollback(&upgrades["last_rollback"]) {
+        let _ = writeln!(out, "rollbacks   {}: the last {rollback}", upgrades["rollbacks"]);
+    }
     let arrival = &upgrades["arrival"];
     if !arrival.is_null() {
         let _ = writeln!(
@@ -188,7 +210,8 @@ mod tests {
                 {"listener": "admin", "protocol": "http", "active": 1, "draining": 0, "forced": 0}],
             "upgrades": {"attempted": 2, "succeeded": 0, "failed": 1, "refused": 1,
                 "last_failure": {"reason": "successor pid 9 timed out", "phase": "startup", "at_unix": 1},
-                "last_handoff": null,
+                "last_handoff": null, "rollbacks": 1,
+                "last_rollback": {"successor_pid": 4243, "status": "signal: 9 (SIGKILL)", "after_commit_ms": 212.0, "at_unix": 2},
                 "arrival": {"predecessor_pid": 4001, "adopted_to_ready_ms": 12.5, "ready_to_commit_ms": 0.31}},
             "migrated_in": {"batches": 2, "connections": 300, "refused": 1},
         });
@@ -202,6 +225,7 @@ mod tests {
             "admin               http               1         0       0",
             "attempted 2, succeeded 0, failed 1, refused 1",
             "last failure (phase startup): successor pid 9 timed out",
+            "rollbacks   1: the last pid 4243 died (signal: 9 (SIGKILL)) 212.0 ms after its commit; taken back",
             "arrived from pid 4001: adopted -> ready 12.5 ms, ready -> commit 0.3 ms",
             "migrated in 300 connections in 2 batches, 1 refused (drained by the predecessor)",
         ] {

@@ -674,3 +674,65 @@ fn ends_within(pid: u32, within: std::time::Duration) -> bool {
     }
     true
 }
+
+/// A successor killed 200 ms after its commit, under `handoverctl run` as PID 1 (as a child
+/// subreaper where no PID namespace can be made): its predecessor takes the service back and
+/// names itself (`MAINPID=`); the supervisor follows it, forwards the next SIGUSR2 to it (an
+/// upgrade that sticks), and ends with the status of the last generation.
+#[test]
+fn a_successor_that_dies_on_probation_is_taken_back_and_the_supervisor_follows() {
+    let (ctl, http) = (handoverctl(), example("http_uuid"));
+    let program = [http.display().to_string(), "--listen".into(), "127.0.0.1:0".into()];
+    let program = program.into_iter().chain(["--probation".into(), "10".into()]);
+    let (mut server, supervisor, _cleanup) = match no_pid_namespace() {
+        None => {
+            let args: Vec<String> = ["--pid", "--fork", "--mount-proc", "--kill-child"]
+                .into_iter()
+                .map(String::from)
+                .chain([ctl.display().to_string(), "run".into(), "--".into()])
+                .chain(program)
+                .collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let server = Server::start(Path::new("unshare"), &args);
+            let supervisor = wait_until("unshare forks", || children(server.first_pid()), |c| c.len() == 1)[0];
+            (server, supervisor, None)
+        }
+        Some(why) => {
+            eprintln!("as a subreaper: {why}");
+            let args: Vec<String> = ["run".to_owned(), "--".into()].into_iter().chain(program).collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let server = Server::start(&ctl, &args);
+            let supervisor = server.first_pid();
+            (server, supervisor, Some(KillChildrenOnDrop(supervisor)))
+        }
+    };
+    // Host pids: the supervisor's child serves; its successor is that child's child.
+    let first = settled(supervisor);
+    let first_inside = ready_pid(&server, 1);
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let successor = wait_until("the successor", || children(first), |c| c.len() == 1)[0];
+    server.wait_for_log(|l| l.contains(" ready ") && l.contains(" generation=2 "));
+    std::thread::sleep(std::time::Duration::from_millis(200)); // the crash, 200 ms after the commit
+    signal(successor, Signal::SIGKILL);
+    server.wait_for_log(|l| l.contains("rollback:"));
+    server.wait_for_log(|l| l.contains(&format!("pid {first_inside} serves (MAINPID from pid {first_inside})")));
+    assert_eq!(
+        server.pid().to_string(),
+        first_inside,
+        "the control socket answers from the first again"
+    );
+
+    // The supervisor's next SIGUSR2 reaches the process that took back: its upgrade sticks.
+    signal(supervisor, Signal::SIGUSR2);
+    server.wait_for_nth_log(2, |l| l.contains(" ready ") && l.contains(" generation=2 "));
+    let forwarded = server.wait_for_log(|l| l.contains("forwarded SIGUSR2 to pid"));
+    assert!(forwarded.ends_with(&format!("pid {first_inside}")), "{forwarded}");
+    let third = server.pid();
+    assert_ne!(third.to_string(), first_inside);
+    assert!(zombie_children(supervisor).is_empty() && zombie_children(first).is_empty());
+
+    signal(supervisor, Signal::SIGTERM);
+    let status = server.wait_for_first_exit();
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+}

@@ -307,7 +307,7 @@ impl Drain {
     ///
     /// Cancel safe: no connection is lost (an unaccepted one stays in the listener's queue),
     /// though the listener is dropped with the future.
-    pub async fn accept<L, S>(&self, handoff: &Handoff, listener: L, strategy: Arc<S>) -> Shutdown
+    pub async fn accept<L, S>(&self, handoff: &Handoff, mut listener: L, strategy: Arc<S>) -> Shutdown
     where
         L: Listener,
         S: DrainStrategy<L::Io>,
@@ -315,7 +315,7 @@ impl Drain {
         self.attach(handoff);
         let name = listener.as_socket().and_then(|fd| handoff.registry().name_of(fd));
         let tally = self.count(handoff, name, strategy.protocol());
-        self.accept_loop(tally, listener, strategy, handoff.shutdown_signal())
+        self.accept_loop(tally, &mut listener, strategy, handoff.shutdown_signal())
             .await
     }
 
@@ -327,13 +327,14 @@ impl Drain {
     /// # Cancel safety
     ///
     /// As [`accept`](Self::accept).
-    pub async fn accept_until<L, S, F>(&self, listener: L, strategy: Arc<S>, shutdown: F) -> F::Output
+    pub async fn accept_until<L, S, F>(&self, mut listener: L, strategy: Arc<S>, shutdown: F) -> F::Output
     where
         L: Listener,
         S: DrainStrategy<L::Io>,
         F: Future,
     {
-        self.accept_loop(self.tally.clone(), listener, strategy, shutdown).await
+        self.accept_loop(self.tally.clone(), &mut listener, strategy, shutdown)
+            .await
     }
 
     /// A new source of connections, counted by `handoff`'s `status` under `listener` and
@@ -350,7 +351,15 @@ impl Drain {
         tally
     }
 
-    async fn accept_loop<L, S, F>(&self, tally: Arc<Tally>, mut listener: L, strategy: Arc<S>, shutdown: F) -> F::Output
+    /// Accepts on `listener` until `shutdown`, each connection counted in `tally`; keeps the
+    /// listener (a process on probation after an upgrade may serve on it again).
+    async fn accept_loop<L, S, F>(
+        &self,
+        tally: Arc<Tally>,
+        listener: &mut L,
+        strategy: Arc<S>,
+        shutdown: F,
+    ) -> F::Output
     where
         L: Listener,
         S: DrainStrategy<L::Io>,
@@ -379,10 +388,18 @@ impl Drain {
     }
 
     /// The whole life of a listener: accepts and serves connections with `strategy` until
-    /// `handoff` says stop (a successor is ready, or a stop was requested), drops the
-    /// listener (a successor accepts from the same socket from then on), drains, logs the
-    /// report and returns it. A stop requested while draining (a second SIGTERM) makes the
-    /// deadline now (see [`accept`](Self::accept), which it runs).
+    /// `handoff` says stop (a successor is ready, or a stop was requested), stops accepting
+    /// (a successor accepts from the same socket from then on), drains, logs the report and
+    /// returns it. A stop requested while draining (a second SIGTERM) makes the deadline now
+    /// (the drain is [attached](Self::attach) to `handoff`).
+    ///
+    /// After an upgrade it keeps the listener through the probation
+    /// ([`Builder::probation`](crate::Builder::probation)), and returns only when both the
+    /// drain and the probation are over. If the successor dies on probation and this process
+    /// takes the service back ([`Handoff::taken_back`]), it accepts on the same listener
+    /// again, its connections tracked afresh (the ones still draining drain on), and the
+    /// report it returns in the end is of its last spell of serving. [`open`](Self::open)
+    /// and [`is_draining`](Self::is_draining) of this handle tell of the first spell only.
     ///
     /// Accepts as [`accept`](Self::accept) does: shutdown first, and accept errors back off
     /// without ending the loop. The drain ends
@@ -402,7 +419,64 @@ impl Drain {
         L: Listener,
         S: DrainStrategy<L::Io>,
     {
-        let reason = self.accept(handoff, listener, strategy).await;
+        let mut spell = self.clone();
+        // The drains of earlier spells of serving, before take-backs: they go on.
+        let mut earlier = Vec::new();
+        let name = listener.as_socket().and_then(|fd| handoff.registry().name_of(fd));
+        let mut listener = Some(listener);
+        while let Some(accepting) = listener.as_mut() {
+            spell.attach(handoff);
+            let tally = spell.count(handoff, name.clone(), strategy.protocol());
+            let serving = handoff.serving();
+            let reason = spell
+                .accept_loop(tally, accepting, strategy.clone(), handoff.shutdown_signal())
+                .await;
+            // (Ready again: taken back already.)
+            if !handoff.on_probation() && handoff.state() != crate::lifecycle::State::Ready {
+                // A final stop, or no probation: new clients are refused at once (and can
+                // fail over) once the successor, if any, has closed its copy too.
+                listener = None;
+            }
+            let draining = {
+                let (spell, handoff) = (spell.clone(), handoff.clone());
+                async move {
+                    let report = spell.drain_after(&handoff, reason).await;
+                    drop(serving); // once every drain is over, the successor hears it
+                    report
+                }
+            };
+            let mut draining = Box::pin(draining);
+            let taken_back = tokio::select! {
+                report = &mut draining => {
+                    if !matches!(reason, Shutdown::Upgraded { .. }) || !handoff.taken_back().await {
+                        for drain in earlier {
+                            let _ = drain.await;
+                        }
+                        return report;
+                    }
+                    None
+                }
+                // Mid-drain: the drain goes on in a task of its own.
+                true = handoff.taken_back(), if matches!(reason, Shutdown::Upgraded { .. }) => Some(draining),
+            };
+            earlier.extend(taken_back.map(tokio::spawn));
+            tracing::info!(
+                pid = std::process::id(),
+                "serving again on the listener kept through the probation"
+            );
+            spell = DrainBuilder(self.shared.config.clone()).build();
+        }
+        // Only a process on probation keeps its listener past the shutdown, and only a
+        // take-back (which needs the probation) loops back: never here, but should it be,
+        // nothing is left to serve on.
+        for drain in earlier {
+            let _ = drain.await;
+        }
+        spell.drain().await
+    }
+
+    /// The drain once `handoff` stopped serving for `reason`, logged.
+    async fn drain_after(&self, handoff: &Handoff, reason: Shutdown) -> DrainReport {
         let migrating = matches!(reason, Shutdown::Upgraded { .. }) && self.migrate_with(handoff);
         tracing::info!(?reason, connections = self.open(), migrating, "draining");
         let report = self.drain().await;

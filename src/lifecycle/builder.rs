@@ -31,6 +31,7 @@ pub struct Builder {
     pub(crate) control_socket: Option<PathBuf>,
     pub(crate) executable: Option<PathBuf>,
     pub(crate) working_dir: Option<PathBuf>,
+    pub(crate) probation: Duration,
 }
 
 impl Default for Builder {
@@ -44,6 +45,7 @@ impl Default for Builder {
             control_socket: None,
             executable: None,
             working_dir: None,
+            probation: Duration::from_secs(10),
         }
     }
 }
@@ -111,6 +113,41 @@ impl Builder {
     /// upgrade starts (a deploy removed the old release) is replaced by `/`, with a warning.
     pub fn working_dir(mut self, path: impl Into<PathBuf>) -> Self {
         self.working_dir = Some(path.into());
+        self
+    }
+
+    /// How long, after committing to a successor, this process stands ready to take the
+    /// service back should the successor die. Meanwhile it keeps its copies of the listening
+    /// sockets (not accepting: the successor does), even once its own connections are
+    /// drained; [`Drain::serve`](crate::drain::Drain::serve) returns only when it ends.
+    /// `Duration::ZERO` turns it off. Default: 10 seconds.
+    ///
+    /// If the successor (our child: its pidfd tells us at once) exits in that time without
+    /// having said that it stops (a crash, a kill; not a final stop by signal or control
+    /// socket, not its own handover to a successor), and no stop has reached this process,
+    /// this process takes the service back: it accepts again on the same sockets (what waits
+    /// in their accept queues is served, so clients see no refusal), rewrites the PID file,
+    /// answers the control socket, sends `MAINPID=` and `READY=1` to a service manager, and
+    /// logs and counts a rollback with the successor's exit status (`status`, and the reply
+    /// to the next `upgrade`). What is lost: the connections the successor had taken
+    /// (accepted, or migrated to it) die with it. With three generations alive, only the
+    /// newest live one takes back: a successor that handed over ends its predecessor's
+    /// probation. A successor may upgrade once its predecessor has drained, probation or not.
+    ///
+    /// An accept loop of your own must follow [`Handoff::taken_back`](crate::Handoff::taken_back)
+    /// after its `shutdown_signal`, or the process taken back accepts nothing (set zero then).
+    ///
+    /// Under systemd, the successor is the main process: when it dies, systemd decides. With
+    /// the default `ExitType=main` it considers the service ended, stops it (killing the rest
+    /// of its control group as `KillMode=` says: the old process mid take-back included), and
+    /// `Restart=on-failure` starts it afresh (clients see refusals meanwhile). For the
+    /// take-back to stand, use `ExitType=cgroup` (systemd 250 and later: the service lives as
+    /// long as one of its processes does) and `NotifyAccess=all` (the old process's
+    /// `MAINPID=` does not come from the main process, which is dead); keep
+    /// `Restart=on-failure` for when every generation is gone. Under `handoverctl run` it just
+    /// works: the supervisor follows the `MAINPID=`.
+    pub fn probation(mut self, probation: Duration) -> Self {
+        self.probation = probation;
         self
     }
 }

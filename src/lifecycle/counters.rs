@@ -32,6 +32,24 @@ pub struct UpgradeCounters {
     pub last_handoff: Option<HandoffTimings>,
     /// How this process took over from its predecessor (absent for a first generation).
     pub arrival: Option<ArrivalTimings>,
+    /// Successors that died on probation and were taken back (`Builder::probation`).
+    pub rollbacks: u64,
+    /// The most recent take-back, if any.
+    pub last_rollback: Option<Rollback>,
+}
+
+/// A take-back: the successor died on probation and this process serves again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Rollback {
+    /// The successor that died.
+    pub successor_pid: u32,
+    /// How it ended, as `waitpid` told it (`exit status: 1`, `signal: 9 (SIGKILL)`).
+    pub status: String,
+    /// From the commit to its exit, in milliseconds.
+    pub after_commit_ms: f64,
+    /// When it was taken back, in seconds since the Unix epoch.
+    pub at_unix: u64,
 }
 
 /// Why the last upgrade failed.
@@ -145,6 +163,18 @@ impl Counters {
             predecessor_pid,
             adopted_to_ready_ms: millis(adopted_to_ready),
             ready_to_commit_ms: millis(ready_to_commit),
+        });
+    }
+
+    /// Records a take-back: `successor_pid` died, `after_commit` its commit, with `status`.
+    pub fn rolled_back(&self, successor_pid: u32, status: String, after_commit: Duration) {
+        let mut counters = self.lock();
+        counters.rollbacks += 1;
+        counters.last_rollback = Some(Rollback {
+            successor_pid,
+            status,
+            after_commit_ms: millis(after_commit),
+            at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         });
     }
 

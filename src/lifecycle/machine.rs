@@ -115,10 +115,22 @@ mod tests {
         let lifecycle = Lifecycle::new(false);
         assert_eq!(lifecycle.apply(Event::Ready).map(|t| t.effect), Ok(Effect::None));
         assert_eq!(lifecycle.apply(Event::Trigger).map(|t| t.effect), Ok(Effect::None));
-        let failed = lifecycle.apply_with(Event::CommitTo { successor_pid: 7 }, |_| Err("peer gone"));
+        let failed = lifecycle.apply_with(
+            Event::CommitTo {
+                successor_pid: 7,
+                probation: false,
+            },
+            |_| Err("peer gone"),
+        );
         assert_eq!(failed, Ok(Err("peer gone")));
         assert_eq!(lifecycle.status().state, Upgrading);
-        let acted = lifecycle.apply_with(Event::CommitTo { successor_pid: 7 }, |_| Ok::<(), ()>(()));
+        let acted = lifecycle.apply_with(
+            Event::CommitTo {
+                successor_pid: 7,
+                probation: false,
+            },
+            |_| Ok::<(), ()>(()),
+        );
         assert_eq!(acted.map(|acted| acted.map(|t| t.effect)), Ok(Ok(Effect::Handover)));
         assert_eq!(lifecycle.status().state, Draining);
     }

@@ -1,5 +1,6 @@
 //! The life of one process: start (inheriting sockets), ready, upgrade (spawning and handing
-//! over to a successor), drain, exit; or back to ready when an upgrade fails.
+//! over to a successor), drain, exit; or back to ready when an upgrade fails, or when the
+//! successor dies on probation (`handoff::probation`).
 //!
 //! The state machine: `state` (the public states), `transitions` (the pure table),
 //! `machine` (applies it under a lock), `notify` (what the service manager hears of each
@@ -34,7 +35,7 @@ pub use app_state::{StateReader, StateWriter};
 pub use builder::Builder;
 pub(crate) use connections::Census;
 pub use connections::ConnectionCounts;
-pub use counters::{ArrivalTimings, HandoffTimings, UpgradeCounters, UpgradeFailure};
+pub use counters::{ArrivalTimings, HandoffTimings, Rollback, UpgradeCounters, UpgradeFailure};
 pub use handoff::Handoff;
 pub(crate) use handoff::HurrySignal;
 pub use state::{Shutdown, State};

@@ -9,6 +9,7 @@
 //! | the upgrade fails or is abandoned | `READY=1`, `STATUS=` why | the main process |
 //! | the commit | `MAINPID=` the successor, `READY=1`, then a barrier | the main process, handing over |
 //! | a final stop | `STOPPING=1` | the main process |
+//! | a take-back: the successor died on probation | `MAINPID=` itself, `READY=1`, `STATUS=` why | the predecessor, the main process again |
 //!
 //! Every message comes from the process that is the main one when it is sent, so that it
 //! counts with the strictest `NotifyAccess=main`: the predecessor names its successor
@@ -131,13 +132,21 @@ impl Announcer {
                     one_line(why)
                 );
             }
-            (State::Upgrading, State::Draining, &Event::CommitTo { successor_pid }) => {
+            (State::Upgrading, State::Draining, &Event::CommitTo { successor_pid, .. }) => {
                 message = format!(
                     "MAINPID={successor_pid}\nREADY=1\nSTATUS=serving: generation {} (pid {successor_pid}); \
                      generation {generation} (pid {pid}) drains",
                     generation.saturating_add(1)
                 );
                 barrier = true;
+            }
+            (State::Draining, State::Ready, Event::SuccessorDied) => {
+                // The main process died: this one names itself again (which a manager accepts
+                // only from a process it lets notify, see the systemd notes on `Builder::probation`).
+                message = format!(
+                    "MAINPID={pid}\nREADY=1\nSTATUS=serving again: generation {generation} (pid {pid}) \
+                     took the service back from its successor, which died"
+                );
             }
             _ => return None,
         }
@@ -194,7 +203,10 @@ mod tests {
         let events = [
             Event::Ready,
             Event::Trigger,
-            Event::CommitTo { successor_pid: 7 },
+            Event::CommitTo {
+                successor_pid: 7,
+                probation: false,
+            },
             Event::Stop,
         ];
         let announced = announcements(&announcer(false), Status::new(false), &events);
@@ -220,6 +232,31 @@ mod tests {
             "a stop while draining after a handoff is not the service's stop"
         );
         assert!(said.iter().all(|m| !m.contains("STOPPING")));
+    }
+
+    #[test]
+    fn a_take_back_names_this_process_again_and_the_probations_end_says_nothing() {
+        let commit = Event::CommitTo {
+            successor_pid: 7,
+            probation: true,
+        };
+        let events = [Event::Ready, Event::Trigger, commit.clone(), Event::SuccessorDied];
+        let said = messages(&announcements(&announcer(false), Status::new(false), &events));
+        assert!(said[2].starts_with("MAINPID=7\nREADY=1\n"), "{}", said[2]);
+        assert!(
+            said[3].starts_with("MAINPID=100\nREADY=1\nSTATUS=serving again: generation 4"),
+            "{}",
+            said[3]
+        );
+        let events = [
+            Event::Ready,
+            Event::Trigger,
+            commit,
+            Event::ProbationOver,
+            Event::SuccessorDied,
+        ];
+        let said = messages(&announcements(&announcer(false), Status::new(false), &events));
+        assert_eq!(said[3..], ["", ""], "no take-back after the probation");
     }
 
     #[test]

@@ -9,7 +9,9 @@ use serde::Serialize;
 /// ```text
 ///           Ready             Trigger             CommitTo: the successor is ready
 /// Starting ─────────▶ Ready ───────────▶ Upgrading ── and we have not given up ──▶ Draining ⟲ Stop
-///    │                ▲   │               │    │
+///    │                ▲ ▲ │               │    │                                      │
+///    │                │ └─┼───────────────┼────┼─── SuccessorDied: on probation ──────┘
+///    │                │   │               │    │
 ///    │                └───┼───────────────┘    │
 ///    │                    │  UpgradeFailed:    │
 ///    │                    │  failure, timeout, │
@@ -24,7 +26,7 @@ use serde::Serialize;
 /// (`Handoff::upgrade`, SIGUSR2, the control socket).
 /// `UpgradeFailed`: the upgrade failed or was abandoned before its commit. `CommitTo`: we
 /// commit to our ready successor, the point of no return. `Stop`: SIGTERM, SIGINT or
-/// `Handoff::stop`. The events that change no state are not drawn:
+/// `Handoff::stop`. `SuccessorDied`: see below. The events that change no state are not drawn:
 /// `PredecessorCommitted` (a successor's predecessor committed to it: it owns the shared
 /// paths from then on), `PredecessorExited`, and the steps of `ready()`'s own work,
 /// `ReadyCalled` (the first call starts it) and `ReadyDone` (its outcome, which every call
@@ -32,7 +34,10 @@ use serde::Serialize;
 ///
 /// In `Stopping`, a second stop makes the drain's deadline now; in `Draining`, the first stop
 /// is only noted (a supervisor stopping a service signals old processes too) and the second
-/// makes the deadline now. Nothing leaves `Draining` or `Stopping`.
+/// makes the deadline now. Nothing leaves `Stopping`, and only a take-back leaves `Draining`:
+/// `SuccessorDied`, the successor dead on probation without having said that it leaves, and
+/// no stop here first (`Builder::probation`). `ProbationOver` (its time is up, or the
+/// successor said it leaves) changes no state: the sockets kept for a take-back are let go.
 /// Triggers are refused, with their reason, everywhere but in `Ready`, and in `Ready` while
 /// the previous generation still drains. A successor owns no shared path (Unix listener
 /// paths, the control socket's, the PID file) until its predecessor commits; a stop before
@@ -47,7 +52,8 @@ pub enum State {
     Ready,
     /// A successor is starting; this process still serves.
     Upgrading,
-    /// The successor serves; this process finishes its connections and exits.
+    /// The successor serves; this process finishes its connections and exits (after its
+    /// probation, in which it takes the service back if the successor dies).
     Draining,
     /// A final stop was requested; this process finishes its connections and exits.
     Stopping,

@@ -142,7 +142,7 @@ use tokio::net::TcpStream;
 pub use crate::wire::Protocol;
 pub use error::{MigrationError, Returned};
 pub(crate) use inbound::{Inbound, Receiver};
-pub(crate) use outbound::{Outbound, PendingOutbound};
+pub(crate) use outbound::{Heard, Outbound, PendingOutbound};
 
 use crate::wire::migration::State;
 pub use crate::wire::migration::{MAX_LEFTOVER_BYTES, MAX_STATE_BYTES};

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{MigrationError, Returned};
@@ -142,10 +142,27 @@ fn take(slot: &Slot) -> Option<TcpStream> {
 
 impl PendingOutbound {
     /// Takes over the channel to the committed successor, for the rest of this process's
-    /// life: the successor reads its close as our exit.
-    pub(crate) fn start(self, channel: Channel) {
-        tokio::spawn(run(channel, self.queue));
+    /// life: the successor reads its close as our exit. The engine is the channel's only
+    /// reader: what it hears of the successor besides acknowledgements (its `Leaving`, its
+    /// end's close) goes to `heard`, for the probation (see `lifecycle::handoff`).
+    pub(crate) fn start_reporting(self, channel: Channel, heard: watch::Sender<Heard>) {
+        tokio::spawn(run(channel, self.queue, heard));
     }
+
+    /// [`start_reporting`](Self::start_reporting) to nobody.
+    #[cfg(test)]
+    pub(crate) fn start(self, channel: Channel) {
+        self.start_reporting(channel, watch::Sender::new(Heard::default()));
+    }
+}
+
+/// What the engine has heard from the successor besides acknowledgements.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Heard {
+    /// It said `Leaving`: it stops on purpose.
+    pub(crate) left: bool,
+    /// Its end closed (it exited), or we stopped reading: nothing more will be heard.
+    pub(crate) closed: bool,
 }
 
 /// What the engine waited for.
@@ -159,18 +176,19 @@ enum Event {
 /// acknowledgement comes, until the successor fails; then hands every connection not
 /// acknowledged back, and every later one at once. Holds the channel open until this
 /// process exits.
-async fn run(mut channel: Channel, mut queue: mpsc::UnboundedReceiver<Request>) {
+async fn run(mut channel: Channel, mut queue: mpsc::UnboundedReceiver<Request>, heard: watch::Sender<Heard>) {
     let mut index = 0;
     let mut failed: Option<String> = None;
     let mut carried = None;
     let mut waiting: VecDeque<Unacknowledged> = VecDeque::new();
+    let mut open = true;
     loop {
         let oldest = waiting.front().map(|batch| batch.sent_at + ACK_TIMEOUT);
         let event = match carried.take() {
             Some(request) => Event::Request(request),
             None => tokio::select! {
                 biased;
-                answer = channel.recv_or_eof(), if oldest.is_some() => Event::Answer(answer),
+                answer = channel.recv_or_eof(), if open => Event::Answer(answer),
                 () = tokio::time::sleep_until(oldest.unwrap_or_else(Instant::now)), if oldest.is_some() => Event::TimedOut,
                 request = queue.recv() => match request {
                     Some(request) => Event::Request(request),
@@ -213,6 +231,22 @@ async fn run(mut channel: Channel, mut queue: mpsc::UnboundedReceiver<Request>) 
                     }
                 }
             }
+            // Not an answer: the successor stops on purpose.
+            Event::Answer(Ok(Some(Received {
+                message: Message::Leaving { .. },
+                ..
+            }))) => {
+                heard.send_modify(|heard| heard.left = true);
+                continue;
+            }
+            // Nothing waits for an answer: the successor's exit, or a message for nobody.
+            Event::Answer(answer) if waiting.is_empty() => {
+                if !matches!(answer, Ok(Some(_))) {
+                    open = false;
+                    heard.send_modify(|heard| heard.closed = true);
+                }
+                continue;
+            }
             Event::Answer(answer) => match acknowledgement(answer, &waiting) {
                 Ok(refused) => {
                     let acknowledged = waiting.pop_front().expect("an acknowledgement answers a batch sent");
@@ -227,9 +261,25 @@ async fn run(mut channel: Channel, mut queue: mpsc::UnboundedReceiver<Request>) 
             },
         };
         let reason = error.to_string();
-        give_up(&mut channel, &mut waiting, &reason, &error).await;
+        give_up(&mut channel, &mut waiting, &reason, &error, &heard).await;
         failed = Some(reason);
+        // We stopped receiving: nothing more can be heard.
+        open = false;
+        heard.send_modify(|heard| heard.closed = true);
     }
+    // Every handle is gone (a later upgrade replaced ours): listen on until the successor's
+    // end closes, for the probation.
+    while open {
+        match channel.recv_or_eof().await {
+            Ok(Some(Received {
+                message: Message::Leaving { .. },
+                ..
+            })) => heard.send_modify(|heard| heard.left = true),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => open = false,
+        }
+    }
+    heard.send_modify(|heard| heard.closed = true);
     // Every handle is gone: keep the channel open until the process exits.
     std::future::pending::<()>().await;
     drop(channel);
@@ -309,14 +359,22 @@ fn acknowledgement(
 /// channel (an `Abort` naming the batches): the successor closes its copies. Without that
 /// notice, a successor whose acknowledgement failed and which then reads our end's close
 /// keeps its copies: we are gone, and what only it holds is its own.
-async fn give_up(channel: &mut Channel, waiting: &mut VecDeque<Unacknowledged>, reason: &str, error: &WireError) {
+async fn give_up(
+    channel: &mut Channel,
+    waiting: &mut VecDeque<Unacknowledged>,
+    reason: &str,
+    error: &WireError,
+    heard: &watch::Sender<Heard>,
+) {
     let _ = channel.stop_receiving();
     while let Ok(Some(received)) = channel.try_recv() {
-        if let Message::Migrated { index, refused } = received.message {
-            if waiting.front().is_some_and(|batch| batch.index == index) {
+        match received.message {
+            Message::Migrated { index, refused } if waiting.front().is_some_and(|batch| batch.index == index) => {
                 let acknowledged = waiting.pop_front().expect("just looked");
                 settle(acknowledged.index, acknowledged.batch, refused);
             }
+            Message::Leaving { .. } => heard.send_modify(|heard| heard.left = true),
+            _ => {}
         }
     }
     let (Some(first), Some(last)) = (waiting.front(), waiting.back()) else {

@@ -10,7 +10,8 @@
 //! successor ── ExtendStartup × n ───────▶ predecessor   (optional: more time, bounded)
 //! successor ── Ready ───────────────────▶ predecessor
 //! successor ◀── Commit | Abort ────────── predecessor   (the point of no return)
-//!          (EOF when the predecessor has exited)
+//! successor ── Leaving ─────────────────▶ predecessor   (later: a final stop, or a handover)
+//!          (EOF when the predecessor has drained: it half-closes; or exited)
 //! ```
 //!
 //! The predecessor sends its part as soon as it has spawned the successor, without waiting
@@ -27,6 +28,12 @@
 //! batches before it drains its copies, and the channel stays open: the successor then
 //! closes its copies of those batches, while a channel that closes without that notice
 //! means the predecessor is gone, and its copies with it.
+//!
+//! A predecessor on probation (`Builder::probation`) takes the service back if its successor
+//! dies: the successor says `Leaving` when it stops on purpose (a final stop, or its own
+//! commit to a successor), so that only a death without that word is taken back. The
+//! predecessor half-closes the channel once its drains are over: the successor reads EOF
+//! and may upgrade while its predecessor waits out its probation.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,8 +41,9 @@ use super::{ConnectionEntry, RefusedConnection, SocketEntry, WireError};
 
 /// The version of this protocol. Both sides refuse a peer that speaks another one.
 ///
-/// 3 added `ExtendStartup`; 4 added `Migrate` and `Migrated`.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 3 added `ExtendStartup`; 4 added `Migrate` and `Migrated`; 5 added `Leaving` and the
+/// half-close after the drain, and the application's state (`Hello`'s `state`, `State`).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest message either side sends or accepts. A batch of 200 entries with long names
 /// and Unix paths stays well under it, and it fits the default `SO_SNDBUF` of a Unix socket.
@@ -139,6 +147,13 @@ pub enum Message {
         /// The connections not taken.
         refused: Vec<RefusedConnection>,
     },
+    /// After the commit, from the successor: it stops serving on purpose (a final stop, or
+    /// a commit to a successor of its own). Its predecessor, on probation, will not take the
+    /// service back when it exits.
+    Leaving {
+        /// Why, for the predecessor's log.
+        reason: String,
+    },
 }
 
 impl Message {
@@ -157,6 +172,7 @@ impl Message {
             Self::Abort { .. } => "abort",
             Self::Migrate { .. } => "migrate",
             Self::Migrated { .. } => "migrated",
+            Self::Leaving { .. } => "leaving",
         }
     }
 
@@ -301,10 +317,10 @@ mod tests {
 
     #[test]
     fn another_version_is_refused_with_both_numbers() {
-        // Protocol 3 had no migration: a peer speaking it would take a `Migrate` for garbage.
-        let err = check_version(3).unwrap_err();
-        assert!(matches!(err, WireError::UnsupportedVersion { ours: 4, theirs: 3 }));
-        assert_eq!(err.to_string(), "peer speaks handoff protocol 3, this process speaks 4");
+        // Protocol 4 had no `Leaving`: a predecessor speaking it would take it for garbage.
+        let err = check_version(4).unwrap_err();
+        assert!(matches!(err, WireError::UnsupportedVersion { ours: 5, theirs: 4 }));
+        assert_eq!(err.to_string(), "peer speaks handoff protocol 4, this process speaks 5");
         check_version(PROTOCOL_VERSION).unwrap();
     }
 

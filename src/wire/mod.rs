@@ -7,7 +7,7 @@
 //!
 //! # One upgrade, message by message
 //!
-//! Protocol version 4 (`PROTOCOL_VERSION`). Every message is one JSON datagram on a
+//! Protocol version 5 (`PROTOCOL_VERSION`). Every message is one JSON datagram on a
 //! `SOCK_SEQPACKET` Unix socket pair, at most `MAX_MESSAGE_BYTES`; descriptors travel with
 //! `SCM_RIGHTS`, at most `MAX_FDS_PER_MESSAGE` (200) per message.
 //!

@@ -86,8 +86,13 @@ impl Server {
         // Before `customize`, which may ask for more (or less).
         command.env("RUST_LOG", "info,http_uuid=debug");
         customize(&mut command);
+        command.args(args);
+        // The tests were written for an old process that exits once drained; the ones about
+        // the probation (`tests/rollback.rs`) ask for it.
+        if !args.contains(&"--probation") {
+            command.args(["--probation", "0"]);
+        }
         command
-            .args(args)
             .arg("--control")
             .arg(dir.path().join("control.sock"))
             .arg("--pid-file")
@@ -217,6 +222,19 @@ impl Server {
         self.wait_for_log(|l| l.contains("predecessor exited") && l.contains(&format!("predecessor_pid=Some({old})")));
         // ready() returns after the PID file is written: only then is the successor settled.
         self.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("pid={new} ")));
+        new
+    }
+
+    /// Triggers an upgrade that must succeed, then waits until the successor is ready and
+    /// has heard that the predecessor drained (or exited): for a predecessor on probation,
+    /// which outlives its drain. Returns the successor's pid.
+    pub fn upgrade_until_drained(&self) -> u32 {
+        let old = self.pid();
+        let reply = self.upgrade();
+        assert_eq!(reply["ok"], true, "upgrade failed: {reply}\nlog:\n{}", self.log());
+        let new = reply["successor_pid"].as_u64().unwrap() as u32;
+        self.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("pid={new} ")));
+        self.wait_for_log(|l| l.contains("predecessor exited") && l.contains(&format!("predecessor_pid=Some({old})")));
         new
     }
 

@@ -87,17 +87,23 @@ fn restrict(path: &Path) -> Result<(), Error> {
         .map_err(|e| Error::io(format!("restricting the control socket {}", path.display()), e))
 }
 
-/// Answers commands on `listener` until this process stops serving.
+/// Answers commands on `listener` until this process stops serving, and again if it takes
+/// the service back from a successor that died on probation (it keeps the listener meanwhile).
 pub(crate) fn serve(handoff: &Handoff, listener: tokio::net::UnixListener) {
     let handoff = handoff.clone();
     tokio::spawn(async move {
-        let shutdown = handoff.shutdown_signal();
-        tokio::pin!(shutdown);
+        let mut shutdown = Box::pin(handoff.shutdown_signal());
         let mut errors = AcceptBackoff::new();
         loop {
             tokio::select! {
                 biased;
-                _ = &mut shutdown => break, // the successor answers from now on
+                _ = &mut shutdown => {
+                    // The successor answers from now on, unless it dies on probation.
+                    if !handoff.taken_back().await {
+                        break;
+                    }
+                    shutdown = Box::pin(handoff.shutdown_signal());
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         errors.succeeded();
@@ -163,7 +169,12 @@ async fn upgrade(handoff: &Handoff) -> Value {
         Ok(report) => {
             let mut reply = serde_json::to_value(&report).unwrap_or_default();
             reply["ok"] = json!(true);
-            reply["timings"] = json!(handoff.upgrade_counters().last_handoff);
+            let counters = handoff.upgrade_counters();
+            reply["timings"] = json!(counters.last_handoff);
+            // A rollback before this upgrade (the successor died on probation) is news to
+            // whoever triggers the next one.
+            reply["rollbacks"] = json!(counters.rollbacks);
+            reply["last_rollback"] = json!(counters.last_rollback);
             reply
         }
         Err(error) => json!({"ok": false, "error": error.to_string(), "phase": error.phase()}),

@@ -1,10 +1,11 @@
 //! [`Handoff`]: one process's part in the chain of generations: the type, its start and its
 //! accessors. What it does is split by side: `ready` (the successor's way to serving),
 //! `upgrade` (the predecessor's handoff to a successor), `stop` (the final stop, and what a
-//! transition's effect sets off); and `control_server`, which answers the control socket for
-//! the handle.
+//! transition's effect sets off), `probation` (after the commit: the take-back of a successor
+//! that dies); and `control_server`, which answers the control socket for the handle.
 
 mod control_server;
+mod probation;
 mod ready;
 mod state;
 mod stop;
@@ -78,6 +79,8 @@ struct Inner {
     migration: crate::migration::Endpoints,
     /// The application's state: how to write it for a successor, and what a predecessor sent.
     state: state::StateSlots,
+    /// The predecessor's side of the probation (see `probation`).
+    probation: probation::Watch,
 }
 
 impl Handoff {
@@ -131,6 +134,7 @@ impl Handoff {
                 progress: Phases::default(),
                 migration: Default::default(),
                 state: state::StateSlots::received(state),
+                probation: Default::default(),
             }),
         };
         tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");
@@ -167,8 +171,9 @@ impl Handoff {
         self.inner.predecessor_pid
     }
 
-    /// Whether the previous generation is still alive (draining). No upgrade starts until it
-    /// has exited.
+    /// Whether the previous generation still drains. No upgrade starts until it has drained
+    /// (it may stay alive, on probation, after that: see
+    /// [`Builder::probation`](crate::Builder::probation)) or exited.
     pub fn predecessor_running(&self) -> bool {
         self.inner.lifecycle.status().predecessor_running
     }

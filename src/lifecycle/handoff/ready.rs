@@ -185,6 +185,9 @@ impl Handoff {
                 Err(error) => tracing::debug!(%error, "no duplicate of the channel; triggers wait for the watch"),
             }
         }
+        if !vanished {
+            self.keep_leave_link(&channel);
+        }
         let handoff = self.clone();
         tokio::spawn(async move {
             if !vanished {
@@ -194,7 +197,9 @@ impl Handoff {
             // The next upgrade is allowed before anyone can read that it is.
             let _ = handoff.inner.lifecycle.apply(Event::PredecessorExited);
             handoff.predecessor_link().take();
-            tracing::info!(predecessor_pid = ?handoff.inner.predecessor_pid, "predecessor exited");
+            // EOF: it exited, or it has drained and half-closed the channel (it may wait
+            // out its probation, and took nothing more from us).
+            tracing::info!(predecessor_pid = ?handoff.inner.predecessor_pid, "predecessor exited, or drained and on probation");
         });
     }
 

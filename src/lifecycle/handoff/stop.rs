@@ -48,6 +48,9 @@ impl Handoff {
         match effect {
             Effect::None => {}
             Effect::FinalStop => {
+                // A successor stopping on purpose: its predecessor, on probation, must not
+                // take the service back when it exits.
+                self.say_leaving("a final stop");
                 // New clients are refused from here (once the application's accept loop has
                 // dropped its listener too) and can fail over, instead of waiting in an
                 // accept queue nobody reads.
@@ -56,6 +59,9 @@ impl Handoff {
             }
             Effect::Handover => registry.release_all(),
             Effect::BecomeReady => self.start_becoming_ready(),
+            // The PID file was placed with the transition; the accept loops and the control
+            // server serve again by themselves (`taken_back`).
+            Effect::TakeBack => {}
         }
     }
 

@@ -102,14 +102,25 @@ impl Handoff {
     /// the change to `Draining`, and only if nothing (a stop) has changed the state first.
     async fn commit(&self, successor: ReadySuccessor, trigger: Instant) -> Result<UpgradeReport, UpgradeError> {
         let pid = successor.report().successor_pid;
-        let event = Event::CommitTo { successor_pid: pid };
+        let event = Event::CommitTo {
+            successor_pid: pid,
+            probation: !self.inner.config.probation.is_zero(),
+        };
         let migration = self.inner.migration.prepare_outbound();
         let carried = serde_json::to_value(self.inner.counters.handed_over(successor.report(), trigger)).ok();
-        match self.inner.lifecycle.apply_with(event, |_| successor.commit(carried)) {
+        let committing = |_| {
+            successor.commit(carried)?;
+            // Our own predecessor, on probation, must not take back once we have handed over.
+            self.say_leaving(&format!("handed over to pid {pid}"));
+            Ok(())
+        };
+        match self.inner.lifecycle.apply_with(event, committing) {
             Ok(Ok(transition)) => {
                 self.carry_out(transition.effect);
                 let report = successor.report().clone();
-                migration.start(successor.keep_until_exit());
+                let (channel, child) = successor.into_committed();
+                let heard = self.watch_successor(child, &channel);
+                migration.start_reporting(channel, heard);
                 Ok(report)
             }
             Ok(Err(source)) => {

@@ -11,7 +11,7 @@ use crate::lifecycle::upgrade_error::UpgradeReport;
 use crate::wire::{Channel, Message, WireError};
 
 /// A successor that has reported ready, waiting for our verdict: [`commit`](Self::commit)
-/// then [`keep_until_exit`](Self::keep_until_exit), or [`abandon`](Self::abandon). Dropped
+/// then [`into_committed`](Self::into_committed), or [`abandon`](Self::abandon). Dropped
 /// without either (a cancelled upgrade), it kills the successor before its channel closes,
 /// so that the successor never reads the close as a vanished predecessor's commit.
 #[derive(Debug)]
@@ -44,22 +44,12 @@ impl ReadySuccessor {
         sent
     }
 
-    /// After the commit: reaps the successor should it die first, and returns our end of the
-    /// channel, which the caller keeps open until this process exits (the successor reads
-    /// our exit as EOF).
-    pub fn keep_until_exit(self) -> Channel {
-        let Self {
-            mut child,
-            channel,
-            report,
-        } = self;
-        let mut child = child.disarm();
-        tokio::spawn(async move {
-            if let Ok(status) = child.wait().await {
-                tracing::error!(successor_pid = report.successor_pid, %status, "successor exited while this process drains");
-            }
-        });
-        channel
+    /// After the commit: our end of the channel, which the caller keeps open until this
+    /// process exits (the successor reads our exit as EOF), and the successor, whose exit the
+    /// caller awaits (and reaps).
+    pub fn into_committed(self) -> (Channel, Child) {
+        let Self { mut child, channel, .. } = self;
+        (channel, child.disarm())
     }
 
     /// Instead of the commit: tells the successor why, gives it a moment to exit on its own
