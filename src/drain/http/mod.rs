@@ -66,6 +66,8 @@ mod rewind;
 mod server;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_http2;
 mod wind_down;
 
 use std::sync::{Arc, OnceLock};
