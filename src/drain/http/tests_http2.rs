@@ -73,7 +73,11 @@ async fn a_busy_http2_connection_gets_goaway_only_once_quiet() {
         async move { drain.drain().await }
     });
     assert_eq!(slow.await.unwrap().unwrap(), "done");
-    assert_eq!(get(sender.clone(), "/fast").await.unwrap(), "done", "sent between calls, answered");
+    assert_eq!(
+        get(sender.clone(), "/fast").await.unwrap(),
+        "done",
+        "sent between calls, answered"
+    );
     drop(sender);
     connection.await.unwrap().expect("GOAWAY, then a clean close");
     assert_eq!(drained.await.unwrap().forced, 0);
@@ -94,5 +98,9 @@ async fn an_http2_connection_never_quiet_gets_goaway_at_the_deadline_and_its_str
     let report = drain.drain().await;
     assert_eq!(slow.await.unwrap().unwrap(), "done", "finished after the deadline");
     connection.await.unwrap().expect("GOAWAY, then a clean close");
-    assert_eq!((report.forced, report.aborted), (1, 0), "open at the deadline, not dropped");
+    assert_eq!(
+        (report.forced, report.aborted),
+        (1, 0),
+        "open at the deadline, not dropped"
+    );
 }
