@@ -15,6 +15,7 @@ mod echo;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -77,10 +78,12 @@ fn main() {
 async fn run(binary: &Path, upgrades: usize, workers: usize, retries: usize) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let control = dir.path().join("control.sock");
+    // A process group of its own: every generation is killed with it at the end.
     let mut server = Command::new(binary)
         .args(["--listen", "127.0.0.1:0", "--drain-timeout", "1", "--control"])
         .arg(&control)
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .unwrap();
     let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
@@ -142,13 +145,22 @@ async fn run(binary: &Path, upgrades: usize, workers: usize, retries: usize) -> 
     let mut log = Vec::new();
     let mut done = 0;
     for generation in 1..=upgrades as u64 {
-        let reply = tokio::task::spawn_blocking({
-            let client = client.clone();
-            move || client.request("upgrade")
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        let mut reply = serde_json::Value::Null;
+        // The old process has logged its exit; its successor may not have seen it go yet, and
+        // refuses a trigger until then: retried, 10 ms apart, for at most 10 s.
+        for _ in 0..1000 {
+            reply = tokio::task::spawn_blocking({
+                let client = client.clone();
+                move || client.request("upgrade")
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            if !reply["error"].as_str().is_some_and(|e| e.contains("still draining")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if reply["ok"] != true {
             eprintln!("upgrade {generation} failed: {reply}");
             break;
@@ -163,7 +175,8 @@ async fn run(binary: &Path, upgrades: usize, workers: usize, retries: usize) -> 
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     while tasks.join_next().await.is_some() {}
-    let _ = server.kill();
+    let group = nix::unistd::Pid::from_raw(server.id() as i32);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     let _ = server.wait();
     let aborted = log
         .iter()
