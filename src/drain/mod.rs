@@ -11,10 +11,11 @@
 //! # Per protocol
 //!
 //! - **HTTP** ([`http`]: hyper 1.x, HTTP/1.1 and HTTP/2): requests in flight finish; every
-//!   response after the drain starts carries `Connection: close`; HTTP/2 gets GOAWAY; an idle
-//!   keep-alive connection is closed after the idle grace (1 s,
-//!   [`DrainBuilder::idle_grace`]) with a lingering close, so that a request racing the close
-//!   meets a clean end of stream, never a reset.
+//!   response after the drain starts carries `Connection: close`; an idle keep-alive
+//!   connection is closed after the idle grace (1 s, [`DrainBuilder::idle_grace`]) with a
+//!   lingering close, so that a request racing the close meets a clean end of stream, never
+//!   a reset; HTTP/2 gets its GOAWAY once it has had no stream open for the idle grace (at
+//!   the latest at the deadline), so that it never crosses a request being sent.
 //! - **WebSocket** ([`websocket`]): Close 1001 "going away"; messages the client sent before
 //!   it saw ours are still delivered; its Close is awaited (bounded), then the TCP close.
 //! - **Raw TCP** ([`tcp`]): `shutdown(SHUT_WR)` (the client reads every byte already written,

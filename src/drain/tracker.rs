@@ -84,7 +84,9 @@ impl DrainBuilder {
 
     /// How long an idle HTTP/1 keep-alive connection is kept open once the drain starts, in
     /// case its client is sending a request at that very moment (that request is answered,
-    /// with `Connection: close`). Default: 1 second.
+    /// with `Connection: close`); and how long an HTTP/2 connection must have had no stream
+    /// open and read nothing before it gets GOAWAY, so that the GOAWAY never crosses a
+    /// request its client is about to send. Default: 1 second.
     pub fn idle_grace(mut self, grace: Duration) -> Self {
         self.0.idle_grace = grace;
         self

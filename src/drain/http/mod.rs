@@ -4,7 +4,15 @@
 //! Once the drain starts:
 //! - every HTTP/1 response carries `Connection: close`, so each HTTP/1 connection closes after
 //!   its next response: a request already sent, even one still in flight, is answered;
-//! - an HTTP/2 connection gets GOAWAY at once; its open streams finish;
+//! - an HTTP/2 connection gets GOAWAY once it has had no stream open and read nothing for
+//!   the idle grace (its client is between calls): a GOAWAY that crosses a request the
+//!   client is about to write makes the client refuse that request itself (nghttp2 opens no
+//!   stream after a GOAWAY, hyper cancels one routed to such a connection). It is the
+//!   two-step GOAWAY (last stream id unbounded, a PING, then the final last stream id), so
+//!   that no stream the client sent before it saw the first is refused; open streams
+//!   finish, and the close lingers until the client has read the final one. A connection
+//!   never quiet gets its GOAWAY at the deadline, and its open streams have the grace after
+//!   it ([`Drain::GRACE_AFTER_DEADLINE`](crate::drain::Drain::GRACE_AFTER_DEADLINE));
 //! - an HTTP/1 connection with no request under way is closed once it has been quiet for the
 //!   idle grace, with a lingering close: our FIN first, then what the client still sends is
 //!   read and discarded until its FIN (at most a second), so that a request sent as we close
@@ -12,7 +20,7 @@
 //! - a connection a request upgraded (a WebSocket through `hyper::upgrade::on`, axum's
 //!   `WebSocketUpgrade`) stays tracked until the upgraded I/O is dropped; its task winds it
 //!   down, told by the [`SharedConnection`] in the request's extensions;
-//! - at the deadline, what is left is closed.
+//! - at the deadline, what is left of HTTP/1 is closed.
 //!
 //! Every close hyper makes (after `Connection: close`, say) is a lingering close too.
 //!
@@ -58,6 +66,8 @@ mod rewind;
 mod server;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_http2;
 mod wind_down;
 
 use std::sync::{Arc, OnceLock};

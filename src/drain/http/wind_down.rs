@@ -15,6 +15,7 @@ use hyper_util::server::conn::auto;
 
 use super::activity::{Activity, InFlight, TrackedBody};
 use super::BoxError;
+use crate::drain::Drain;
 
 /// A connection hyper serves that can be told to wind down: hyper-util's auto connection,
 /// and hyper's HTTP/1 connection (which migration uses, as it gives its I/O back).
@@ -60,32 +61,49 @@ where
 }
 
 /// The drain of one connection, once it has started, as the module describes: HTTP/1 closes
-/// once quiet (or after its response in progress), HTTP/2 gets GOAWAY; at the deadline, what
-/// is left is dropped.
+/// and HTTP/2 gets GOAWAY once quiet (or HTTP/1 after its response in progress); at the
+/// deadline, HTTP/1 left is dropped and HTTP/2 never quiet gets GOAWAY, its open streams
+/// the grace after the deadline.
 pub(crate) async fn wind_down<C: GracefulShutdown>(
     mut served: Pin<&mut C>,
     activity: &Activity,
 ) -> Result<(), BoxError> {
     let connection = &*activity.connection;
     activity.draining.store(true, Ordering::Release);
-    if !activity.http2.load(Ordering::Acquire) {
-        // HTTP/1 (or no request yet): close only once quiet, as the module says.
-        loop {
-            let quiet_since = activity.last_active();
-            let wake = tokio::time::Instant::from_std(quiet_since + connection.idle_grace());
-            tokio::select! {
-                result = served.as_mut() => return result.map_err(Into::into),
-                () = connection.deadline() => return Ok(()),
-                () = tokio::time::sleep_until(wake) => {}
-            }
-            if activity.is_quiet_since(quiet_since) {
-                break;
-            }
+    // Why HTTP/2 waits too: a GOAWAY that reaches a client between its reading a response
+    // and its writing the next request makes it refuse that request itself (nghttp2 opens
+    // no stream once a GOAWAY is in, hyper cancels a request routed to such a connection),
+    // and a client that opens one connection for a batch of requests gives up the rest.
+    // No stream open and nothing read for the idle grace: the client is between batches.
+    let deadline_reached = loop {
+        let quiet_since = activity.last_active();
+        let wake = tokio::time::Instant::from_std(quiet_since + connection.idle_grace());
+        tokio::select! {
+            result = served.as_mut() => return result.map_err(Into::into),
+            () = connection.deadline() => break true,
+            () = tokio::time::sleep_until(wake) => {}
         }
+        if activity.is_quiet_since(quiet_since) {
+            break false;
+        }
+    };
+    let http2 = activity.http2.load(Ordering::Acquire);
+    if deadline_reached && !http2 {
+        return Ok(());
     }
-    // Idle HTTP/1: hyper closes it (a lingering close). HTTP/2: GOAWAY, open streams
-    // finish. Busy HTTP/1: keep-alive off, closed after the response in progress.
+    // Idle HTTP/1: hyper closes it (a lingering close). HTTP/2: GOAWAY with the last stream
+    // id unbounded and a PING, then, once the PING comes back, the final GOAWAY; open
+    // streams finish, and the close lingers until the client has read it. Busy HTTP/1:
+    // keep-alive off, closed after the response in progress.
     served.as_mut().graceful_shutdown();
+    if deadline_reached {
+        // An HTTP/2 connection never quiet: its open streams have the grace after the
+        // deadline (the drain's hard stop drops it then, if the drain spawned it).
+        return tokio::time::timeout(Drain::GRACE_AFTER_DEADLINE, served)
+            .await
+            .unwrap_or(Ok(()))
+            .map_err(Into::into);
+    }
     tokio::select! {
         result = served.as_mut() => result.map_err(Into::into),
         () = connection.deadline() => Ok(()),
