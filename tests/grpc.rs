@@ -23,8 +23,13 @@ struct Tally {
 }
 
 /// The documented retry: a call failing with `CANCELLED` or `UNAVAILABLE` is sent again, up
-/// to this many times.
+/// to this many times, after a backoff that doubles ([`backoff`]), as gRPC clients retry.
 const RETRIES: usize = 3;
+
+/// Before retry `attempt` (from 0): 10, 20, 40 ms, so that the channel has re-dialled.
+async fn backoff(attempt: usize) {
+    tokio::time::sleep(std::time::Duration::from_millis(10 << attempt)).await;
+}
 
 async fn say(channel: &Channel, tally: &Mutex<Tally>) {
     for attempt in 0..=RETRIES {
@@ -34,7 +39,10 @@ async fn say(channel: &Channel, tally: &Mutex<Tally>) {
                 tally.lock().unwrap().generations.insert(reply.generation);
                 return;
             }
-            Err(status) if echo::retryable(&status) && attempt < RETRIES => tally.lock().unwrap().retried += 1,
+            Err(status) if echo::retryable(&status) && attempt < RETRIES => {
+                tally.lock().unwrap().retried += 1;
+                backoff(attempt).await;
+            }
             Err(status) => {
                 *tally
                     .lock()
@@ -55,6 +63,7 @@ async fn count(channel: &Channel, tally: &Mutex<Tally>) {
             Ok(stream) => stream,
             Err(status) if echo::retryable(&status) && attempt < RETRIES => {
                 tally.lock().unwrap().retried += 1;
+                backoff(attempt).await;
                 continue;
             }
             Err(status) => {
