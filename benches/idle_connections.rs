@@ -471,7 +471,11 @@ struct ScaleOutcome {
 async fn scale_run(examples: &std::path::Path, connections: usize, upgrade: Upgrade) -> ScaleOutcome {
     eprintln!("scale, {upgrade}: tcp_echo and ws_chat with {connections} idle clients between them…");
     let dir = tempfile::tempdir().expect("temporary directory");
-    let mut extra = vec!["--drain-timeout".to_owned(), "60".to_owned()];
+    // No probation: "old exit" is the drain's end, not the probation's.
+    let mut extra = vec!["--drain-timeout", "60", "--probation", "0"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
     match upgrade {
         Upgrade::Drain { spread: Some(rate) } => extra.extend(["--spread-closes".to_owned(), rate.to_string()]),
         Upgrade::Drain { spread: None } => {}

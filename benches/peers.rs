@@ -147,7 +147,8 @@ async fn run(
         .args(["--listen", &address.to_string(), "--pid-file"])
         .arg(&pid_file)
         .args(if name == "handoff" {
-            &["--drain-timeout", "10"][..]
+            // No probation: the old process's exit is measured, and ecdysis has none.
+            &["--drain-timeout", "10", "--probation", "0"][..]
         } else {
             &[]
         })

@@ -24,7 +24,9 @@ async fn main() -> anyhow::Result<()> {
     let address: SocketAddr = flag("--listen").unwrap_or_else(|| "127.0.0.1:8081".into()).parse()?;
     let uuid = uuid::Uuid::new_v4().to_string();
 
-    let mut builder = handover::Handoff::builder();
+    // No probation: ecdysis has none, and an old process here exits as soon as it has drained,
+    // as its does.
+    let mut builder = handover::Handoff::builder().probation(Duration::ZERO);
     if let Some(pid_file) = flag("--pid-file") {
         builder = builder.pid_file(pid_file);
     }
