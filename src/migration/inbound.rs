@@ -88,8 +88,16 @@ impl Inbound {
     /// are ignored; a message that cannot be read is skipped (its descriptors closed): the
     /// predecessor, without an acknowledgement, drains that batch.
     pub(crate) async fn receive(&self, channel: &mut Channel) {
+        // A reset (the predecessor's end released with our messages unread) is reported once,
+        // before what is still queued: the batches behind it are read, then the EOF.
+        let mut reset_reported = false;
         loop {
-            match channel.recv_or_eof().await {
+            let received = channel.recv_or_eof().await;
+            let reset = matches!(&received, Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset);
+            if reset && !std::mem::replace(&mut reset_reported, true) {
+                continue;
+            }
+            match received {
                 Ok(None) => return,
                 Ok(Some(Received {
                     message: Message::Migrate { index, connections },
@@ -111,7 +119,13 @@ impl Inbound {
                     }
                 }
                 Ok(Some(_)) => {}
-                Err(error) if error.is_peer_gone() || matches!(error, WireError::Io(_)) => return,
+                Err(WireError::Io(error)) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) if error.is_peer_gone() => return,
+                Err(WireError::Io(error)) => {
+                    // Said, not silent: batches still queued behind it are not received.
+                    tracing::warn!(%error, "the channel from the predecessor failed; receiving no more migrated connections");
+                    return;
+                }
                 Err(error) => tracing::warn!(%error, "unreadable message from the predecessor; ignored"),
             }
         }
