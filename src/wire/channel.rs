@@ -48,6 +48,25 @@ impl Channel {
         })
     }
 
+    /// Resolves once the peer has closed its end entirely (it exited), not when it has only
+    /// shut down its writing half: a half-closed peer still reads what we send.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only waits.
+    pub async fn peer_gone(&self) -> io::Result<()> {
+        loop {
+            // The peer's close raises EPOLLHUP, which tokio reports as "write closed"; its
+            // half-close raises only EPOLLRDHUP ("read closed").
+            let mut guard = self.fd.ready(Interest::WRITABLE).await?;
+            if guard.ready().is_write_closed() {
+                return Ok(());
+            }
+            // Writable without a hang-up: wait for the next change of the socket's state.
+            guard.clear_ready();
+        }
+    }
+
     /// Sends one message with `fds` attached.
     ///
     /// # Cancel safety

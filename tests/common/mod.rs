@@ -106,9 +106,21 @@ impl Server {
         // stopped jobs", and the kernel sends it SIGHUP, killing a successor a test stopped
         // on purpose. The group (its id is the first generation's pid) is killed whole at
         // the end, as before.
-        // SAFETY: `setsid` is async-signal-safe and touches no memory of the parent.
+        // The server starts with no descriptor but its standard streams, as under a service
+        // manager: what the test harness holds (cargo's jobserver pipes, say) is marked
+        // close-on-exec, so that a count of the server's descriptors is the server's own.
+        // SAFETY: `setsid` and `close_range` are async-signal-safe system calls and touch no
+        // memory of the parent; `close_range` with CLOSE_RANGE_CLOEXEC closes nothing before
+        // the exec (std's own exec-error pipe keeps working).
         unsafe {
-            command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+            command.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                let flags = libc::CLOSE_RANGE_CLOEXEC as libc::c_int;
+                if libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, flags) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         let mut child = command
             .spawn()

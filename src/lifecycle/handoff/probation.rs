@@ -22,7 +22,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -51,8 +51,9 @@ pub(super) struct Watch {
     /// exit closes the channel).
     drains: AtomicUsize,
     drains_ever: AtomicBool,
-    /// Successor: a duplicate of the channel to the predecessor, to say `Leaving` on.
-    leave_link: Mutex<Option<Channel>>,
+    /// Successor: a duplicate of the channel to the predecessor, to say `Leaving` on, until
+    /// the predecessor has exited.
+    leave_link: Mutex<Option<Arc<Channel>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -142,11 +143,24 @@ impl Handoff {
     /// Successor side, after the commit: keeps a duplicate of the channel to say `Leaving` on.
     pub(super) fn keep_leave_link(&self, channel: &Channel) {
         match channel.as_fd().try_clone_to_owned().and_then(Channel::new) {
-            Ok(link) => *lock(&self.inner.probation.leave_link) = Some(link),
+            Ok(link) => *lock(&self.inner.probation.leave_link) = Some(Arc::new(link)),
             Err(error) => {
                 tracing::debug!(%error, "no duplicate of the channel: the predecessor may take back after a stop")
             }
         }
+    }
+
+    /// Successor side: once the predecessor has exited (at once, or at the end of its
+    /// probation), closes the duplicate kept to say `Leaving` on: nobody is left to tell, and
+    /// a process must not hold a descriptor per generation it followed.
+    pub(super) async fn forget_predecessor_once_gone(&self) {
+        let Some(link) = lock(&self.inner.probation.leave_link).clone() else {
+            return;
+        };
+        if let Err(error) = link.peer_gone().await {
+            tracing::debug!(%error, "cannot watch for the predecessor's exit; its channel is closed now");
+        }
+        lock(&self.inner.probation.leave_link).take();
     }
 
     /// Predecessor side, after the commit: watches `child`, the committed successor, until it

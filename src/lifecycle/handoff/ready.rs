@@ -200,6 +200,7 @@ impl Handoff {
             // EOF: it exited, or it has drained and half-closed the channel (it may wait
             // out its probation, and took nothing more from us).
             tracing::info!(predecessor_pid = ?handoff.inner.predecessor_pid, "predecessor exited, or drained and on probation");
+            handoff.forget_predecessor_once_gone().await;
         });
     }
 
