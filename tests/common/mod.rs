@@ -83,6 +83,30 @@ impl Server {
     pub fn spawn_with(binary: &Path, args: &[&str], customize: impl FnOnce(&mut Command)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut command = Command::new(binary);
+        // A session of its own, not only a process group: where the tests share their session
+        // with the init process (a CI runner started without `setsid`), a group whose last
+        // link to that session exits while one of its members is stopped is "orphaned with
+        // stopped jobs", and the kernel sends it SIGHUP, killing a successor a test stopped
+        // on purpose. The group (its id is the first generation's pid) is killed whole at
+        // the end, as before.
+        //
+        // And no descriptor but its standard streams, as under a service manager: what the
+        // test harness holds (cargo's jobserver pipes, say) is marked close-on-exec, so that
+        // a count of the server's descriptors is the server's own. Registered before
+        // `customize`, whose own `pre_exec` may pass more.
+        // SAFETY: `setsid` and `close_range` are async-signal-safe system calls and touch no
+        // memory of the parent; `close_range` with CLOSE_RANGE_CLOEXEC closes nothing before
+        // the exec (std's own exec-error pipe keeps working).
+        unsafe {
+            command.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                let flags = libc::CLOSE_RANGE_CLOEXEC as libc::c_int;
+                if libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, flags) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         // Before `customize`, which may ask for more (or less).
         command.env("RUST_LOG", "info,http_uuid=debug");
         customize(&mut command);
@@ -100,28 +124,6 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // A session of its own, not only a process group: where the tests share their session
-        // with the init process (a CI runner started without `setsid`), a group whose last
-        // link to that session exits while one of its members is stopped is "orphaned with
-        // stopped jobs", and the kernel sends it SIGHUP, killing a successor a test stopped
-        // on purpose. The group (its id is the first generation's pid) is killed whole at
-        // the end, as before.
-        // The server starts with no descriptor but its standard streams, as under a service
-        // manager: what the test harness holds (cargo's jobserver pipes, say) is marked
-        // close-on-exec, so that a count of the server's descriptors is the server's own.
-        // SAFETY: `setsid` and `close_range` are async-signal-safe system calls and touch no
-        // memory of the parent; `close_range` with CLOSE_RANGE_CLOEXEC closes nothing before
-        // the exec (std's own exec-error pipe keeps working).
-        unsafe {
-            command.pre_exec(|| {
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                let flags = libc::CLOSE_RANGE_CLOEXEC as libc::c_int;
-                if libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, flags) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
@@ -411,6 +413,38 @@ pub fn fd_targets(pid: u32) -> Vec<String> {
 /// The pids of the zombie children of `pid`: exited, not reaped.
 pub fn zombie_children(pid: u32) -> Vec<u32> {
     children_where(pid, |state| state == "Z")
+}
+
+/// A process of a session: its pid, state (`R`, `S`, `Z`…) and parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub pid: u32,
+    pub state: char,
+    pub parent: u32,
+}
+
+/// The processes of session `sid` (a test server's, whose id is its first generation's pid:
+/// every generation stays in it).
+pub fn session_members(sid: u32) -> Vec<Member> {
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        // state, ppid, pgrp, session
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() > 3 && fields[3] == sid.to_string() {
+            members.push(Member {
+                pid: entry.file_name().to_string_lossy().parse().unwrap(),
+                state: fields[0].chars().next().unwrap_or('?'),
+                parent: fields[1].parse().unwrap_or(0),
+            });
+        }
+    }
+    members
 }
 
 /// The pids of the children of `pid` whose state (`/proc/PID/stat`'s third field) `keep`s.
