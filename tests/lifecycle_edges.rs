@@ -351,7 +351,7 @@ async fn expect_ready(server: &Server, channel: &mut Channel) {
 async fn a_successor_acts_only_after_the_commit_or_its_predecessors_vanishing() {
     let (server, mut channel) = fake_handover(2).await;
     expect_ready(&server, &mut channel).await;
-    channel.send(&Message::Commit { counters: None }, &[]).await.unwrap();
+    channel.send(&commit(), &[]).await.unwrap();
     server.wait_for_log(|l| l.contains(" ready ") && l.contains("generation=2"));
     assert_eq!(server.pid_in_file(), Some(server.first_pid()));
 
@@ -405,7 +405,7 @@ async fn a_stop_between_ready_and_commit_cleans_up_after_the_commit() {
     std::fs::write(server.pid_file(), format!("{}\n", std::process::id())).unwrap();
     signal(server.first_pid(), Signal::SIGTERM);
     server.wait_for_log(|l| l.contains("stopping"));
-    channel.send(&Message::Commit { counters: None }, &[]).await.unwrap();
+    channel.send(&commit(), &[]).await.unwrap();
     server.wait_for_first_exit();
     assert_eq!(
         server.pid_in_file(),
@@ -423,7 +423,7 @@ async fn the_successor_answers_the_control_socket_only_after_the_commit() {
     expect_ready(&server, &mut channel).await;
     let path = server.control_path();
     let status = std::thread::spawn(move || handover::control::Client::new(path).request("status"));
-    channel.send(&Message::Commit { counters: None }, &[]).await.unwrap();
+    channel.send(&commit(), &[]).await.unwrap();
     let status = status.join().unwrap().unwrap();
     assert_eq!(status["state"], "ready", "{status}");
     assert_eq!(status["pid"], server.first_pid());
@@ -435,7 +435,7 @@ async fn the_successor_answers_the_control_socket_only_after_the_commit() {
 async fn the_last_generation_serves_and_refuses_to_upgrade() {
     let (server, mut channel) = fake_handover(u64::MAX).await;
     expect_ready(&server, &mut channel).await;
-    channel.send(&Message::Commit { counters: None }, &[]).await.unwrap();
+    channel.send(&commit(), &[]).await.unwrap();
     drop(channel); // the fake predecessor exits
     server.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("generation={}", u64::MAX)));
     // Until the successor has seen it go, an upgrade is refused for that reason instead.
@@ -488,4 +488,12 @@ fn the_control_socket_refuses_garbage_and_stops_on_request() {
     assert!(server.wait_for_first_exit().success());
     assert!(!server.control_path().exists());
     assert_eq!(server.pid_in_file(), None);
+}
+
+/// A commit as a predecessor of an older version sends it: no counters, no elders.
+fn commit() -> Message {
+    Message::Commit {
+        counters: None,
+        elders: Vec::new(),
+    }
 }

@@ -102,16 +102,19 @@ fn is_trigger_outcome(line: &str) -> bool {
     line.contains("upgrade refused") || line.contains("upgrade triggered")
 }
 
-/// An operator's `kill -USR2 $(cat pidfile)` right after an upgrade: sent the moment the PID
-/// file names the new process, it is never refused as "not ready" (the file goes in place
-/// with the state's change to ready), and refused as "still draining" only while the old
-/// process still runs; sent the moment the old process has exited, it is never refused as
-/// "still draining" (the trigger looks at the channel's EOF itself). Over many upgrades, so
-/// that the narrow windows are met.
+/// An operator's `kill -USR2 $(cat pidfile)` right after an upgrade, with room for two
+/// generations only: sent the moment the PID file names the new process, it is never refused
+/// as "not ready" (the file goes in place with the state's change to ready), and refused as
+/// "still draining" only while the old process still runs; sent the moment the old process
+/// has exited, it is never refused as "still draining" (the trigger looks at the channel's
+/// EOF itself). Over many upgrades, so that the narrow windows are met.
 #[test]
 fn a_trigger_right_after_an_upgrade_is_refused_only_for_a_live_predecessor() {
     const UPGRADES: usize = 30;
-    let server = Server::start(&example("http_uuid"), &["--listen", "127.0.0.1:0"]);
+    let server = Server::start(
+        &example("http_uuid"),
+        &["--listen", "127.0.0.1:0", "--max-generations", "2"],
+    );
     let mut serving = server.first_pid();
     let mut predecessor: Option<u32> = None;
     let mut outcomes = 0;

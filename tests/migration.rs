@@ -246,7 +246,11 @@ async fn a_successor_refuses_a_malformed_or_oversized_state_and_keeps_serving() 
     let args = ["--listen", "127.0.0.1:0", "--migrate", "--upgrade-timeout", "5"];
     let (server, mut channel) = fake_predecessor::handover(&example("tcp_echo"), &args, 2).await;
     assert_eq!(channel.recv("ready").await.unwrap().message.kind(), "ready");
-    channel.send(&Message::Commit { counters: None }, &[]).await.unwrap();
+    let commit = Message::Commit {
+        counters: None,
+        elders: Vec::new(),
+    };
+    channel.send(&commit, &[]).await.unwrap();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (malformed, mut malformed_client) = accepted(&listener).await;

@@ -31,6 +31,10 @@ pub struct ServerFlags {
     /// successor dies (0: off).
     #[arg(long, default_value_t = 10.0)]
     pub probation: f64,
+    /// How many generations may be alive at once, the successor included: an upgrade is
+    /// accepted while older ones still drain, up to this.
+    #[arg(long, default_value_t = 4)]
+    pub max_generations: usize,
 }
 
 impl ServerFlags {
@@ -38,7 +42,8 @@ impl ServerFlags {
     pub fn builder(&self) -> handover::Builder {
         let mut builder = handover::Handoff::builder()
             .upgrade_timeout(Duration::from_secs_f64(self.upgrade_timeout))
-            .probation(Duration::from_secs_f64(self.probation));
+            .probation(Duration::from_secs_f64(self.probation))
+            .max_generations(self.max_generations);
         if let Some(path) = &self.pid_file {
             builder = builder.pid_file(path);
         }

@@ -40,6 +40,19 @@ fn rollback(rollback: &Value) -> Option<String> {
     })
 }
 
+/// `pid 4001 (generation 1, 12s, 3 connections)`; age and connections only where the server
+/// says them.
+fn draining_generation(generation: &Value) -> String {
+    let mut about = vec![format!("generation {}", generation["generation"])];
+    if let Some(age) = generation["age_s"].as_f64() {
+        about.push(uptime(age));
+    }
+    if let Some(connections) = generation["connections"].as_u64() {
+        about.push(format!("{connections} connections"));
+    }
+    format!("pid {} ({})", generation["pid"], about.join(", "))
+}
+
 /// The `status` answer as a table.
 pub fn status(reply: &Value) -> String {
     let mut out = String::new();
@@ -49,7 +62,7 @@ pub fn status(reply: &Value) -> String {
     };
     let draining: Vec<String> = array(&reply["draining_generations"])
         .iter()
-        .map(|g| format!("pid {} (generation {})", g["pid"], g["generation"]))
+        .map(draining_generation)
         .collect();
     for (label, value) in [
         ("pid", text(&reply["pid"])),
@@ -204,7 +217,7 @@ mod tests {
     fn the_status_table_names_every_part() {
         let reply = json!({
             "ok": true, "pid": 4100, "generation": 2, "state": "ready", "uptime_s": 3725.0,
-            "upgrade_phase": null, "draining_generations": [{"pid": 4001, "generation": 1}],
+            "upgrade_phase": null, "draining_generations": [{"pid": 4001, "generation": 1, "age_s": 12.0, "connections": 3}],
             "sockets": [{"name": "http", "kind": "tcp_listener", "address": "127.0.0.1:8081", "origin": "inherited"}],
             "connections": [{"listener": "web", "protocol": "http", "active": 3, "draining": 0, "forced": 0},
                 {"listener": "admin", "protocol": "http", "active": 1, "draining": 0, "forced": 0}],
@@ -219,7 +232,7 @@ mod tests {
         for expected in [
             "pid         4100",
             "uptime      1h 02m 05s",
-            "draining    pid 4001 (generation 1)",
+            "draining    pid 4001 (generation 1, 12.0s, 3 connections)",
             "http                tcp_listener    127.0.0.1:8081              inherited",
             "web                 http               3         0       0",
             "admin               http               1         0       0",

@@ -398,7 +398,12 @@ mod tests {
         }
 
         /// A successor resuming `echo` connections whose state is a `Count`.
-        fn successor(mut channel: Channel) -> mpsc::UnboundedReceiver<Taken> {
+        fn successor(channel: Channel) -> mpsc::UnboundedReceiver<Taken> {
+            successor_serving(channel, true)
+        }
+
+        /// The same, serving, or else committed to a successor of its own (draining).
+        fn successor_serving(mut channel: Channel, serving: bool) -> mpsc::UnboundedReceiver<Taken> {
             let (tx, rx) = mpsc::unbounded_channel();
             let inbound = Arc::new(Inbound::default());
             let receiver: Arc<Receiver> = Arc::new(move |stream, entry| {
@@ -408,7 +413,7 @@ mod tests {
                 Ok(Box::new(move || drop(tx.send((stream, state, leftover)))))
             });
             inbound.register("echo", Protocol::RawTcp, receiver);
-            tokio::spawn(async move { inbound.receive(&mut channel).await });
+            tokio::spawn(async move { inbound.receive(&mut channel, || serving).await });
             rx
         }
 
@@ -472,6 +477,25 @@ mod tests {
             assert!(taken.try_recv().is_err(), "the successor resumed nothing");
             drop(tracked);
             assert_eq!(drain.drain().await.migrated, 0);
+        }
+
+        #[tokio::test]
+        async fn a_successor_that_drains_itself_refuses_the_connection_and_it_comes_back() {
+            let (drain, channel) = migrating_drain();
+            let mut taken = successor_serving(channel, false);
+            let (stream, mut client) = connection().await;
+            let tracked = drain.track();
+            let returned = tracked
+                .migrate(stream, handover(&serde_json::json!({"n": 1}), &[]))
+                .await
+                .unwrap_err();
+            let MigrationError::Refused { reason } = &returned.error else {
+                panic!("{:?}", returned.error)
+            };
+            assert!(reason.contains("takes no more connections"), "{reason}");
+            let mut stream = returned.stream;
+            still_connected(&mut stream, &mut client).await;
+            assert!(taken.try_recv().is_err(), "the successor resumed nothing");
         }
 
         #[tokio::test]

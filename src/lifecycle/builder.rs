@@ -32,6 +32,7 @@ pub struct Builder {
     pub(crate) executable: Option<PathBuf>,
     pub(crate) working_dir: Option<PathBuf>,
     pub(crate) probation: Duration,
+    pub(crate) max_generations: usize,
 }
 
 impl Default for Builder {
@@ -46,6 +47,7 @@ impl Default for Builder {
             executable: None,
             working_dir: None,
             probation: Duration::from_secs(10),
+            max_generations: 4,
         }
     }
 }
@@ -132,7 +134,7 @@ impl Builder {
     /// to the next `upgrade`). What is lost: the connections the successor had taken
     /// (accepted, or migrated to it) die with it. With three generations alive, only the
     /// newest live one takes back: a successor that handed over ends its predecessor's
-    /// probation. A successor may upgrade once its predecessor has drained, probation or not.
+    /// probation.
     ///
     /// An accept loop of your own must follow [`Handoff::taken_back`](crate::Handoff::taken_back)
     /// after its `shutdown_signal`, or the process taken back accepts nothing (set zero then).
@@ -148,6 +150,19 @@ impl Builder {
     /// works: the supervisor follows the `MAINPID=`.
     pub fn probation(mut self, probation: Duration) -> Self {
         self.probation = probation;
+        self
+    }
+
+    /// How many generations may be alive at once, the successor an upgrade would start
+    /// included: an upgrade is accepted while older generations still drain (a rollback does
+    /// not wait for the bad release to drain), and refused, with the reason, when this many
+    /// are alive. Each generation talks only to its direct successor; `status` lists the
+    /// ones draining. A predecessor that has drained and only waits out its
+    /// [`probation`](Self::probation) does not count: it exits when its successor commits
+    /// to one of its own. Values below 2 count as 2 (a process and its successor: no upgrade
+    /// while the previous generation drains). Default: 4.
+    pub fn max_generations(mut self, max: usize) -> Self {
+        self.max_generations = max.max(2);
         self
     }
 }

@@ -281,8 +281,11 @@ async fn say(channel: &Channel, message: &Message) -> Result<(), WireError> {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Verdict {
     /// It committed: it has stopped accepting and drains. With its upgrade counters, if it
-    /// sent them, for ours to go on from.
-    Committed(Option<serde_json::Value>),
+    /// sent them, for ours to go on from, and the generations still draining.
+    Committed {
+        counters: Option<serde_json::Value>,
+        elders: Vec<crate::wire::Elder>,
+    },
     /// It closed the channel without a word (it died): we hold every socket and serve alone.
     Vanished,
 }
@@ -318,7 +321,7 @@ pub(crate) async fn await_commit(channel: &mut Channel, startup_ms: u64, timeout
     };
     match answer {
         Ok(Some(received)) => match received.message {
-            Message::Commit { counters } => Ok(Verdict::Committed(counters)),
+            Message::Commit { counters, elders } => Ok(Verdict::Committed { counters, elders }),
             Message::Abort { reason } => Err(Error::Ready(WireError::Refused(reason))),
             other => Err(Error::Ready(WireError::Unexpected {
                 expected: "commit",

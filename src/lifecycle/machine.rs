@@ -114,7 +114,10 @@ mod tests {
     fn apply_with_changes_nothing_when_the_act_fails() {
         let lifecycle = Lifecycle::new(false);
         assert_eq!(lifecycle.apply(Event::Ready).map(|t| t.effect), Ok(Effect::None));
-        assert_eq!(lifecycle.apply(Event::Trigger).map(|t| t.effect), Ok(Effect::None));
+        assert_eq!(
+            lifecycle.apply(Event::Trigger { alive: 1, max: 4 }).map(|t| t.effect),
+            Ok(Effect::None)
+        );
         let failed = lifecycle.apply_with(
             Event::CommitTo {
                 successor_pid: 7,
@@ -171,14 +174,17 @@ mod tests {
     fn a_failed_upgrade_goes_back_to_ready_and_a_refusal_changes_nothing() {
         let lifecycle = Lifecycle::new(false);
         let _ = lifecycle.apply(Event::Ready);
-        let _ = lifecycle.apply(Event::Trigger);
+        let _ = lifecycle.apply(Event::Trigger { alive: 1, max: 4 });
         let why = "successor pid 7 exited".to_owned();
         let reverted = lifecycle.apply(Event::UpgradeFailed { why }).unwrap();
         assert_eq!((reverted.before.state, reverted.after.state), (Upgrading, Ready));
         let before = lifecycle.status();
         let _ = lifecycle.apply(Event::Stop);
         let stopped = lifecycle.status();
-        assert_eq!(lifecycle.apply(Event::Trigger), Err(Refusal::ShuttingDown));
+        assert_eq!(
+            lifecycle.apply(Event::Trigger { alive: 1, max: 4 }),
+            Err(Refusal::ShuttingDown)
+        );
         assert_eq!(lifecycle.status(), stopped);
         assert_ne!(before, stopped);
     }

@@ -15,6 +15,7 @@ mod child;
 mod connections;
 mod counters;
 mod early_signals;
+mod elders;
 mod handoff;
 mod inheritance;
 mod machine;

@@ -202,7 +202,7 @@ mod tests {
     fn a_good_upgrade_reloads_then_names_the_successor_behind_a_barrier() {
         let events = [
             Event::Ready,
-            Event::Trigger,
+            Event::Trigger { alive: 1, max: 4 },
             Event::CommitTo {
                 successor_pid: 7,
                 probation: false,
@@ -240,7 +240,12 @@ mod tests {
             successor_pid: 7,
             probation: true,
         };
-        let events = [Event::Ready, Event::Trigger, commit.clone(), Event::SuccessorDied];
+        let events = [
+            Event::Ready,
+            Event::Trigger { alive: 1, max: 4 },
+            commit.clone(),
+            Event::SuccessorDied,
+        ];
         let said = messages(&announcements(&announcer(false), Status::new(false), &events));
         assert!(said[2].starts_with("MAINPID=7\nREADY=1\n"), "{}", said[2]);
         assert!(
@@ -250,7 +255,7 @@ mod tests {
         );
         let events = [
             Event::Ready,
-            Event::Trigger,
+            Event::Trigger { alive: 1, max: 4 },
             commit,
             Event::ProbationOver,
             Event::SuccessorDied,
@@ -262,7 +267,11 @@ mod tests {
     #[test]
     fn a_failed_upgrade_is_ready_again_with_the_reason_on_one_line() {
         let why = "successor pid 7 exited\n(1)".to_owned();
-        let events = [Event::Ready, Event::Trigger, Event::UpgradeFailed { why }];
+        let events = [
+            Event::Ready,
+            Event::Trigger { alive: 1, max: 4 },
+            Event::UpgradeFailed { why },
+        ];
         let said = messages(&announcements(&announcer(false), Status::new(false), &events));
         assert_eq!(
             said[2],
@@ -279,7 +288,12 @@ mod tests {
         ));
         assert!(said[1].starts_with("STOPPING=1\n"), "{}", said[1]);
         let why = "a stop was requested".to_owned();
-        let events = [Event::Ready, Event::Trigger, Event::Stop, Event::UpgradeFailed { why }];
+        let events = [
+            Event::Ready,
+            Event::Trigger { alive: 1, max: 4 },
+            Event::Stop,
+            Event::UpgradeFailed { why },
+        ];
         let said = messages(&announcements(&announcer(false), Status::new(false), &events));
         assert!(said[2].starts_with("STOPPING=1\n"), "{}", said[2]);
         assert_eq!(

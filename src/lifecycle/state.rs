@@ -38,8 +38,9 @@ use serde::Serialize;
 /// `SuccessorDied`, the successor dead on probation without having said that it leaves, and
 /// no stop here first (`Builder::probation`). `ProbationOver` (its time is up, or the
 /// successor said it leaves) changes no state: the sockets kept for a take-back are let go.
-/// Triggers are refused, with their reason, everywhere but in `Ready`, and in `Ready` while
-/// the previous generation still drains. A successor owns no shared path (Unix listener
+/// Triggers are refused, with their reason, everywhere but in `Ready`, and in `Ready` when
+/// as many generations as `Builder::max_generations` allows are alive (this one and older
+/// ones still draining). A successor owns no shared path (Unix listener
 /// paths, the control socket's, the PID file) until its predecessor commits; a stop before
 /// that removes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -95,7 +95,12 @@ pub(crate) enum Event {
         outcome: Result<(), SharedError>,
     },
     /// An upgrade was triggered.
-    Trigger,
+    Trigger {
+        /// How many generations are alive: this process, and the older ones still draining.
+        alive: usize,
+        /// How many may be alive in all, the successor included (`Builder::max_generations`).
+        max: usize,
+    },
     /// The upgrade under way failed or was abandoned before its commit.
     UpgradeFailed {
         /// Why, for the service manager's status.
@@ -145,8 +150,8 @@ pub(crate) enum Refusal {
     NotReady,
     /// One upgrade at a time.
     InProgress,
-    /// The previous generation still drains.
-    PredecessorDraining,
+    /// As many generations as allowed are alive (this one, and older ones still draining).
+    TooManyGenerations,
     /// This process hands over or stops.
     ShuttingDown,
     /// A stop was requested first.
@@ -211,11 +216,12 @@ pub(crate) fn next(status: &Status, event: &Event) -> Result<(Status, Effect), R
             Readiness::NotStarted | Readiness::Done(_) => unchanged(),
         },
 
-        (Starting, Event::Trigger) => Err(Refusal::NotReady),
-        (Ready, Event::Trigger) if status.predecessor_running => Err(Refusal::PredecessorDraining),
-        (Ready, Event::Trigger) => Ok((with(Upgrading), Effect::None)),
-        (Upgrading, Event::Trigger) => Err(Refusal::InProgress),
-        (Draining | Stopping, Event::Trigger) => Err(Refusal::ShuttingDown),
+        (Starting, Event::Trigger { .. }) => Err(Refusal::NotReady),
+        // The successor would be one generation too many.
+        (Ready, &Event::Trigger { alive, max }) if alive >= max => Err(Refusal::TooManyGenerations),
+        (Ready, Event::Trigger { .. }) => Ok((with(Upgrading), Effect::None)),
+        (Upgrading, Event::Trigger { .. }) => Err(Refusal::InProgress),
+        (Draining | Stopping, Event::Trigger { .. }) => Err(Refusal::ShuttingDown),
 
         (Upgrading, Event::UpgradeFailed { .. }) => Ok((with(Ready), Effect::None)),
         // A stop won the race: it stays a stop. Before a trigger or after a commit: nothing

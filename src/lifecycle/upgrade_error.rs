@@ -68,9 +68,19 @@ pub enum UpgradeError {
     /// Another upgrade is under way.
     #[error("an upgrade is already in progress")]
     InProgress,
-    /// The previous generation is still draining; wait for it to exit.
-    #[error("the previous generation (pid {0}) is still draining")]
-    PredecessorDraining(u32),
+    /// As many generations as [`Builder::max_generations`](crate::Builder::max_generations)
+    /// allows are alive: this one and older ones still draining. Wait for one to finish.
+    #[error(
+        "{} generations are alive, this one and older ones still draining (pids {}): a successor would be more than max_generations ({max})",
+        draining.len() + 1,
+        pids(draining)
+    )]
+    TooManyGenerations {
+        /// The limit.
+        max: usize,
+        /// The older generations still draining, oldest first.
+        draining: Vec<u32>,
+    },
     /// This process is already handing over or stopping.
     #[error("this process is shutting down")]
     ShuttingDown,
@@ -173,13 +183,18 @@ impl UpgradeError {
     pub fn is_refused(&self) -> bool {
         matches!(
             self,
-            Self::NotReady | Self::InProgress | Self::PredecessorDraining(_) | Self::ShuttingDown
+            Self::NotReady | Self::InProgress | Self::TooManyGenerations { .. } | Self::ShuttingDown
         )
     }
 }
 
 fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1000.0)
+}
+
+/// `1, 2, 3`.
+fn pids(pids: &[u32]) -> String {
+    pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
 }
 
 /// The prefix of a spawn error's cause that names the working directory, if it failed.

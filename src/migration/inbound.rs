@@ -25,6 +25,29 @@ struct Checked {
     refused: Vec<RefusedConnection>,
 }
 
+impl Checked {
+    /// Batch `index` of `len` connections, every one refused for `reason` (our copies close
+    /// with the descriptors; the predecessor drains its own).
+    fn refused_whole(index: u64, len: usize, reason: &str) -> Self {
+        tracing::warn!(
+            batch = index,
+            connections = len,
+            reason,
+            "refused a batch of migrated connections"
+        );
+        Self {
+            index,
+            resumes: Vec::new(),
+            refused: (0..len)
+                .map(|position| RefusedConnection {
+                    position,
+                    reason: reason.to_owned(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// What became of a predecessor that stopped receiving our acknowledgements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Predecessor {
@@ -87,7 +110,11 @@ impl Inbound {
     /// Receives batches until the predecessor closes the channel (it exited). Other messages
     /// are ignored; a message that cannot be read is skipped (its descriptors closed): the
     /// predecessor, without an acknowledgement, drains that batch.
-    pub(crate) async fn receive(&self, channel: &mut Channel) {
+    ///
+    /// While `serving` says no (this process has committed to a successor of its own, or
+    /// stops), every batch is refused: a draining generation takes no more connections, and
+    /// the predecessor drains them itself.
+    pub(crate) async fn receive(&self, channel: &mut Channel, serving: impl Fn() -> bool) {
         // A reset (the predecessor's end released with our messages unread) is reported once,
         // before what is still queued: the batches behind it are read, then the EOF.
         let mut reset_reported = false;
@@ -104,7 +131,15 @@ impl Inbound {
                     fds,
                     ..
                 })) => {
-                    let batch = self.check_batch(index, connections, fds);
+                    let batch = if serving() {
+                        self.check_batch(index, connections, fds)
+                    } else {
+                        Checked::refused_whole(
+                            index,
+                            connections.len(),
+                            "this process drains: it takes no more connections",
+                        )
+                    };
                     let answer = Message::Migrated {
                         index,
                         refused: batch.refused.clone(),
@@ -209,13 +244,7 @@ impl Inbound {
                 entries.len(),
                 fds.len()
             );
-            batch
-                .refused
-                .extend((0..entries.len()).map(|position| RefusedConnection {
-                    position,
-                    reason: reason.clone(),
-                }));
-            return batch;
+            return Checked::refused_whole(index, entries.len(), &reason);
         }
         for (position, (entry, fd)) in entries.into_iter().zip(fds).enumerate() {
             match self.check_one(&entry, fd) {

@@ -51,6 +51,10 @@ impl Channel {
     /// Resolves once the peer has closed its end entirely (it exited), not when it has only
     /// shut down its writing half: a half-closed peer still reads what we send.
     ///
+    /// It clears the write readiness tokio caches for this end: send on it meanwhile with
+    /// [`try_send`](Self::try_send), not [`send`](Self::send), which could wait for a wake-up
+    /// that does not come.
+    ///
     /// # Cancel safety
     ///
     /// Cancel safe: it only waits.
@@ -77,6 +81,14 @@ impl Channel {
         self.fd
             .async_io(Interest::WRITABLE, |fd| send_datagram(fd.as_fd(), &bytes, fds))
             .await?;
+        Ok(())
+    }
+
+    /// Sends one message now, or fails with `WouldBlock` when the socket's buffer is full:
+    /// never waits, and asks the socket itself rather than the readiness tokio has cached.
+    pub fn try_send(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
+        let bytes = message.encode()?;
+        send_datagram(self.fd.get_ref().as_fd(), &bytes, fds)?;
         Ok(())
     }
 

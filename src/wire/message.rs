@@ -37,7 +37,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConnectionEntry, RefusedConnection, SocketEntry, WireError};
+use super::{ConnectionEntry, Elder, RefusedConnection, SocketEntry, WireError};
 
 /// The version of this protocol. Both sides refuse a peer that speaks another one.
 ///
@@ -125,6 +125,11 @@ pub enum Message {
         /// keeps none).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         counters: Option<serde_json::Value>,
+        /// The generations older than the successor that still drain: the predecessor's own
+        /// elders, and the predecessor itself, oldest first. A peer that does not know the
+        /// field ignores it (the successor then counts its predecessor alone).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        elders: Vec<Elder>,
     },
     /// The sender gives up; the channel closes after this.
     Abort {
@@ -291,7 +296,10 @@ mod tests {
             Message::Rejected { reason: "no".into() },
             Message::ExtendStartup { more_ms: 1500 },
             Message::Ready { startup_ms: 7 },
-            Message::Commit { counters: None },
+            Message::Commit {
+                counters: None,
+                elders: Vec::new(),
+            },
             Message::Abort { reason: "bye".into() },
         ];
         for message in messages {

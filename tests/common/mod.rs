@@ -124,9 +124,8 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let mut child =
+            spawn_when_written(&mut command).unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
         let log = Arc::new(Log::default());
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
@@ -413,6 +412,22 @@ pub fn fd_targets(pid: u32) -> Vec<String> {
 /// The pids of the zombie children of `pid`: exited, not reaped.
 pub fn zombie_children(pid: u32) -> Vec<u32> {
     children_where(pid, |state| state == "Z")
+}
+
+/// Spawns `command`, again while the kernel says its executable is still open for writing
+/// (`ETXTBSY`, at most a second): a test that has just written a script races the other
+/// tests' forks, each of which holds every descriptor of this process, the script's too, until
+/// its exec.
+pub fn spawn_when_written(command: &mut Command) -> std::io::Result<std::process::Child> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match command.spawn() {
+            Err(error) if error.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 /// A process of a session: its pid, state (`R`, `S`, `Z`…) and parent.

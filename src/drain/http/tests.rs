@@ -161,7 +161,7 @@ mod migration {
             inbound.register(listener, Protocol::Http1, receiver);
         }
         let mut channel = Channel::new(theirs).unwrap();
-        tokio::spawn(async move { inbound.receive(&mut channel).await });
+        tokio::spawn(async move { inbound.receive(&mut channel, || true).await });
         (drain, rx)
     }
 

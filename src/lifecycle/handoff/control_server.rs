@@ -227,12 +227,6 @@ fn status(handoff: &Handoff) -> Value {
             socket
         })
         .collect();
-    let draining: Vec<Value> = match handoff.predecessor_pid() {
-        Some(pid) if handoff.predecessor_running() => {
-            vec![json!({"pid": pid, "generation": handoff.generation() - 1})]
-        }
-        _ => Vec::new(),
-    };
     json!({
         "ok": true,
         "pid": std::process::id(),
@@ -242,7 +236,7 @@ fn status(handoff: &Handoff) -> Value {
         "upgrade_phase": handoff.upgrade_progress().current(),
         "predecessor_pid": handoff.predecessor_pid(),
         "predecessor_running": handoff.predecessor_running(),
-        "draining_generations": draining,
+        "draining_generations": handoff.draining_generations(),
         "sockets": sockets,
         "connections": handoff.connections(),
         "upgrades": handoff.upgrade_counters(),

@@ -5,6 +5,7 @@
 //! that dies); and `control_server`, which answers the control socket for the handle.
 
 mod control_server;
+mod generations;
 mod probation;
 mod ready;
 mod state;
@@ -81,6 +82,8 @@ struct Inner {
     state: state::StateSlots,
     /// The predecessor's side of the probation (see `probation`).
     probation: probation::Watch,
+    /// The generations older than this one that drained at our commit (see `generations`).
+    elders: std::sync::Mutex<Vec<crate::wire::Elder>>,
 }
 
 impl Handoff {
@@ -135,6 +138,7 @@ impl Handoff {
                 migration: Default::default(),
                 state: state::StateSlots::received(state),
                 probation: Default::default(),
+                elders: Default::default(),
             }),
         };
         tracing::info!(pid = std::process::id(), generation, predecessor = ?predecessor_pid, "starting");
@@ -171,9 +175,9 @@ impl Handoff {
         self.inner.predecessor_pid
     }
 
-    /// Whether the previous generation still drains. No upgrade starts until it has drained
-    /// (it may stay alive, on probation, after that: see
-    /// [`Builder::probation`](crate::Builder::probation)) or exited.
+    /// Whether the previous generation still drains (it may stay alive, on probation, after
+    /// that: see [`Builder::probation`](crate::Builder::probation)). An upgrade may start
+    /// meanwhile, up to [`Builder::max_generations`](crate::Builder::max_generations).
     pub fn predecessor_running(&self) -> bool {
         self.inner.lifecycle.status().predecessor_running
     }

@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use tokio::sync::watch;
 
 use super::Handoff;
@@ -133,10 +132,11 @@ impl Handoff {
             reason: reason.to_owned(),
         };
         // A few bytes into an empty buffer: sent at once or not at all.
-        match tokio::task::unconstrained(channel.send(&leaving, &[])).now_or_never() {
-            Some(Ok(())) => tracing::debug!(reason, "told the predecessor that we leave"),
-            Some(Err(error)) => tracing::debug!(%error, "could not tell the predecessor that we leave"),
-            None => tracing::debug!("could not tell the predecessor that we leave: its channel is full"),
+        match channel.try_send(&leaving, &[]) {
+            Ok(()) => tracing::debug!(reason, "told the predecessor that we leave"),
+            Err(error) => {
+                tracing::warn!(%error, "could not tell the predecessor that we leave: it may take the service back")
+            }
         }
     }
 

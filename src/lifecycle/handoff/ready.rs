@@ -149,11 +149,16 @@ impl Handoff {
         let startup = inner.started.elapsed();
         let verdict = await_commit(&mut channel, startup.as_millis() as u64, inner.config.upgrade_timeout).await?;
         let commit_wait = inner.started.elapsed().saturating_sub(startup);
-        if let Verdict::Committed(Some(carried)) = &verdict {
-            match serde_json::from_value(carried.clone()) {
-                Ok(counters) => inner.counters.inherit(counters),
-                Err(error) => tracing::debug!(%error, "the predecessor's counters were unreadable; counting from zero"),
+        if let Verdict::Committed { counters, elders } = &verdict {
+            if let Some(carried) = counters {
+                match serde_json::from_value(carried.clone()) {
+                    Ok(counters) => inner.counters.inherit(counters),
+                    Err(error) => {
+                        tracing::debug!(%error, "the predecessor's counters were unreadable; counting from zero")
+                    }
+                }
             }
+            self.adopt_elders(elders.clone());
         }
         inner.counters.arrived(inner.predecessor_pid, startup, commit_wait);
         let vanished = verdict == Verdict::Vanished;
@@ -191,7 +196,8 @@ impl Handoff {
         let handoff = self.clone();
         tokio::spawn(async move {
             if !vanished {
-                handoff.inner.migration.inbound().receive(&mut channel).await;
+                let serving = || matches!(handoff.state(), State::Starting | State::Ready | State::Upgrading);
+                handoff.inner.migration.inbound().receive(&mut channel, serving).await;
             }
             drop(channel);
             // The next upgrade is allowed before anyone can read that it is.

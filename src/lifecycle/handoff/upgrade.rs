@@ -34,9 +34,14 @@ impl Handoff {
     pub async fn upgrade(&self) -> Result<UpgradeReport, UpgradeError> {
         let inner = &self.inner;
         self.notice_predecessor_exit();
-        if let Err(refusal) = inner.lifecycle.apply(Event::Trigger) {
+        let draining = self.draining_elders();
+        let trigger = Event::Trigger {
+            alive: 1 + draining.len(),
+            max: inner.config.max_generations,
+        };
+        if let Err(refusal) = inner.lifecycle.apply(trigger) {
             inner.counters.refused();
-            let error = self.refused(refusal);
+            let error = self.refused(refusal, &draining);
             tracing::warn!(%error, "upgrade refused");
             return Err(error);
         }
@@ -108,8 +113,9 @@ impl Handoff {
         };
         let migration = self.inner.migration.prepare_outbound();
         let carried = serde_json::to_value(self.inner.counters.handed_over(successor.report(), trigger)).ok();
+        let elders = self.elders_for_successor();
         let committing = |_| {
-            successor.commit(carried)?;
+            successor.commit(carried, elders)?;
             // Our own predecessor, on probation, must not take back once we have handed over.
             self.say_leaving(&format!("handed over to pid {pid}"));
             Ok(())
@@ -141,11 +147,14 @@ impl Handoff {
         }
     }
 
-    fn refused(&self, refusal: Refusal) -> UpgradeError {
+    fn refused(&self, refusal: Refusal, draining: &[crate::wire::Elder]) -> UpgradeError {
         match refusal {
             Refusal::NotReady => UpgradeError::NotReady,
             Refusal::InProgress => UpgradeError::InProgress,
-            Refusal::PredecessorDraining => UpgradeError::PredecessorDraining(self.inner.predecessor_pid.unwrap_or(0)),
+            Refusal::TooManyGenerations => UpgradeError::TooManyGenerations {
+                max: self.inner.config.max_generations,
+                draining: draining.iter().map(|elder| elder.pid).collect(),
+            },
             Refusal::ShuttingDown | Refusal::Stopped => UpgradeError::ShuttingDown,
         }
     }

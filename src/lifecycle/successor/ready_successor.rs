@@ -8,7 +8,7 @@ use futures_util::FutureExt;
 use crate::lifecycle::child::Child;
 use crate::lifecycle::progress;
 use crate::lifecycle::upgrade_error::UpgradeReport;
-use crate::wire::{Channel, Message, WireError};
+use crate::wire::{Channel, Elder, Message, WireError};
 
 /// A successor that has reported ready, waiting for our verdict: [`commit`](Self::commit)
 /// then [`into_committed`](Self::into_committed), or [`abandon`](Self::abandon). Dropped
@@ -30,9 +30,10 @@ impl ReadySuccessor {
     /// Sends the commit without waiting: a few bytes into an empty socket buffer, done at
     /// once, so that it can happen inside the lifecycle's critical section. Anything else (the
     /// successor gone: a broken pipe; or a full buffer) is an error and nothing was sent.
-    /// `counters` travel with it, for the successor's `status`.
-    pub fn commit(&self, counters: Option<serde_json::Value>) -> Result<(), WireError> {
-        let commit = Message::Commit { counters };
+    /// `counters` travel with it, for the successor's `status`, and `elders`, the
+    /// generations that still drain (this one included), for its count of them.
+    pub fn commit(&self, counters: Option<serde_json::Value>, elders: Vec<Elder>) -> Result<(), WireError> {
+        let commit = Message::Commit { counters, elders };
         // Unconstrained: tokio's cooperative budget must not turn "ready now" into "pending".
         let send = tokio::task::unconstrained(self.channel.send(&commit, &[]));
         let sent = send

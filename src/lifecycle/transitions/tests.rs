@@ -24,6 +24,9 @@ fn state_index(state: State) -> usize {
     }
 }
 
+/// A trigger with room for one more generation.
+const TRIGGER: Event = Event::Trigger { alive: 1, max: 4 };
+
 /// Every event, each once (as for the states: `event_index`).
 pub(crate) fn all_events() -> Vec<Event> {
     vec![
@@ -34,7 +37,8 @@ pub(crate) fn all_events() -> Vec<Event> {
         Event::ReadyDone {
             outcome: Err(SharedError::new(crate::error::Error::Stopped)),
         },
-        Event::Trigger,
+        TRIGGER,
+        Event::Trigger { alive: 4, max: 4 },
         Event::UpgradeFailed { why: "x".into() },
         Event::CommitTo {
             successor_pid: 7,
@@ -57,7 +61,7 @@ fn event_index(event: &Event) -> usize {
         Event::ReadyCalled => 1,
         Event::Ready => 2,
         Event::ReadyDone { .. } => 3,
-        Event::Trigger => 4,
+        Event::Trigger { .. } => 4,
         Event::UpgradeFailed { .. } => 5,
         Event::CommitTo { .. } => 6,
         Event::Stop => 7,
@@ -127,10 +131,10 @@ fn the_lists_are_complete() {
 fn may_refuse(event: &Event) -> &'static [Refusal] {
     match event {
         Event::Ready => &[Refusal::Stopped],
-        Event::Trigger => &[
+        Event::Trigger { .. } => &[
             Refusal::NotReady,
             Refusal::InProgress,
-            Refusal::PredecessorDraining,
+            Refusal::TooManyGenerations,
             Refusal::ShuttingDown,
         ],
         Event::CommitTo { .. } => &[Refusal::Stopped, Refusal::ShuttingDown],
@@ -241,7 +245,7 @@ fn every_state_and_event() {
     let diagram = [
         (Starting, event(Event::Ready), Ready),
         (Starting, event(Event::Stop), Stopping),
-        (Ready, event(Event::Trigger), Upgrading),
+        (Ready, event(TRIGGER), Upgrading),
         (Ready, event(Event::Stop), Stopping),
         (Upgrading, event(Event::UpgradeFailed { why: String::new() }), Ready),
         (
@@ -261,7 +265,7 @@ fn every_state_and_event() {
 #[test]
 fn the_upgrade_path() {
     let (s, _) = next(&Status::new(false), &Event::Ready).unwrap();
-    let (s, _) = next(&s, &Event::Trigger).unwrap();
+    let (s, _) = next(&s, &TRIGGER).unwrap();
     assert_eq!(s.state, Upgrading);
     let (s, effect) = next(
         &s,
@@ -343,18 +347,19 @@ fn a_successor_owns_nothing_until_committed() {
 
 #[test]
 fn triggers_are_refused_with_their_reason() {
-    assert_eq!(next(&at(Starting), &Event::Trigger), Err(Refusal::NotReady));
-    assert_eq!(next(&at(Upgrading), &Event::Trigger), Err(Refusal::InProgress));
-    assert_eq!(next(&at(Draining), &Event::Trigger), Err(Refusal::ShuttingDown));
-    assert_eq!(next(&at(Stopping), &Event::Trigger), Err(Refusal::ShuttingDown));
+    assert_eq!(next(&at(Starting), &TRIGGER), Err(Refusal::NotReady));
+    assert_eq!(next(&at(Upgrading), &TRIGGER), Err(Refusal::InProgress));
+    assert_eq!(next(&at(Draining), &TRIGGER), Err(Refusal::ShuttingDown));
+    assert_eq!(next(&at(Stopping), &TRIGGER), Err(Refusal::ShuttingDown));
+    let full = Event::Trigger { alive: 4, max: 4 };
+    assert_eq!(next(&at(Ready), &full), Err(Refusal::TooManyGenerations));
+    // A predecessor still draining is no reason, while there is room for one more.
     let draining_predecessor = Status {
         predecessor_running: true,
         ..at(Ready)
     };
-    assert_eq!(
-        next(&draining_predecessor, &Event::Trigger),
-        Err(Refusal::PredecessorDraining)
-    );
+    let room = Event::Trigger { alive: 3, max: 4 };
+    assert_eq!(next(&draining_predecessor, &room).unwrap().0.state, Upgrading);
 }
 
 fn committed(probation: bool) -> Status {
@@ -407,7 +412,7 @@ fn a_successor_that_dies_on_probation_is_taken_back() {
     );
     assert_eq!(s.shutdown(), None, "serving again");
     // And it can upgrade again.
-    assert_eq!(next(&s, &Event::Trigger).unwrap().0.state, Upgrading);
+    assert_eq!(next(&s, &TRIGGER).unwrap().0.state, Upgrading);
 }
 
 #[test]
