@@ -165,7 +165,8 @@ async fn run(binary: &Path, upgrades: usize, workers: usize, retries: usize) -> 
             eprintln!("upgrade {generation} failed: {reply}");
             break;
         }
-        // The next upgrade once this old process has drained (a trigger is refused before).
+        // The next upgrade once this old process has drained: one draining generation at a
+        // time, so that each upgrade is measured alone.
         let exited = |line: &String| line.contains(" exiting ") && line.ends_with(&format!("generation={generation}"));
         while !log.iter().any(exited) {
             wait_for(&lines, " exiting ", &mut log);

@@ -438,7 +438,7 @@ async fn the_last_generation_serves_and_refuses_to_upgrade() {
     channel.send(&commit(), &[]).await.unwrap();
     drop(channel); // the fake predecessor exits
     server.wait_for_log(|l| l.contains(" ready ") && l.contains(&format!("generation={}", u64::MAX)));
-    // Until the successor has seen it go, an upgrade is refused for that reason instead.
+    // Once the successor has seen it go: the refusal below is for the generation number alone.
     server.wait_for_log(|l| l.contains("predecessor exited"));
     let reply = server.upgrade();
     assert_eq!(reply["ok"], false, "{reply}");

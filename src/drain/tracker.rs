@@ -256,7 +256,15 @@ impl Drain {
         C: Send + 'static,
         S: DrainStrategy<C>,
     {
-        let connection = TrackedConnection::new(tally);
+        self.spawn_tracked(TrackedConnection::new(tally), strategy, io);
+    }
+
+    /// [`spawn`](Self::spawn), for a connection counted already.
+    fn spawn_tracked<C, S>(&self, connection: TrackedConnection, strategy: Arc<S>, io: C)
+    where
+        C: Send + 'static,
+        S: DrainStrategy<C>,
+    {
         tokio::spawn(Supervised {
             hard_stop: self.shared.hard_stop.clone().cancelled_owned(),
             connection: async move { strategy.serve(io, connection).await },
@@ -532,8 +540,11 @@ impl Drain {
                 state,
                 leftover: entry.leftover.clone(),
             };
-            let (drain, tally, strategy) = (drain.clone(), tally.clone(), strategy.clone());
-            Ok(Box::new(move || drain.spawn_in(tally, strategy, resumed)))
+            // Counted from here, before the successor acknowledges it: a drain that starts
+            // meanwhile (this process commits to a successor of its own) waits for it.
+            let connection = TrackedConnection::new(tally.clone());
+            let (drain, strategy) = (drain.clone(), strategy.clone());
+            Ok(Box::new(move || drain.spawn_tracked(connection, strategy, resumed)))
         });
         handoff.migration().inbound().register(listener, protocol, receiver);
     }

@@ -23,8 +23,8 @@ pub struct UpgradeCounters {
     pub succeeded: u64,
     /// Of those, the ones that failed or were cancelled; this process served on.
     pub failed: u64,
-    /// Triggers refused before anything started (not ready, busy, predecessor draining,
-    /// shutting down).
+    /// Triggers refused before anything started (not ready, busy, as many generations alive
+    /// as allowed, shutting down).
     pub refused: u64,
     /// The most recent failure, if any.
     pub last_failure: Option<UpgradeFailure>,

@@ -14,45 +14,57 @@ use crate::wire::Elder;
 pub(crate) struct Draining {
     pub pid: u32,
     pub generation: u64,
-    /// Seconds since the process started.
-    pub age_s: f64,
-    /// The TCP connections it holds, as the kernel counts them (listening sockets aside).
-    pub connections: usize,
+    /// Seconds since the process started, where `/proc` says.
+    pub age_s: Option<f64>,
+    /// The TCP connections it holds, as the kernel counts them (listening sockets aside),
+    /// where `/proc` says.
+    pub connections: Option<usize>,
 }
 
-/// This process as an elder of its successor, or `None` if `/proc` cannot say when it started.
-pub(crate) fn this_process(generation: u64) -> Option<Elder> {
-    let pid = std::process::id();
-    let stat = stat(pid)?;
-    Some(Elder {
-        pid,
-        generation,
-        started: stat.started,
-    })
+/// A start time of 0: `/proc` could not say it (hidden, or another user's process).
+const UNKNOWN_START: u64 = 0;
+
+/// This process as an elder of its successor.
+pub(crate) fn this_process(generation: u64) -> Elder {
+    describe_pid(std::process::id(), generation)
 }
 
-/// The elder named `pid`, generation `generation`, as it is now (for a predecessor that did
-/// not send its own description), or `None` if it is gone.
-pub(crate) fn describe_pid(pid: u32, generation: u64) -> Option<Elder> {
-    let stat = stat(pid).filter(ProcessStat::runs)?;
-    Some(Elder {
+/// The process `pid`, generation `generation`, as it is now: with its start time if `/proc`
+/// says it (else [`UNKNOWN_START`]).
+pub(crate) fn describe_pid(pid: u32, generation: u64) -> Elder {
+    Elder {
         pid,
         generation,
-        started: stat.started,
-    })
+        started: stat(pid).map_or(UNKNOWN_START, |stat| stat.started),
+    }
 }
 
 /// Whether `elder` still runs: its pid names a process that started when it did, and that
-/// is not a zombie.
+/// is not a zombie. Where its start time is unknown, whether its pid names a process at all
+/// (a pid reused meanwhile counts: a generation too many is refused rather than one too few).
 pub(crate) fn is_alive(elder: &Elder) -> bool {
-    stat(elder.pid).is_some_and(|stat| stat.started == elder.started && stat.runs())
+    match stat(elder.pid) {
+        Some(stat) => stat.runs() && (elder.started == UNKNOWN_START || stat.started == elder.started),
+        None => elder.started == UNKNOWN_START && pid_exists(elder.pid),
+    }
+}
+
+/// Whether `pid` names a process (ours to signal or not).
+fn pid_exists(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => true,
+        Err(_) => false,
+    }
 }
 
 /// What `status` says of `elder`.
 pub(crate) fn draining(elder: &Elder) -> Draining {
-    let age_s = match (uptime(), clock_ticks()) {
-        (Some(uptime), Some(ticks)) => (uptime - elder.started as f64 / ticks).max(0.0),
-        _ => 0.0,
+    let age_s = match (uptime(), clock_ticks(), elder.started) {
+        (_, _, UNKNOWN_START) | (None, _, _) | (_, None, _) => None,
+        (Some(uptime), Some(ticks), started) => Some((uptime - started as f64 / ticks).max(0.0)),
     };
     Draining {
         pid: elder.pid,
@@ -100,20 +112,21 @@ fn clock_ticks() -> Option<f64> {
 }
 
 /// The TCP sockets `pid` holds that are not listening: its connections, established or
-/// closing. Zero where `/proc` will not say (another user's process).
-fn tcp_connections(pid: u32) -> usize {
-    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return 0;
-    };
+/// closing. `None` where `/proc` will not say (another user's process, a hidden `/proc`).
+fn tcp_connections(pid: u32) -> Option<usize> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
     let held: HashSet<u64> = entries
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
         .filter_map(|target| socket_inode(&target.to_string_lossy()))
         .collect();
-    ["tcp", "tcp6"]
+    let tables: Vec<String> = ["tcp", "tcp6"]
         .iter()
         .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
-        .map(|table| connections_in(&table, &held))
-        .sum()
+        .collect();
+    if tables.is_empty() {
+        return None;
+    }
+    Some(tables.iter().map(|table| connections_in(table, &held)).sum())
 }
 
 /// `socket:[12345]` → 12345.
@@ -144,10 +157,21 @@ mod tests {
 
     #[test]
     fn this_process_is_alive_and_young() {
-        let me = this_process(1).expect("/proc/self/stat");
+        let me = this_process(1);
+        assert_ne!(me.started, UNKNOWN_START, "/proc/self/stat");
         assert!(is_alive(&me));
-        let age = draining(&me).age_s;
+        let age = draining(&me).age_s.unwrap();
         assert!((0.0..3600.0).contains(&age), "{age}");
+        let unknown = Elder {
+            started: UNKNOWN_START,
+            ..me
+        };
+        assert!(is_alive(&unknown), "a start time unknown: the pid decides");
+        let gone = Elder {
+            pid: u32::MAX,
+            ..unknown
+        };
+        assert!(!is_alive(&gone));
         let reused = Elder {
             started: me.started + 1,
             ..me

@@ -131,15 +131,15 @@ impl Inbound {
                     fds,
                     ..
                 })) => {
-                    let batch = if serving() {
-                        self.check_batch(index, connections, fds)
-                    } else {
-                        Checked::refused_whole(
-                            index,
-                            connections.len(),
-                            "this process drains: it takes no more connections",
-                        )
-                    };
+                    // Checked first: each connection taken is counted by its drain from then on.
+                    // Looked at after: a commit after this look finds them counted, and the
+                    // drain it starts waits for them.
+                    let len = connections.len();
+                    let mut batch = self.check_batch(index, connections, fds);
+                    if !serving() {
+                        // Ours close, uncounted; the predecessor drains its copies.
+                        batch = Checked::refused_whole(index, len, "this process drains: it takes no more connections");
+                    }
                     let answer = Message::Migrated {
                         index,
                         refused: batch.refused.clone(),

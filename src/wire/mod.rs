@@ -39,7 +39,7 @@
 //!  commit only if still upgrading (no stop, timeout
 //!  or cancel came first), in the same critical
 //!  section as the change to draining:
-//!  ── commit {counters} ────────────────────────────▶ unclaimed inherited sockets closed (their
+//!  ── commit {counters, elders} ────────────────────▶ unclaimed inherited sockets closed (their
 //!                                                      paths unlinked if still theirs), PID file
 //!                                                      renamed into place, ready() returns
 //!  stop accepting, drain; live migration, if any:
@@ -48,8 +48,9 @@
 //!  drain what was refused or never acknowledged       serves (what the predecessor gave
 //!  (after `abort` naming the batches given up);        up on is closed here; if it is gone,
 //!                                                      what only we hold is ours)
-//!  exit                                                EOF on the channel: predecessor gone,
-//!                                                      the next upgrade is allowed
+//!  half-close once drained; exit                      EOF on the channel: predecessor drained
+//!                                                      (or gone); until then it counts against
+//!                                                      max_generations
 //! ```
 //!
 //! Before the commit, any failure (spawn error, exit, timeout, a protocol or version error, a

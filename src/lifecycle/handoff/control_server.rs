@@ -153,7 +153,7 @@ async fn send_line(stream: &mut UnixStream, line: &Value) -> io::Result<()> {
 async fn execute(handoff: &Handoff, command: &str) -> Value {
     match command {
         "upgrade" => upgrade(handoff).await,
-        "status" => status(handoff),
+        "status" => status(handoff).await,
         "stop" => {
             handoff.stop();
             json!({"ok": true, "state": handoff.state()})
@@ -212,7 +212,13 @@ async fn send_phase(stream: &mut UnixStream, phase: Phase) -> bool {
     send_line(stream, &json!({ "phase": phase })).await.is_ok()
 }
 
-fn status(handoff: &Handoff) -> Value {
+async fn status(handoff: &Handoff) -> Value {
+    // Off the runtime's threads: each draining generation's connections are counted in
+    // `/proc`, whose TCP tables grow with every socket of the network namespace.
+    let counting = handoff.clone();
+    let draining = tokio::task::spawn_blocking(move || counting.draining_generations())
+        .await
+        .unwrap_or_default();
     let sockets: Vec<Value> = handoff
         .sockets()
         .into_iter()
@@ -236,7 +242,7 @@ fn status(handoff: &Handoff) -> Value {
         "upgrade_phase": handoff.upgrade_progress().current(),
         "predecessor_pid": handoff.predecessor_pid(),
         "predecessor_running": handoff.predecessor_running(),
-        "draining_generations": handoff.draining_generations(),
+        "draining_generations": draining,
         "sockets": sockets,
         "connections": handoff.connections(),
         "upgrades": handoff.upgrade_counters(),

@@ -29,7 +29,7 @@ impl Handoff {
         if let (Some(pid), true) = (predecessor, self.predecessor_running()) {
             let named = known.iter().find(|elder| elder.pid == pid).copied();
             // A predecessor that named nobody (none before the commit, or an older version).
-            draining.extend(named.or_else(|| elders::describe_pid(pid, inner.generation.saturating_sub(1))));
+            draining.push(named.unwrap_or_else(|| elders::describe_pid(pid, inner.generation.saturating_sub(1))));
         }
         draining
     }
@@ -37,7 +37,7 @@ impl Handoff {
     /// What our successor hears at the commit: the generations that drain, and this one.
     pub(super) fn elders_for_successor(&self) -> Vec<Elder> {
         let mut elders = self.draining_elders();
-        elders.extend(elders::this_process(self.inner.generation));
+        elders.push(elders::this_process(self.inner.generation));
         elders
     }
 

@@ -134,6 +134,10 @@ impl Handoff {
         // A few bytes into an empty buffer: sent at once or not at all.
         match channel.try_send(&leaving, &[]) {
             Ok(()) => tracing::debug!(reason, "told the predecessor that we leave"),
+            // Gone already: nobody is left to take anything back.
+            Err(error) if error.is_peer_gone() => {
+                tracing::debug!(%error, "the predecessor has gone; no need to say that we leave")
+            }
             Err(error) => {
                 tracing::warn!(%error, "could not tell the predecessor that we leave: it may take the service back")
             }

@@ -200,7 +200,7 @@ impl Handoff {
                 handoff.inner.migration.inbound().receive(&mut channel, serving).await;
             }
             drop(channel);
-            // The next upgrade is allowed before anyone can read that it is.
+            // No longer counted as draining before anyone can read that it has drained.
             let _ = handoff.inner.lifecycle.apply(Event::PredecessorExited);
             handoff.predecessor_link().take();
             // EOF: it exited, or it has drained and half-closed the channel (it may wait

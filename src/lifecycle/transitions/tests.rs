@@ -27,7 +27,8 @@ fn state_index(state: State) -> usize {
 /// A trigger with room for one more generation.
 const TRIGGER: Event = Event::Trigger { alive: 1, max: 4 };
 
-/// Every event, each once (as for the states: `event_index`).
+/// Every event, each once (as for the states: `event_index`); a trigger twice, with room for
+/// one more generation and without.
 pub(crate) fn all_events() -> Vec<Event> {
     vec![
         Event::PredecessorCommitted,
@@ -131,6 +132,9 @@ fn the_lists_are_complete() {
 fn may_refuse(event: &Event) -> &'static [Refusal] {
     match event {
         Event::Ready => &[Refusal::Stopped],
+        Event::Trigger { alive, max } if alive < max => {
+            &[Refusal::NotReady, Refusal::InProgress, Refusal::ShuttingDown]
+        }
         Event::Trigger { .. } => &[
             Refusal::NotReady,
             Refusal::InProgress,
@@ -353,6 +357,9 @@ fn triggers_are_refused_with_their_reason() {
     assert_eq!(next(&at(Stopping), &TRIGGER), Err(Refusal::ShuttingDown));
     let full = Event::Trigger { alive: 4, max: 4 };
     assert_eq!(next(&at(Ready), &full), Err(Refusal::TooManyGenerations));
+    // Elsewhere the state's own reason comes first.
+    assert_eq!(next(&at(Starting), &full), Err(Refusal::NotReady));
+    assert_eq!(next(&at(Draining), &full), Err(Refusal::ShuttingDown));
     // A predecessor still draining is no reason, while there is room for one more.
     let draining_predecessor = Status {
         predecessor_running: true,
