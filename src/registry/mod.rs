@@ -444,6 +444,12 @@ impl ListenerRegistry {
         }
         match state.inherited.remove(name) {
             Some((inherited, fd)) if matches(&inherited.kind) => return Ok(Claim::Inherited(inherited, fd)),
+            Some((activated, fd)) if state.by_address && same_family(&activated.kind, requested) => {
+                // The socket unit's address wins over the application's: binding anew would
+                // close the activated socket at ready, resetting the clients queued on it.
+                tracing::warn!(socket = %activated, asked = %requested, "the service manager passed this socket under the name claimed, at another address: adopted as it is");
+                return Ok(Claim::Inherited(activated, fd));
+            }
             Some((inherited, fd)) => {
                 tracing::warn!(socket = %inherited, "inherited socket does not match the request; binding a new one and closing the inherited one at ready");
                 state.inherited.insert(name.into(), (inherited, fd));
@@ -489,6 +495,12 @@ impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         self.registry.lock().binding.remove(&self.name);
     }
+}
+
+/// Whether two sockets are of the same family (TCP listeners, UDP sockets, Unix listeners),
+/// wherever they are.
+fn same_family(a: &SocketKind, b: &SocketKind) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
 }
 
 fn bind_error(entry: &SocketEntry, source: io::Error) -> Error {

@@ -9,8 +9,14 @@
 //! anew could only fail (`AddrInUse`, the manager holds it) or lose the clients queued on it.
 //! A claim for port 0 adopts nothing by address (it asks for no address in particular).
 //!
+//! A passed socket found under the name claimed but at another address (the unit says
+//! `ListenStream=8080`, the application asks for 8081; `systemfd` keeps the port it was given)
+//! is adopted as it is, with a warning: the socket unit owns the address, and binding anew
+//! would close the passed socket at ready, resetting the clients queued on it.
+//!
 //! Sockets a predecessor handed over are matched by name only: their names are the
-//! application's own, and a renamed one is a deliberate change.
+//! application's own, and a renamed one is a deliberate change (and one at a new address is
+//! bound there: the application's configuration changed).
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

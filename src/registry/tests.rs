@@ -441,6 +441,35 @@ async fn an_activated_socket_under_another_name_or_none_is_adopted_by_its_addres
 }
 
 #[tokio::test]
+async fn an_activated_socket_under_the_name_claimed_is_adopted_at_its_own_address() {
+    use crate::systemd::activation::Activated;
+    let http = std::net::TcpListener::bind(localhost()).unwrap();
+    let unit_address = http.local_addr().unwrap();
+    // A client queued on it before the application claims anything.
+    let _client = std::net::TcpStream::connect(unit_address).unwrap();
+    let registry = ListenerRegistry::with_activated(vec![Activated {
+        name: Some("http".into()),
+        fd: http.into(),
+    }]);
+    let elsewhere: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let claimed = registry.tcp("http", elsewhere).unwrap();
+    assert_eq!(claimed.local_addr().unwrap(), unit_address, "the unit's address wins");
+    tokio::time::timeout(std::time::Duration::from_secs(10), claimed.accept())
+        .await
+        .expect("the queued client is served, not reset")
+        .unwrap();
+    assert!(registry.close_unclaimed().is_empty(), "nothing left to close at ready");
+    // Another family under the name is not taken for it.
+    let registry = ListenerRegistry::with_activated(vec![Activated {
+        name: Some("dns".into()),
+        fd: std::net::TcpListener::bind(localhost()).unwrap().into(),
+    }]);
+    let udp = registry.udp("dns", localhost()).unwrap();
+    assert_ne!(udp.local_addr().unwrap().port(), 0);
+    assert_eq!(registry.close_unclaimed().len(), 1, "the TCP listener, closed at ready");
+}
+
+#[tokio::test]
 async fn a_handed_over_socket_is_never_adopted_under_another_name() {
     let first = ListenerRegistry::new();
     let address = first.tcp("http", localhost()).unwrap().local_addr().unwrap();
