@@ -33,7 +33,7 @@
 //! | `upgrade_phase` | string or `null` | the phase of the upgrade under way ([`Phase`](crate::status::Phase)) |
 //! | `predecessor_pid` | integer or `null` | the process that handed over to this one |
 //! | `predecessor_running` | bool | whether it still drains (until it has drained: it half-closes the channel, or exits) |
-//! | `draining_generations` | array of `{pid, generation, age_s, connections}` | older generations still draining, oldest first: each process's age in seconds, and the TCP connections it holds as the kernel counts them; they count against `Builder::max_generations` |
+//! | `draining_generations` | array of `{pid, generation, age_s, connections}` | older generations still draining, oldest first: each process's age in seconds, and the TCP connections it holds as the kernel counts them (`null` where `/proc` does not say); they count against `Builder::max_generations` |
 //! | `sockets` | array | `{name, kind, address or path, origin}`: `origin` is `inherited` or `bound` |
 //! | `connections` | array | per listener and protocol: `{listener, protocol, active, draining, forced}` ([`ConnectionCounts`](crate::status::ConnectionCounts)) |
 //! | `upgrades` | object | `{attempted, succeeded, failed, refused, last_failure, last_handoff, arrival, rollbacks, last_rollback}` ([`UpgradeCounters`](crate::status::UpgradeCounters)); `last_rollback` is `{successor_pid, status, after_commit_ms, at_unix}` ([`Rollback`](crate::status::Rollback)) |
