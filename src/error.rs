@@ -47,7 +47,9 @@ pub enum Error {
     /// Telling the predecessor we are ready failed.
     #[error("reporting ready to the predecessor: {0}")]
     Ready(#[source] WireError),
-    /// A stop was requested before this process was ready: it should exit.
+    /// A stop was requested before this process was ready, and before any predecessor
+    /// committed to it: it holds nothing, and should exit. (A stop after the commit is no
+    /// error: see [`Handoff::ready`](crate::Handoff::ready).)
     #[error("a stop was requested before this process was ready")]
     Stopped,
     /// An operating-system call failed.

@@ -56,7 +56,9 @@ fn a_stop_racing_an_upgrade_either_cancels_it_or_follows_its_commit() {
         signal(old, Signal::SIGTERM);
         let _reply = upgrade.join().unwrap(); // may be cut short by the old process's exit
         server.wait_for_first_exit();
-        // The old process's log says which side won; its reply may not have made it out.
+        // The old process's log says which side won (its verdict comes before its last
+        // line); its reply may not have made it out.
+        server.wait_for_log(|l| l.contains("exiting") && l.contains(&format!("pid={old} ")));
         let log = server.log();
         let successors: Vec<u32> = log
             .lines()

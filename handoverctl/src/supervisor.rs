@@ -279,7 +279,10 @@ impl Supervisor {
         if pid != self.main || self.status.is_some() {
             return;
         }
-        match newest_in_group(self.group).filter(|_| !self.stopping) {
+        // A program that names its main process names its successor (`MAINPID=`) before
+        // it exits; after a stop, a process it did not name is an upgrade it abandoned.
+        let named_only = self.notified && self.stop.is_some();
+        match newest_in_group(self.group).filter(|_| !self.stopping && !named_only) {
             Some(next) => {
                 say(format_args!("pid {next} serves (the newest process of the group)"));
                 self.main = next;

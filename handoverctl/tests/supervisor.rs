@@ -635,16 +635,17 @@ fn a_stop_that_reached_the_old_process_after_its_commit_reaches_its_successor() 
 }
 
 /// SIGUSR2 then SIGTERM to `handoverctl run` over a real server, 0 to 6 ms apart: whatever
-/// the stop meets (an upgrade starting, a successor starting, a commit), the run ends.
+/// the stop meets (an upgrade starting, a successor starting, a commit, a successor between
+/// its commit and its ready), the run ends, and as a stop does, with 0.
 #[test]
-fn sigusr2_then_sigterm_within_6_ms_ends_every_run() {
+fn sigusr2_then_sigterm_within_6_ms_ends_every_run_with_0() {
     const ROUNDS: u64 = 42;
     let (ctl, echo) = (handoverctl(), example("tcp_echo"));
     let args = ["run", "--", echo.to_str().unwrap(), "--listen", "127.0.0.1:0"];
     let mut lost = Vec::new();
     for round in 0..ROUNDS {
         let gap = std::time::Duration::from_millis(round % 7);
-        let server = Server::start(&ctl, &args);
+        let mut server = Server::start(&ctl, &args);
         let supervisor = server.first_pid();
         let _program = KillChildrenOnDrop(supervisor);
         signal(supervisor, Signal::SIGUSR2);
@@ -652,12 +653,23 @@ fn sigusr2_then_sigterm_within_6_ms_ends_every_run() {
         std::thread::sleep(gap);
         signal(supervisor, Signal::SIGTERM);
         if !ends_within(supervisor, std::time::Duration::from_secs(10)) {
-            lost.push(format!("round {round} (gap {gap:?}):\n{}", server.log()));
+            lost.push(format!(
+                "round {round} (gap {gap:?}) still ran 10 s after its stop:\n{}",
+                server.log()
+            ));
+            continue;
+        }
+        let status = server.wait_for_first_exit();
+        if status.code() != Some(0) {
+            lost.push(format!(
+                "round {round} (gap {gap:?}) ended with {status}:\n{}",
+                server.log()
+            ));
         }
     }
     assert!(
         lost.is_empty(),
-        "{} of {ROUNDS} runs still ran 10 s after their stop:\n{}",
+        "{} of {ROUNDS} runs went wrong:\n{}",
         lost.len(),
         lost.join("\n\n")
     );
@@ -740,4 +752,45 @@ fn a_successor_that_dies_on_probation_is_taken_back_and_the_supervisor_follows()
     signal(supervisor, Signal::SIGTERM);
     let status = server.wait_for_first_exit();
     assert_eq!(status.code(), Some(0), "{}", server.log());
+}
+
+/// The serving process is the child of the one it succeeded. Stopped while that one still
+/// drains (a client holds a connection open), it must not be reaped by it: the supervisor
+/// inherits it when the old one exits, and ends with its status. Before, the old process
+/// reaped it, and the run ended with 1, "not ours to reap".
+#[test]
+fn a_successor_stopped_while_its_predecessor_drains_ends_the_run_with_its_own_status() {
+    let args = [
+        "run",
+        "--",
+        example("tcp_echo").to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    .map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Server::start(&handoverctl(), &args);
+    let supervisor = server.first_pid();
+    let _cleanup = KillChildrenOnDrop(supervisor);
+    let first = settled(supervisor);
+    // Held without reading or closing: the old process half-closes it and waits for our EOF.
+    let held = std::net::TcpStream::connect(server.address("echo")).unwrap();
+    let reply = server.upgrade();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let successor = reply["successor_pid"].as_u64().unwrap() as u32;
+    server.wait_for_log(|l| l.contains(&format!("pid {successor} serves (MAINPID from pid {first})")));
+    server.wait_for_log(|l| l.contains(" draining ") && l.contains("connections=1"));
+
+    signal(supervisor, Signal::SIGTERM);
+    server.wait_for_exit(successor, std::time::Duration::from_secs(10));
+    assert_eq!(
+        zombie_children(first),
+        vec![successor],
+        "the old process leaves its exited successor unreaped for the supervisor\n{}",
+        server.log()
+    );
+    drop(held); // the old process's drain ends
+    let status = server.wait_for_first_exit();
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    server.wait_for_log(|l| l.contains(&format!("reaped pid {successor} (status 0)")));
 }

@@ -1,23 +1,30 @@
 //! [`Child`]: a process we spawned (a successor), its exit awaited through a pidfd or, without
-//! one (Linux before 5.3), a thread of its own, and reaped with `waitpid`.
+//! one (Linux before 5.3), a thread of its own, and reaped with `waitpid`, or left unreaped
+//! once it holds the service (its status then belongs to whoever inherits it when we exit:
+//! the service manager, which takes it for the service's exit status).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
+use nix::errno::Errno;
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::oneshot;
 
 /// A spawned child process (a successor): its exit awaited through a pidfd (or, without one,
 /// a thread of its own), reaped with `waitpid`. Dropped before it was reaped, it is reaped by a thread of its
-/// own (it may be running still: a committed successor outlives us).
+/// own (it may be running still), unless it was [disowned](Child::disown).
 #[derive(Debug)]
 pub(crate) struct Child {
     pid: libc::pid_t,
     exit: Exit,
     status: Option<ExitStatus>,
+    reaped: bool,
+    disowned: bool,
 }
 
 /// How a child's exit is learnt.
@@ -25,7 +32,7 @@ pub(crate) struct Child {
 enum Exit {
     /// A pidfd, readable once the process has exited (we reap it then).
     Pidfd(AsyncFd<OwnedFd>),
-    /// A thread that waits for it, reaps it and sends its status.
+    /// A thread that waits for it to exit and sends its status, leaving it unreaped.
     Thread(oneshot::Receiver<io::Result<ExitStatus>>),
 }
 
@@ -41,12 +48,14 @@ impl Child {
                 let _ = reap(pid);
                 return Err(error);
             }
-            Some(Err(_)) | None => Exit::Thread(reaper(pid)),
+            Some(Err(_)) | None => Exit::Thread(watcher(pid)),
         };
         Ok(Self {
             pid,
             exit,
             status: None,
+            reaped: false,
+            disowned: false,
         })
     }
 
@@ -60,6 +69,22 @@ impl Child {
     ///
     /// Cancel safe: the status is taken only by the call that returns it.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        let status = self.exited().await?;
+        if !self.reaped {
+            reap(self.pid)?;
+            self.reaped = true;
+        }
+        Ok(status)
+    }
+
+    /// Waits for it to exit and returns its status, leaving it unreaped (a zombie, whose pid
+    /// no other process can take): a successor that holds the service is reaped by whoever
+    /// inherits it when we exit, and its status is the service's.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the status is kept once learnt.
+    pub async fn exited(&mut self) -> io::Result<ExitStatus> {
         if let Some(status) = self.status {
             return Ok(status);
         }
@@ -67,17 +92,24 @@ impl Child {
             Exit::Pidfd(fd) => {
                 let mut ready = fd.readable().await?;
                 ready.retain_ready();
-                reap(self.pid)?
+                status_unreaped(self.pid)?
             }
             Exit::Thread(exited) => exited
                 .await
-                .map_err(|_| io::Error::other("the reaper thread is gone"))??,
+                .map_err(|_| io::Error::other("the watching thread is gone"))??,
         };
         self.status = Some(status);
         Ok(status)
     }
 
-    /// Sends `SIGKILL`, unless it has been reaped (its pid may then be another process's).
+    /// Leaves it to whoever inherits it when we exit: never reaped by us, even once dropped.
+    /// For a successor that holds the service: its exit status is the service's, which a
+    /// supervisor (systemd, `handoverctl run`) learns only by reaping it itself.
+    pub fn disown(&mut self) {
+        self.disowned = true;
+    }
+
+    /// Sends `SIGKILL`, unless it has exited (once reaped, its pid may be another process's).
     pub fn start_kill(&mut self) -> io::Result<()> {
         if self.status.is_some() {
             return Ok(());
@@ -95,13 +127,12 @@ impl Child {
                 )
             },
             Exit::Thread(exited) => match exited.try_recv() {
-                // Reaped already: nothing to kill.
+                // Exited already: nothing to kill.
                 Ok(status) => {
                     self.status = Some(status?);
                     return Ok(());
                 }
-                // Not reaped when we looked (the thread may reap it an instant later: a pid
-                // is reused only after many others, so the window is only theoretical).
+                // Running, or exited and unreaped (the thread never reaps): the pid is its.
                 // SAFETY: kill sends a signal to a pid.
                 Err(_) => unsafe { libc::kill(self.pid, libc::SIGKILL) }.into(),
             },
@@ -122,12 +153,14 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
-        if self.status.is_none() && matches!(self.exit, Exit::Pidfd(_)) {
-            let pid = self.pid;
-            let _ = std::thread::Builder::new()
-                .name("handoff-reaper".into())
-                .spawn(move || reap(pid));
+        if self.reaped || self.disowned {
+            return;
         }
+        // It may be running still: reaping blocks, so off the runtime's threads.
+        let pid = self.pid;
+        let _ = std::thread::Builder::new()
+            .name("handoff-reaper".into())
+            .spawn(move || reap(pid));
     }
 }
 
@@ -146,18 +179,42 @@ fn pidfd_open(pid: libc::pid_t) -> io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
 }
 
-/// A thread that waits for `pid` to exit and reaps it: what watches a child without a pidfd.
-fn reaper(pid: libc::pid_t) -> oneshot::Receiver<io::Result<ExitStatus>> {
+/// A thread that waits for `pid` to exit, without reaping it: what watches a child without a
+/// pidfd.
+fn watcher(pid: libc::pid_t) -> oneshot::Receiver<io::Result<ExitStatus>> {
     let (exited, receiver) = oneshot::channel();
     let spawned = std::thread::Builder::new()
-        .name("handoff-reaper".into())
-        .spawn(move || drop(exited.send(reap(pid))));
+        .name("handoff-watcher".into())
+        .spawn(move || drop(exited.send(wait_unreaped(pid, WaitPidFlag::empty()))));
     if let Err(error) = spawned {
         let (failed, receiver) = oneshot::channel();
         let _ = failed.send(Err(error));
         return receiver;
     }
     receiver
+}
+
+/// The status of our child `pid`, which has exited, leaving it unreaped.
+fn status_unreaped(pid: libc::pid_t) -> io::Result<ExitStatus> {
+    wait_unreaped(pid, WaitPidFlag::WNOHANG)
+}
+
+/// `waitid(WEXITED | WNOWAIT)` on our child `pid`, retried on `EINTR`.
+fn wait_unreaped(pid: libc::pid_t, flags: WaitPidFlag) -> io::Result<ExitStatus> {
+    let flags = flags | WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+    loop {
+        match waitid(Id::Pid(Pid::from_raw(pid)), flags) {
+            // `ExitStatus` holds a raw wait status: the code in the second byte, a signal in
+            // the low bits with 0x80 for a core dump.
+            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::from_raw((code & 0xff) << 8)),
+            Ok(WaitStatus::Signaled(_, signal, core)) => {
+                return Ok(ExitStatus::from_raw(signal as i32 | if core { 0x80 } else { 0 }))
+            }
+            Ok(other) => return Err(io::Error::other(format!("pid {pid} has not exited: {other:?}"))),
+            Err(Errno::EINTR) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
 }
 
 /// `waitpid` on our child `pid`, retried on `EINTR`.

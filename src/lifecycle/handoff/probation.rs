@@ -168,8 +168,10 @@ impl Handoff {
     }
 
     /// Predecessor side, after the commit: watches `child`, the committed successor, until it
-    /// exits (and reaps it), through the probation if there is one. Returns where the
-    /// migration engine, reading `channel`, reports what it hears from the successor.
+    /// exits, through the probation if there is one. Reaps it only if it is taken back from:
+    /// a successor that keeps the service is left unreaped, so that whoever inherits it when
+    /// we exit (systemd, `handoverctl run`) learns its status, the service's. Returns where
+    /// the migration engine, reading `channel`, reports what it hears from the successor.
     pub(super) fn watch_successor(&self, mut child: Child, channel: &Channel) -> watch::Sender<Heard> {
         let (heard, listening) = watch::channel(Heard::default());
         *lock(&self.inner.probation.successor_link) = channel.as_fd().try_clone_to_owned().ok();
@@ -180,15 +182,23 @@ impl Handoff {
         }
         let handoff = self.clone();
         let committed = Instant::now();
+        // Never reaped behind our back, not even by `Drop` as we exit: only a take-back,
+        // below, reaps it.
+        child.disown();
         tokio::spawn(async move {
             let pid = child.id();
+            let said = listening.clone();
             // An exit during the probation has been judged (and logged) already.
             if handoff.probation(&mut child, listening, committed).await.is_some() {
                 return;
             }
-            let status = child.wait().await;
+            let status = child.exited().await;
             if let (Ok(status), State::Draining | State::Stopping) = (status, handoff.state()) {
-                tracing::error!(successor_pid = pid, %status, "successor exited while this process drains");
+                if said.borrow().left {
+                    tracing::info!(successor_pid = pid, %status, "successor stopped on purpose while this process drains");
+                } else {
+                    tracing::error!(successor_pid = pid, %status, "successor exited while this process drains");
+                }
             }
         });
         heard
@@ -210,7 +220,7 @@ impl Handoff {
         let pid = child.id();
         let end = tokio::time::Instant::from_std(committed + inner.config.probation);
         let exited = tokio::select! {
-            exited = child.wait() => exited,
+            exited = child.exited() => exited,
             () = tokio::time::sleep_until(end) => {
                 self.end_probation(pid, "its time is up");
                 return None;
@@ -226,7 +236,13 @@ impl Handoff {
         let _ = tokio::time::timeout(LAST_WORDS, heard.wait_for(|heard| heard.closed)).await;
         let left = heard.borrow().left;
         match &exited {
-            Ok(status) if !left => self.take_back(pid, status, committed.elapsed()),
+            Ok(status) if !left => {
+                // Ours again: the supervisor now follows us, not it.
+                if let Err(error) = child.wait().await {
+                    tracing::debug!(successor_pid = pid, %error, "could not reap the successor taken back from");
+                }
+                self.take_back(pid, status, committed.elapsed())
+            }
             _ => self.end_probation(pid, "the successor stopped on purpose"),
         }
         Some(exited)

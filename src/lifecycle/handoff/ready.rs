@@ -36,7 +36,9 @@ impl Handoff {
     /// - [`Error::Io`] if the PID file cannot be prepared (before anything is reported);
     /// - [`Error::Ready`] if the predecessor cannot be told or gives up on us: it goes on
     ///   serving, and this process should exit;
-    /// - [`Error::Stopped`] if a stop was requested first: exit.
+    /// - [`Error::Stopped`] if a stop was requested first: exit. A stop that comes after the
+    ///   predecessor's commit is no error: this process holds the service then, `ready()`
+    ///   returns `Ok`, and [`shutdown`](Self::shutdown) has resolved (drain as for any stop).
     ///
     /// # Cancel safety
     ///
@@ -101,8 +103,14 @@ impl Handoff {
             },
             None => None,
         };
+        let handed_over = channel.is_some();
         if let Some(channel) = channel {
             self.commit_from(channel).await?;
+            if inner.lifecycle.status().state == State::Stopping {
+                // The stop has closed the sockets; nothing else of ours to settle.
+                self.remove_pid_file();
+                return stopped_after(handed_over);
+            }
         }
         // Past the commit: this process owns the paths.
         for entry in inner.registry.close_unclaimed() {
@@ -128,7 +136,7 @@ impl Handoff {
             // A stop arrived since the commit, and has cleaned up; our PID file never landed.
             debug_assert_eq!(refusal, Refusal::Stopped);
             self.remove_pid_file();
-            return Err(Error::Stopped);
+            return stopped_after(handed_over);
         }
         if let Some(listener) = control {
             control_server::serve(self, listener);
@@ -172,11 +180,12 @@ impl Handoff {
             .lifecycle
             .apply(Event::PredecessorCommitted)
             .map_or(Effect::None, |t| t.effect);
+        // Watched first: a stop says `Leaving` on the link this keeps, so that a predecessor
+        // on probation does not take back from a successor stopped on purpose.
+        self.watch_predecessor(channel, vanished);
         if effect == Effect::FinalStop {
             self.carry_out(effect);
-            return Err(Error::Stopped);
         }
-        self.watch_predecessor(channel, vanished);
         Ok(())
     }
 
@@ -306,6 +315,23 @@ fn at_eof(link: BorrowedFd<'_>) -> bool {
         }
     }
     false
+}
+
+/// What `ready()` returns when a stop came before the state became ready: after a handover
+/// this process holds the service (and what migrated to it), and drains it like any stop
+/// ([`Handoff::shutdown`] has resolved): that is no failure, or a stop right after an
+/// upgrade would end the service with an error status. Without a predecessor, nothing was
+/// handed over and the caller should exit.
+fn stopped_after(handed_over: bool) -> Result<(), Error> {
+    if handed_over {
+        tracing::info!(
+            pid = std::process::id(),
+            "stopped during the handover; draining what was handed over"
+        );
+        Ok(())
+    } else {
+        Err(Error::Stopped)
+    }
 }
 
 /// Tells the predecessor (if any) that we give up, and returns `error`: it goes on serving.

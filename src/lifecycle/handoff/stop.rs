@@ -83,6 +83,7 @@ impl Handoff {
     /// has confirmed that it read the successor's `MAINPID=` (a barrier: usually well under a
     /// millisecond, 5 s at most), so that this process cannot exit first and be taken for the
     /// service's end; it accepts meanwhile, as the successor does, from the same queue.
+    /// [`Shutdown::Stopped`] comes once `STOPPING=1` has been sent.
     ///
     /// # Cancel safety
     ///
@@ -95,11 +96,11 @@ impl Handoff {
                 Ok(status) => status.shutdown().unwrap_or(Shutdown::Stopped),
                 Err(_) => Shutdown::Stopped,
             };
-            if let Shutdown::Upgraded { .. } = shutdown {
-                // The service manager must have read that the successor is the main process
-                // before this one can exit (bounded; at once without a manager).
-                announcer.settled().await;
-            }
+            // The service manager must have read that the successor is the main process
+            // (`MAINPID=`), or that this one stops (`STOPPING=1`), before this one can exit:
+            // else it takes the exit for the service's end, or a starting successor for
+            // the service (bounded; at once without a manager).
+            announcer.settled().await;
             shutdown
         }
     }

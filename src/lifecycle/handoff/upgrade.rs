@@ -54,12 +54,7 @@ impl Handoff {
         revert.finish(&result);
         inner.counters.finished(&result, trigger);
         match &result {
-            Ok(report) => tracing::info!(
-                successor_pid = report.successor_pid,
-                generation = report.generation,
-                elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
-                "upgrade committed; draining"
-            ),
+            Ok(_) => {} // logged at the commit, before the drain can begin
             Err(error) => {
                 tracing::warn!(%error, phase = ?error.phase(), "upgrade failed; still serving");
                 if let (Some(path), Some(pid)) = (&inner.config.pid_file, error.successor_pid()) {
@@ -116,6 +111,15 @@ impl Handoff {
         let elders = self.elders_for_successor();
         let committing = |_| {
             successor.commit(carried, elders)?;
+            // Here, before the state changes: the application may drain and log its exit
+            // the moment it does, and this line must come first.
+            let report = successor.report();
+            tracing::info!(
+                successor_pid = report.successor_pid,
+                generation = report.generation,
+                elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
+                "upgrade committed; draining"
+            );
             // Our own predecessor, on probation, must not take back once we have handed over.
             self.say_leaving(&format!("handed over to pid {pid}"));
             Ok(())

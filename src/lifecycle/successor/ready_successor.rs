@@ -47,7 +47,7 @@ impl ReadySuccessor {
 
     /// After the commit: our end of the channel, which the caller keeps open until this
     /// process exits (the successor reads our exit as EOF), and the successor, whose exit the
-    /// caller awaits (and reaps).
+    /// caller awaits.
     pub fn into_committed(self) -> (Channel, Child) {
         let Self { mut child, channel, .. } = self;
         (channel, child.disarm())
