@@ -38,7 +38,7 @@ impl Handoff {
     ///   serving, and this process should exit;
     /// - [`Error::Stopped`] if a stop was requested first: exit. A stop that comes after the
     ///   predecessor's commit is no error: this process holds the service then, `ready()`
-    ///   returns `Ok`, and [`shutdown`](Self::shutdown) has resolved (drain as for any stop).
+    ///   returns `Ok`, and [`shutdown_signal`](Self::shutdown_signal) has resolved (drain as for any stop).
     ///
     /// # Cancel safety
     ///
@@ -319,7 +319,7 @@ fn at_eof(link: BorrowedFd<'_>) -> bool {
 
 /// What `ready()` returns when a stop came before the state became ready: after a handover
 /// this process holds the service (and what migrated to it), and drains it like any stop
-/// ([`Handoff::shutdown`] has resolved): that is no failure, or a stop right after an
+/// ([`Handoff::shutdown_signal`] has resolved): that is no failure, or a stop right after an
 /// upgrade would end the service with an error status. Without a predecessor, nothing was
 /// handed over and the caller should exit.
 fn stopped_after(handed_over: bool) -> Result<(), Error> {
