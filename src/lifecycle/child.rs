@@ -30,10 +30,11 @@ pub(crate) struct Child {
 /// How a child's exit is learnt.
 #[derive(Debug)]
 enum Exit {
-    /// A pidfd, readable once the process has exited (we reap it then).
+    /// A pidfd, readable once the process has exited (a zombie, reaped only by `wait`).
     Pidfd(AsyncFd<OwnedFd>),
-    /// A thread that waits for it to exit and sends its status, leaving it unreaped.
-    Thread(oneshot::Receiver<io::Result<ExitStatus>>),
+    /// A thread that waits for it to exit and sends its status, leaving it unreaped; `None`
+    /// once it has answered with an error.
+    Thread(Option<oneshot::Receiver<io::Result<ExitStatus>>>),
 }
 
 impl Child {
@@ -48,7 +49,7 @@ impl Child {
                 let _ = reap(pid);
                 return Err(error);
             }
-            Some(Err(_)) | None => Exit::Thread(watcher(pid)),
+            Some(Err(_)) | None => Exit::Thread(Some(watcher(pid))),
         };
         Ok(Self {
             pid,
@@ -67,7 +68,7 @@ impl Child {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: the status is taken only by the call that returns it.
+    /// Cancel safe: the status is kept once learnt, and the reap that follows does not wait.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         let status = self.exited().await?;
         if !self.reaped {
@@ -94,9 +95,19 @@ impl Child {
                 ready.retain_ready();
                 status_unreaped(self.pid)?
             }
-            Exit::Thread(exited) => exited
-                .await
-                .map_err(|_| io::Error::other("the watching thread is gone"))??,
+            Exit::Thread(watching) => {
+                let Some(exited) = watching else {
+                    return Err(io::Error::other("its exit could not be read"));
+                };
+                let answer = exited
+                    .await
+                    .map_err(|_| io::Error::other("the watching thread is gone"))
+                    .and_then(|answer| answer);
+                if answer.is_err() {
+                    *watching = None; // answered: never polled again
+                }
+                answer?
+            }
         };
         self.status = Some(status);
         Ok(status)
@@ -126,11 +137,17 @@ impl Child {
                     0,
                 )
             },
-            Exit::Thread(exited) => match exited.try_recv() {
+            // Its exit could not be read: the pid may be another process's now.
+            Exit::Thread(None) => return Err(io::Error::other("its exit could not be read")),
+            Exit::Thread(Some(exited)) => match exited.try_recv() {
                 // Exited already: nothing to kill.
-                Ok(status) => {
-                    self.status = Some(status?);
+                Ok(Ok(status)) => {
+                    self.status = Some(status);
                     return Ok(());
+                }
+                Ok(Err(error)) => {
+                    self.exit = Exit::Thread(None); // answered: never polled again
+                    return Err(error);
                 }
                 // Running, or exited and unreaped (the thread never reaps): the pid is its.
                 // SAFETY: kill sends a signal to a pid.
@@ -228,6 +245,60 @@ fn reap(pid: libc::pid_t) -> io::Result<ExitStatus> {
         let error = io::Error::last_os_error();
         if error.kind() != io::ErrorKind::Interrupted {
             return Err(error);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child of ours that exits with `code` at once: its pid, the `std` handle forgotten
+    /// (it never reaps): the tests reap it through `Child`, or by hand.
+    #[allow(clippy::zombie_processes)]
+    fn exiting(code: i32) -> libc::pid_t {
+        let child = std::process::Command::new("sh")
+            .args(["-c", &format!("exit {code}")])
+            .spawn()
+            .unwrap();
+        child.id() as libc::pid_t
+    }
+
+    fn is_zombie(pid: libc::pid_t) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+    }
+
+    #[tokio::test]
+    async fn exited_leaves_it_unreaped_and_wait_reaps_it() {
+        for pidfd in [true, false] {
+            let pid = exiting(3);
+            let mut child = Child::new(pid, pidfd).unwrap();
+            assert_eq!(child.exited().await.unwrap().code(), Some(3));
+            assert!(is_zombie(pid), "pidfd {pidfd}: its status is left for whoever reaps it");
+            assert_eq!(child.exited().await.unwrap().code(), Some(3), "asked again");
+            assert_eq!(child.wait().await.unwrap().code(), Some(3));
+            assert!(
+                !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "pidfd {pidfd}: reaped"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_disowned_child_is_not_reaped_when_dropped() {
+        for pidfd in [true, false] {
+            let pid = exiting(5);
+            let mut child = Child::new(pid, pidfd).unwrap();
+            child.exited().await.unwrap();
+            child.disown();
+            drop(child);
+            // Still ours to reap: nobody took its status.
+            let mut status = 0;
+            // SAFETY: waitpid writes the status into the integer we own.
+            let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            assert_eq!(reaped, pid, "pidfd {pidfd}: its status was still there");
+            assert_eq!(ExitStatus::from_raw(status).code(), Some(5));
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The probation after a commit (`Builder::probation`), on both sides of it.
 //!
 //! The predecessor keeps its copies of the sockets, and watches its successor, its child: the
-//! pidfd tells it of the exit at once, and it reaps it. If the successor exits without having
+//! pidfd tells it of the exit at once, without reaping it (a successor that keeps the service
+//! is reaped by whoever inherits it, a supervisor that takes its status for the service's;
+//! the predecessor reaps it only once it has taken back). If the successor exits without having
 //! said `Leaving`, and no stop has reached the predecessor, the predecessor takes the service
 //! back (`Effect::TakeBack`): the accept loops of `Drain::serve` and the control server, which
 //! waited on [`Handoff::taken_back`], accept again on the same sockets (what waits in their
@@ -156,7 +158,7 @@ impl Handoff {
 
     /// Successor side: once the predecessor has exited (at once, or at the end of its
     /// probation), closes the duplicate kept to say `Leaving` on: nobody is left to tell, and
-    /// a process must not hold a descriptor per generation it followed.
+    /// a process must not hold descriptors to generations that are gone.
     pub(super) async fn forget_predecessor_once_gone(&self) {
         let Some(link) = lock(&self.inner.probation.leave_link).clone() else {
             return;
@@ -237,13 +239,19 @@ impl Handoff {
         let left = heard.borrow().left;
         match &exited {
             Ok(status) if !left => {
-                // Ours again: the supervisor now follows us, not it.
-                if let Err(error) = child.wait().await {
-                    tracing::debug!(successor_pid = pid, %error, "could not reap the successor taken back from");
+                // Reaped only once taken back: the service is ours again, and a supervisor
+                // follows us. Not taken back (a stop came first), its status is the service's.
+                if self.take_back(pid, status, committed.elapsed()) {
+                    if let Err(error) = child.wait().await {
+                        tracing::debug!(successor_pid = pid, %error, "could not reap the successor taken back from");
+                    }
                 }
-                self.take_back(pid, status, committed.elapsed())
             }
-            _ => self.end_probation(pid, "the successor stopped on purpose"),
+            Ok(_) => self.end_probation(pid, "the successor stopped on purpose"),
+            Err(error) => {
+                tracing::warn!(successor_pid = pid, %error, "cannot learn how the successor ended; it keeps the service");
+                self.end_probation(pid, "its exit could not be read");
+            }
         }
         Some(exited)
     }
@@ -257,8 +265,9 @@ impl Handoff {
         }
     }
 
-    /// The successor `successor_pid` died on probation with `status`: serve again.
-    fn take_back(&self, successor_pid: u32, status: &ExitStatus, after_commit: Duration) {
+    /// The successor `successor_pid` died on probation with `status`: serve again, unless a
+    /// stop came first. Returns whether this process took the service back.
+    fn take_back(&self, successor_pid: u32, status: &ExitStatus, after_commit: Duration) -> bool {
         let inner = &self.inner;
         let mut prepared = inner
             .config
@@ -277,11 +286,11 @@ impl Handoff {
             Ok::<(), std::convert::Infallible>(())
         });
         let Ok(Ok(transition)) = applied else {
-            return;
+            return false;
         };
         self.carry_out(transition.effect);
         if transition.effect != Effect::TakeBack {
-            return;
+            return false;
         }
         inner
             .counters
@@ -297,5 +306,6 @@ impl Handoff {
         if let Some(Err(error)) = placed {
             tracing::error!(%error, "could not rewrite the PID file; serving without it");
         }
+        true
     }
 }

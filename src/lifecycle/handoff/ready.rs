@@ -176,12 +176,16 @@ impl Handoff {
                 "the predecessor vanished after handing over its sockets; serving alone"
             );
         }
+        // Kept before the commit is recorded: a stop, from then on, says `Leaving` on it, so
+        // that a predecessor on probation does not take back from a successor stopped on
+        // purpose.
+        if !vanished {
+            self.keep_leave_link(&channel);
+        }
         let effect = inner
             .lifecycle
             .apply(Event::PredecessorCommitted)
             .map_or(Effect::None, |t| t.effect);
-        // Watched first: a stop says `Leaving` on the link this keeps, so that a predecessor
-        // on probation does not take back from a successor stopped on purpose.
         self.watch_predecessor(channel, vanished);
         if effect == Effect::FinalStop {
             self.carry_out(effect);
@@ -198,9 +202,6 @@ impl Handoff {
                 Ok(link) => *self.predecessor_link() = Some(link),
                 Err(error) => tracing::debug!(%error, "no duplicate of the channel; triggers wait for the watch"),
             }
-        }
-        if !vanished {
-            self.keep_leave_link(&channel);
         }
         let handoff = self.clone();
         tokio::spawn(async move {

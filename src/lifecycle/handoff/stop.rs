@@ -9,6 +9,9 @@ use crate::lifecycle::pid_file;
 use crate::lifecycle::state::{Shutdown, State};
 use crate::lifecycle::transitions::{Effect, Event};
 
+/// How long a stop's shutdown signal waits for `STOPPING=1` to be sent.
+const STOP_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Handoff {
     /// Requests a final, graceful stop: [`shutdown_signal`](Self::shutdown_signal) resolves
     /// with [`Shutdown::Stopped`], an upgrade not yet committed is abandoned (its successor
@@ -83,7 +86,8 @@ impl Handoff {
     /// has confirmed that it read the successor's `MAINPID=` (a barrier: usually well under a
     /// millisecond, 5 s at most), so that this process cannot exit first and be taken for the
     /// service's end; it accepts meanwhile, as the successor does, from the same queue.
-    /// [`Shutdown::Stopped`] comes once `STOPPING=1` has been sent.
+    /// [`Shutdown::Stopped`] comes once what was queued for the manager (`STOPPING=1`) has
+    /// been sent, 100 ms at most.
     ///
     /// # Cancel safety
     ///
@@ -96,11 +100,18 @@ impl Handoff {
                 Ok(status) => status.shutdown().unwrap_or(Shutdown::Stopped),
                 Err(_) => Shutdown::Stopped,
             };
-            // The service manager must have read that the successor is the main process
-            // (`MAINPID=`), or that this one stops (`STOPPING=1`), before this one can exit:
-            // else it takes the exit for the service's end, or a starting successor for
-            // the service (bounded; at once without a manager).
-            announcer.settled().await;
+            match shutdown {
+                // The service manager must have read that the successor is the main process
+                // before this one can exit: else it takes the exit for the service's end
+                // (bounded; at once without a manager).
+                Shutdown::Upgraded { .. } => announcer.settled().await,
+                // Sent, before this one can exit (`STOPPING=1`): else a supervisor may take a
+                // successor still starting for the service. Briefly: the accept loop
+                // accepts until this resolves.
+                Shutdown::Stopped => {
+                    let _ = tokio::time::timeout(STOP_NOTICE_WAIT, announcer.settled()).await;
+                }
+            }
             shutdown
         }
     }

@@ -75,13 +75,12 @@ pub(crate) async fn launch(
                 report,
             });
         }
-        Outcome::Exited(status) => {
+        Outcome::Exited(Ok(status)) => {
             guard.disarm(); // wait() has reaped it
-            return Err(match status {
-                Ok(status) => UpgradeError::Exited { pid, status, phase },
-                Err(e) => UpgradeError::Io(e),
-            });
+            return Err(UpgradeError::Exited { pid, status, phase });
         }
+        // Its exit could not be read: it may run still.
+        Outcome::Exited(Err(error)) => UpgradeError::Io(error),
         Outcome::Failed(WireError::Refused(reason)) if matches!(phase, Phase::Hello | Phase::Adoption) => {
             UpgradeError::Rejected { pid, reason }
         }
