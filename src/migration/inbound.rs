@@ -264,7 +264,7 @@ impl Inbound {
             WireError::SocketMismatch { problem, .. } => problem,
             other => other.to_string(),
         })?;
-        let state = entry.state.json().len();
+        let state = entry.state.json_len();
         if state > MAX_STATE_BYTES {
             return Err(format!("a state of {state} bytes, more than {MAX_STATE_BYTES}"));
         }

@@ -213,8 +213,28 @@ impl Message {
         if let Some(batch) = super::transfer::decode_batch(bytes) {
             return Ok(batch);
         }
+        if let Some(migrate) = super::migration::decode_migrate(bytes) {
+            return Ok(migrate);
+        }
         serde_json::from_slice(bytes).map_err(WireError::Malformed)
     }
+}
+
+/// The length of `value`'s JSON text, measured without building it.
+pub(crate) fn encoded_len<T: serde::Serialize + ?Sized>(value: &T) -> serde_json::Result<usize> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value)?;
+    Ok(count.0)
 }
 
 /// A buffer that refuses to grow past a limit: a huge value costs no huge buffer.
