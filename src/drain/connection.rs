@@ -1,6 +1,7 @@
 //! [`TrackedConnection`]: one open connection's view of the drain.
 
 use std::future::Future;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use super::shared::{Shared, Tally};
-use crate::migration::{Handover, MigrationError, Returned};
+use crate::migration::{Handed, Handover, MigrationError, Returned};
 
 /// No close slot assigned yet (a slot is nanoseconds after the drain started: 2^63 - 1 is
 /// 292 years).
@@ -249,6 +250,31 @@ impl TrackedConnection {
         stream: TcpStream,
         handover: Handover<'_, T>,
     ) -> Result<(), Returned> {
+        self.hand_over(Handed::Stream(stream), handover)
+            .await
+            .map_err(|Returned { stream, error }| match stream {
+                Handed::Stream(stream) => Returned { stream, error },
+                Handed::Duplicate(_) => unreachable!("a stream comes back as it was handed over"),
+            })
+    }
+
+    /// As [`migrate`](Self::migrate), for `duplicate`, a duplicate of the descriptor of a
+    /// stream its caller keeps whole (and drains should this fail): it is closed either way.
+    pub(crate) async fn migrate_duplicate<T: Serialize + ?Sized>(
+        &self,
+        duplicate: OwnedFd,
+        handover: Handover<'_, T>,
+    ) -> Result<(), MigrationError> {
+        self.hand_over(Handed::Duplicate(duplicate), handover)
+            .await
+            .map_err(|returned| returned.error)
+    }
+
+    async fn hand_over<T: Serialize + ?Sized>(
+        &self,
+        stream: Handed,
+        handover: Handover<'_, T>,
+    ) -> Result<(), Returned<Handed>> {
         if self.is_unmovable() {
             // Its plain socket carries records encrypted with keys only this process holds.
             self.shared().note_tls_not_migrated();
@@ -263,7 +289,7 @@ impl TrackedConnection {
                 error: MigrationError::NotMigrating,
             });
         };
-        let entry = match handover.entry(&stream) {
+        let entry = match handover.entry(stream.as_fd()) {
             Ok(entry) => entry,
             Err(error) => {
                 tracing::warn!(%error, listener = handover.listener, "cannot migrate a connection; draining it");

@@ -134,6 +134,7 @@ mod error;
 mod inbound;
 mod outbound;
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 
 use serde::Serialize;
@@ -165,7 +166,7 @@ pub struct Handover<'a, T: ?Sized> {
 
 impl<T: Serialize + ?Sized> Handover<'_, T> {
     /// The entry that travels for `stream`, after every check this side can make.
-    pub(crate) fn entry(&self, stream: &TcpStream) -> Result<ConnectionEntry, MigrationError> {
+    pub(crate) fn entry(&self, stream: BorrowedFd<'_>) -> Result<ConnectionEntry, MigrationError> {
         if self.leftover.len() > MAX_LEFTOVER_BYTES {
             return Err(MigrationError::LeftoverTooLarge {
                 bytes: self.leftover.len(),
@@ -181,11 +182,17 @@ impl<T: Serialize + ?Sized> Handover<'_, T> {
             });
         }
         let state = serde_json::from_slice(&json.bytes).map_err(MigrationError::StateMalformed)?;
+        let socket = socket2::SockRef::from(&stream);
+        let ip = |address: socket2::SockAddr| {
+            address
+                .as_socket()
+                .ok_or_else(|| std::io::Error::other("not an IP socket"))
+        };
         Ok(ConnectionEntry {
             listener: self.listener.to_owned(),
             protocol: self.protocol,
-            local: stream.local_addr()?,
-            peer: stream.peer_addr()?,
+            local: ip(socket.local_addr()?)?,
+            peer: ip(socket.peer_addr()?)?,
             state: State(state),
             leftover: self.leftover.to_vec(),
         })
@@ -203,6 +210,26 @@ pub struct Resumed<S> {
     pub state: S,
     /// The bytes the predecessor had read but not consumed: consume them first.
     pub leftover: Vec<u8>,
+}
+
+/// What travels for one connection: its stream, which comes back if it does not move; or a
+/// duplicate of its descriptor, whose owner keeps the stream whole either way (a WebSocket)
+/// and which is only closed then (no registration with the runtime to make and undo).
+#[derive(Debug)]
+pub(crate) enum Handed {
+    /// The stream itself.
+    Stream(TcpStream),
+    /// A duplicate of a stream's descriptor.
+    Duplicate(OwnedFd),
+}
+
+impl AsFd for Handed {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Stream(stream) => stream.as_fd(),
+            Self::Duplicate(fd) => fd.as_fd(),
+        }
+    }
 }
 
 /// A checked connection's resumption, started once its batch is acknowledged.

@@ -9,11 +9,10 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::{MigrationError, Returned};
+use super::{Handed, MigrationError, Returned};
 use crate::wire::{
     Channel, ConnectionEntry, Message, Received, RefusedConnection, WireError, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES,
 };
@@ -37,7 +36,7 @@ pub(crate) struct Outbound {
 
 /// A stream handed over, until the engine takes it into a batch; its task takes it back if
 /// its deadline comes first.
-type Slot = Arc<Mutex<Option<TcpStream>>>;
+type Slot = Arc<Mutex<Option<Handed>>>;
 
 /// One connection on its way.
 struct Request {
@@ -45,7 +44,7 @@ struct Request {
     /// Its encoded size, to fill batches up to the message limit.
     size: usize,
     slot: Slot,
-    reply: oneshot::Sender<Result<(), Returned>>,
+    reply: oneshot::Sender<Result<(), Returned<Handed>>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -59,8 +58,8 @@ impl std::fmt::Debug for Request {
 /// One connection of a batch: its stream taken from its slot.
 struct Sent {
     entry: ConnectionEntry,
-    stream: TcpStream,
-    reply: oneshot::Sender<Result<(), Returned>>,
+    stream: Handed,
+    reply: oneshot::Sender<Result<(), Returned<Handed>>>,
 }
 
 /// A batch sent and not acknowledged yet.
@@ -95,11 +94,11 @@ impl Outbound {
     pub(crate) async fn migrate(
         &self,
         entry: ConnectionEntry,
-        stream: TcpStream,
+        stream: Handed,
         deadline: impl Future<Output = ()>,
-    ) -> Result<bool, Returned> {
-        let size = match serde_json::to_vec(&entry) {
-            Ok(bytes) => bytes.len() + 1,
+    ) -> Result<bool, Returned<Handed>> {
+        let size = match crate::wire::encoded_len(&entry) {
+            Ok(bytes) => bytes + 1,
             Err(e) => {
                 return Err(Returned {
                     stream,
@@ -136,7 +135,7 @@ impl Outbound {
     }
 }
 
-fn take(slot: &Slot) -> Option<TcpStream> {
+fn take(slot: &Slot) -> Option<Handed> {
     slot.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
@@ -435,7 +434,7 @@ fn return_all(batch: Vec<Sent>, error: impl Fn() -> MigrationError) {
     }
 }
 
-fn reply_returned(reply: oneshot::Sender<Result<(), Returned>>, stream: TcpStream, error: MigrationError) {
+fn reply_returned(reply: oneshot::Sender<Result<(), Returned<Handed>>>, stream: Handed, error: MigrationError) {
     // A task dropped at the hard stop no longer waits: its stream closes here.
     let _ = reply.send(Err(Returned { stream, error }));
 }

@@ -2,7 +2,7 @@
 //! it at the turn, [`resume`] it in the successor.
 
 use std::future::Future;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
@@ -147,23 +147,17 @@ async fn hand_over<T: Serialize + ?Sized>(
     // On success `ws` is dropped: one of our two descriptors closes, which neither ends nor
     // resets the connection the successor now serves.
     connection
-        .migrate(copy, handover)
+        .migrate_duplicate(copy, handover)
         .await
-        .map_err(|refused| returned(ws, refused.error))
+        .map_err(|error| returned(ws, error))
 }
 
 /// A second descriptor of the stream (the WebSocket stays whole should the migration fail)
 /// and the bytes read but not delivered.
-fn handover(ws: &MigratingWebSocket) -> Result<(TcpStream, Vec<u8>), MigrationError> {
+fn handover(ws: &MigratingWebSocket) -> Result<(OwnedFd, Vec<u8>), MigrationError> {
     let io = ws.get_ref();
     let leftover = io.frames.leftover().map_err(Stuck::into_error)?.to_vec();
-    let copy = io
-        .stream
-        .as_fd()
-        .try_clone_to_owned()
-        .map(std::net::TcpStream::from)
-        .and_then(TcpStream::from_std)
-        .map_err(MigrationError::Io)?;
+    let copy = io.stream.as_fd().try_clone_to_owned().map_err(MigrationError::Io)?;
     Ok((copy, leftover))
 }
 
