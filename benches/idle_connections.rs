@@ -483,8 +483,10 @@ async fn scale_run(examples: &std::path::Path, connections: usize, upgrade: Upgr
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let start = |binary: &str, name, listener| {
-        servers::ServerProcess::start(&examples.join(binary), name, listener, dir.path(), &extra)
-            .unwrap_or_else(|e| panic!("{e:#}"))
+        let mut server = servers::ServerProcess::start(&examples.join(binary), name, listener, dir.path(), &extra)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        server.sample_pss = false; // this table gives RSS only, and PSS sampling costs the servers CPU
+        server
     };
     let servers = Arc::new([start("tcp_echo", "tcp_echo", "echo"), start("ws_chat", "ws_chat", "ws")]);
     let base_rss: Vec<u64> = servers.iter().map(|s| servers::rss_kib(s.pid().unwrap_or(0))).collect();
