@@ -127,26 +127,34 @@ impl DrainStrategy<Resumed<EchoState>> for Echo {
 }
 
 async fn echo(mut stream: TcpStream, mut state: EchoState, migrate: bool, connection: TrackedConnection) {
-    let mut buf = vec![0; 16 * 1024];
     let turn = loop {
         tokio::select! {
             // A chunk read is echoed whole before the drain is looked at again: the client
             // gets an exact prefix of its bytes back, and the turn comes at a safe point
             // (nothing read and not echoed, nothing half-written).
-            read = stream.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return,
-                // A client that does not read cannot hold the write past the deadline.
-                Ok(n) => match connection.until_deadline(stream.write_all(&buf[..n])).await {
-                    Some(Ok(())) => state.echoed += n as u64,
-                    Some(Err(_)) | None => return,
-                },
+            readable = stream.readable() => {
+                if readable.is_err() {
+                    return;
+                }
+                // A buffer for this read alone: an idle connection holds none (ten thousand
+                // would hold 160 MiB, whose every page a successor resuming them would fault in).
+                let mut buf = Vec::with_capacity(16 * 1024);
+                match stream.try_read_buf(&mut buf) {
+                    Ok(0) => return,
+                    // A client that does not read cannot hold the write past the deadline.
+                    Ok(n) => match connection.until_deadline(stream.write_all(&buf)).await {
+                        Some(Ok(())) => state.echoed += n as u64,
+                        Some(Err(_)) | None => return,
+                    },
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
             },
             turn = connection.turn_to_close_or_migrate(), if migrate => break turn,
             () = connection.turn_to_close(), if !migrate => break Turn::Close,
         }
     };
     if turn == Turn::Migrate {
-        drop(buf);
         let handover = Handover {
             listener: LISTENER,
             protocol: Protocol::RawTcp,
