@@ -259,7 +259,10 @@ impl TrackedConnection {
     }
 
     /// As [`migrate`](Self::migrate), for `duplicate`, a duplicate of the descriptor of a
-    /// stream its caller keeps whole (and drains should this fail): it is closed either way.
+    /// stream its caller keeps whole (and drains should this fail). Ours closes once the
+    /// successor has it, or at once if it does not move; one left to the successor at the
+    /// deadline closes when its acknowledgement comes.
+    #[cfg_attr(not(feature = "websocket"), allow(dead_code))] // the WebSocket hand-over's
     pub(crate) async fn migrate_duplicate<T: Serialize + ?Sized>(
         &self,
         duplicate: OwnedFd,

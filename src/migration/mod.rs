@@ -220,6 +220,7 @@ pub(crate) enum Handed {
     /// The stream itself.
     Stream(TcpStream),
     /// A duplicate of a stream's descriptor.
+    #[cfg_attr(not(feature = "websocket"), allow(dead_code))] // the WebSocket hand-over's
     Duplicate(OwnedFd),
 }
 

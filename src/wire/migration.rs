@@ -81,8 +81,8 @@ impl fmt::Display for ConnectionEntry {
 }
 
 /// An application's state for one connection, as JSON. (A JSON value rather than its raw
-/// text: messages are internally tagged, which buffers them, and raw text does not survive
-/// the buffering.)
+/// text: messages are internally tagged, which the general decoder buffers, and raw text
+/// does not survive the buffering.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct State(pub serde_json::Value);
@@ -91,7 +91,7 @@ impl State {
     /// The length of the JSON text, measured without building it.
     pub fn json_len(&self) -> usize {
         // A `Value` always serializes.
-        super::message::encoded_len(&self.0).unwrap_or(usize::MAX)
+        super::json::encoded_len(&self.0).unwrap_or(usize::MAX)
     }
 }
 
@@ -120,15 +120,17 @@ pub fn verify_connection(entry: &ConnectionEntry, fd: BorrowedFd<'_>) -> Result<
     })
 }
 
-/// Whether `fd` is the connection `entry` describes, in three system calls where [`check`]
-/// makes six (ten thousand connections migrated make ten thousand of these checks): the
-/// protocol TCP implies an IP stream socket; a peer address, a connected one (a listener
-/// has none); an IPv4 or IPv6 address, the socket's family (an IPv6 socket reports even an
-/// IPv4 peer as an IPv6 address). Accepts exactly what [`check`] accepts; on a mismatch,
-/// [`check`] says what is wrong.
+/// Whether `fd` is the connection `entry` describes, in four system calls where [`check`]
+/// makes six (ten thousand connections migrated make ten thousand of these checks): a
+/// stream socket of protocol TCP is an IP one (a raw socket of protocol TCP is not a
+/// stream, and SCTP or MPTCP stream sockets have other protocols); a peer address, a
+/// connected one (a listener has none); an IPv4 or IPv6 address, the socket's family (an
+/// IPv6 socket reports even an IPv4 peer as an IPv6 address). Accepts exactly what
+/// [`check`] accepts; on a mismatch, [`check`] says what is wrong.
 fn matches(entry: &ConnectionEntry, fd: BorrowedFd<'_>) -> bool {
     let socket = SockRef::from(&fd);
-    socket.protocol().is_ok_and(|p| p == Some(IpProtocol::TCP))
+    socket.r#type().is_ok_and(|t| t == Type::STREAM)
+        && socket.protocol().is_ok_and(|p| p == Some(IpProtocol::TCP))
         && socket.peer_addr().is_ok_and(|a| a.as_socket() == Some(entry.peer))
         && socket.local_addr().is_ok_and(|a| a.as_socket() == Some(entry.local))
 }
@@ -169,27 +171,6 @@ fn check(entry: &ConnectionEntry, fd: BorrowedFd<'_>) -> Result<(), String> {
         return Err(format!("bound to {:?}, not {}", local.as_socket(), entry.local));
     }
     Ok(())
-}
-
-/// A `Migrate` message, decoded in one pass; `None` for anything else, or anything wrong,
-/// which [`Message::decode`](super::Message::decode) then decodes (or refuses) the general
-/// way. An internally tagged enum buffers a whole message, every entry's state included,
-/// before it knows its type.
-pub(super) fn decode_migrate(bytes: &[u8]) -> Option<super::Message> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "snake_case")]
-    enum Type {
-        Migrate,
-    }
-    #[derive(Deserialize)]
-    struct Migrate {
-        #[serde(rename = "type")]
-        _type: Type,
-        index: u64,
-        connections: Vec<ConnectionEntry>,
-    }
-    let Migrate { index, connections, .. } = serde_json::from_slice(bytes).ok()?;
-    Some(super::Message::Migrate { index, connections })
 }
 
 /// Bytes as base64 text: a third larger, where a JSON array of numbers would be three times.
@@ -292,7 +273,20 @@ mod tests {
         udp.connect(server.local_addr().unwrap()).unwrap();
         let (unix, _unix_peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let unconnected = socket2::Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        let fds: Vec<OwnedFd> = vec![
+        // A client half-closed, and one whose peer closed (CLOSE_WAIT): still connections.
+        let (half_closed, _its_peer) = connection();
+        half_closed.shutdown(std::net::Shutdown::Write).unwrap();
+        let (close_wait, its_peer) = connection();
+        drop(its_peer);
+        // IPv4 clients of an IPv6 listener: their peers are IPv4-mapped addresses.
+        let dual = socket2::Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+        dual.set_only_v6(false).unwrap();
+        dual.bind(&"[::]:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        dual.listen(8).unwrap();
+        let port = dual.local_addr().unwrap().as_socket().unwrap().port();
+        let _mapped_client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mapped = TcpListener::from(dual).accept().unwrap().0;
+        let mut fds: Vec<OwnedFd> = vec![
             server.into(),
             client.into(),
             server6.into(),
@@ -302,8 +296,25 @@ mod tests {
             udp.into(),
             unix.into(),
             unconnected.into(),
+            half_closed.into(),
+            close_wait.into(),
+            mapped.into(),
             nix::unistd::pipe().unwrap().0,
         ];
+        // A raw socket of protocol TCP, connected: it reports a peer and the protocol TCP,
+        // and is no connection (it needs CAP_NET_RAW: left out without it).
+        match socket2::Socket::new(Domain::IPV4, Type::RAW, Some(IpProtocol::TCP)) {
+            Ok(raw) => {
+                raw.connect(&"127.0.0.1:4242".parse::<SocketAddr>().unwrap().into())
+                    .unwrap();
+                fds.push(raw.into());
+            }
+            Err(error) => eprintln!("no raw socket ({error}): that case is not checked here"),
+        }
+        // MPTCP where the kernel has it: a stream socket of another protocol.
+        if let Ok(mptcp) = socket2::Socket::new(Domain::IPV4, Type::STREAM, Some(IpProtocol::from(262))) {
+            fds.push(mptcp.into());
+        }
         let mut addresses: Vec<SocketAddr> = vec!["127.0.0.1:1".parse().unwrap(), "[::1]:1".parse().unwrap()];
         for fd in &fds {
             let socket = SockRef::from(fd);
@@ -327,8 +338,8 @@ mod tests {
                 }
             }
         }
-        // Each of the four connected TCP sockets passes as itself, and only as itself.
-        assert_eq!(accepted, 4);
+        // Each of the seven connected TCP sockets passes as itself, and only as itself.
+        assert_eq!(accepted, 7);
     }
 
     #[test]

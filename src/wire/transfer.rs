@@ -91,27 +91,6 @@ pub async fn recv_sockets(channel: &mut Channel) -> Result<(u64, Vec<(SocketEntr
     Ok((generation, received))
 }
 
-/// A `Batch` message, decoded in one pass; `None` for anything else, or anything wrong,
-/// which [`Message::decode`] then decodes (or refuses) the general way. An internally tagged
-/// enum buffers a whole message before it knows its type; for a batch of 200 entries that
-/// doubled the cost of decoding it.
-pub(super) fn decode_batch(bytes: &[u8]) -> Option<Message> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "snake_case")]
-    enum Type {
-        Batch,
-    }
-    #[derive(serde::Deserialize)]
-    struct Batch {
-        #[serde(rename = "type")]
-        _type: Type,
-        index: usize,
-        sockets: Vec<SocketEntry>,
-    }
-    let Batch { index, sockets, .. } = serde_json::from_slice(bytes).ok()?;
-    Some(Message::Batch { index, sockets })
-}
-
 /// A manifest's counts must be possible: no empty batch, and no batch with more descriptors
 /// than one message carries. So a hostile peer cannot announce batches without end.
 fn check_counts(sockets: usize, batches: usize) -> Result<(), WireError> {
@@ -250,27 +229,6 @@ mod tests {
         drop(sender);
         let err = recv_sockets(&mut receiver).await.unwrap_err();
         assert!(matches!(err, WireError::Closed { expected: "batch" }), "{err}");
-    }
-
-    #[test]
-    fn the_batch_decoder_agrees_with_the_general_one_and_leaves_it_the_rest() {
-        let sockets = listeners(3).into_iter().map(|(e, _)| e).collect();
-        let batch = Message::Batch { index: 7, sockets };
-        let bytes = batch.encode().unwrap();
-        assert_eq!(decode_batch(&bytes), Some(batch.clone()));
-        assert_eq!(serde_json::from_slice::<Message>(&bytes).unwrap(), batch);
-        // Not a batch, or not a valid one: the general decoder decides, and names the problem.
-        let hello = Message::Hello {
-            protocol: 1,
-            pid: 2,
-            generation: None,
-            state: false,
-        };
-        assert_eq!(decode_batch(&hello.encode().unwrap()), None);
-        let bad = br#"{"type":"batch","index":0,"sockets":[{"name":"x","kind":"udp"}]}"#;
-        assert_eq!(decode_batch(bad), None);
-        let err = Message::decode(bad).unwrap_err().to_string();
-        assert!(err.contains("missing field `address`"), "{err}");
     }
 
     #[test]
