@@ -127,19 +127,7 @@ fn as_pid_1_it_outlives_sixteen_upgrades_by_sigusr2_and_ends_with_the_servers_st
 
 #[test]
 fn as_a_subreaper_it_reaps_every_generation_and_follows_the_serving_one() {
-    let args = [
-        "run",
-        "--",
-        example("tcp_echo").to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]
-    .map(String::from);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut server = Server::start(&handoverctl(), &args);
-    let supervisor = server.first_pid();
-    // The server runs in a process group of its own, which the Server's cleanup misses.
-    let _cleanup = KillChildrenOnDrop(supervisor);
+    let (mut server, supervisor, _cleanup) = tcp_echo_under_run();
     for _ in 0..3 {
         let old = server.pid();
         let new = server.upgrade_and_settle();
@@ -158,6 +146,16 @@ fn as_a_subreaper_it_reaps_every_generation_and_follows_the_serving_one() {
 
     signal(supervisor, Signal::SIGINT);
     assert_eq!(server.wait_for_first_exit().code(), Some(0), "{}", server.log());
+}
+
+/// `handoverctl run -- tcp_echo` as a subreaper: the server, the supervisor's pid, and what
+/// kills the program's process group, which the Server's own cleanup misses.
+fn tcp_echo_under_run() -> (Server, u32, KillChildrenOnDrop) {
+    let echo = example("tcp_echo");
+    let args = ["run", "--", echo.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+    let server = Server::start(&handoverctl(), &args);
+    let supervisor = server.first_pid();
+    (server, supervisor, KillChildrenOnDrop(supervisor))
 }
 
 /// A stand-in for a server that speaks the notify protocol: the first process (A) writes the
@@ -760,18 +758,7 @@ fn a_successor_that_dies_on_probation_is_taken_back_and_the_supervisor_follows()
 /// reaped it, and the run ended with 1, "not ours to reap".
 #[test]
 fn a_successor_stopped_while_its_predecessor_drains_ends_the_run_with_its_own_status() {
-    let args = [
-        "run",
-        "--",
-        example("tcp_echo").to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]
-    .map(String::from);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut server = Server::start(&handoverctl(), &args);
-    let supervisor = server.first_pid();
-    let _cleanup = KillChildrenOnDrop(supervisor);
+    let (mut server, supervisor, _cleanup) = tcp_echo_under_run();
     let first = settled(supervisor);
     // Held without reading or closing: the old process half-closes it and waits for our EOF.
     let held = std::net::TcpStream::connect(server.address("echo")).unwrap();
