@@ -441,8 +441,12 @@ impl Drain {
             let reason = spell
                 .accept_loop(tally, accepting, strategy.clone(), handoff.shutdown_signal())
                 .await;
-            // (Ready again: taken back already.)
-            if !handoff.on_probation() && handoff.state() != crate::lifecycle::State::Ready {
+            // (Ready again, or already upgrading again: taken back already.)
+            let serving_again = matches!(
+                handoff.state(),
+                crate::lifecycle::State::Ready | crate::lifecycle::State::Upgrading
+            );
+            if !handoff.on_probation() && !serving_again {
                 // A final stop, or no probation: new clients are refused at once (and can
                 // fail over) once the successor, if any, has closed its copy too.
                 listener = None;

@@ -88,10 +88,13 @@ impl Handoff {
     ///
     /// Cancel safe; every call returns a new, independent future.
     pub fn taken_back(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+        // Upgrading serves too: a trigger may follow the take-back before this looks, and
+        // then the state is no longer `Ready` (that one exited, and the service with it).
+        let serving = |state: State| matches!(state, State::Ready | State::Upgrading);
         let mut status = self.inner.lifecycle.watch();
         async move {
-            match status.wait_for(|s| s.state == State::Ready || !s.probation).await {
-                Ok(status) => status.state == State::Ready,
+            match status.wait_for(|s| serving(s.state) || !s.probation).await {
+                Ok(status) => serving(status.state),
                 Err(_) => false,
             }
         }
@@ -307,5 +310,56 @@ impl Handoff {
             tracing::error!(%error, "could not rewrite the PID file; serving without it");
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn serving() -> Handoff {
+        let handoff = Handoff::builder()
+            .upgrade_signal(None)
+            .stop_on_signals(false)
+            .start()
+            .await
+            .unwrap();
+        handoff.ready().await.unwrap();
+        handoff
+    }
+
+    fn commit(handoff: &Handoff) {
+        let lifecycle = &handoff.inner.lifecycle;
+        lifecycle.apply(Event::Trigger { alive: 1, max: 4 }).unwrap();
+        lifecycle
+            .apply(Event::CommitTo {
+                successor_pid: 1,
+                probation: true,
+            })
+            .unwrap();
+    }
+
+    /// The next trigger may come before the accept loop looks (a supervisor forwards the
+    /// operator's SIGUSR2 as soon as it hears the take-back's `MAINPID=`): the loop must
+    /// still serve, not take the upgrade under way for the end of its probation and exit.
+    #[tokio::test]
+    async fn a_take_back_followed_at_once_by_a_trigger_is_still_a_take_back() {
+        let handoff = serving().await;
+        commit(&handoff);
+        handoff.inner.lifecycle.apply(Event::SuccessorDied).unwrap();
+        handoff
+            .inner
+            .lifecycle
+            .apply(Event::Trigger { alive: 1, max: 4 })
+            .unwrap();
+        assert!(handoff.taken_back().await);
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_probation_is_no_take_back() {
+        let handoff = serving().await;
+        commit(&handoff);
+        handoff.inner.lifecycle.apply(Event::ProbationOver).unwrap();
+        assert!(!handoff.taken_back().await);
     }
 }
