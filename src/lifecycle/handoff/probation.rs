@@ -317,15 +317,9 @@ impl Handoff {
 mod tests {
     use super::*;
 
+    /// A ready handoff whose upgrades these tests never start (they drive its lifecycle).
     async fn serving() -> Handoff {
-        let handoff = Handoff::builder()
-            .upgrade_signal(None)
-            .stop_on_signals(false)
-            .start()
-            .await
-            .unwrap();
-        handoff.ready().await.unwrap();
-        handoff
+        super::super::testing::started(std::path::Path::new("/bin/false")).await
     }
 
     fn commit(handoff: &Handoff) {
