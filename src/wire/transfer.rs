@@ -54,7 +54,6 @@ pub async fn recv_sockets(channel: &mut Channel) -> Result<(u64, Vec<(SocketEntr
     };
     check_counts(announced, batches)?;
     let mut received: Vec<(SocketEntry, OwnedFd)> = Vec::with_capacity(announced.min(65_536));
-    let mut names = HashSet::new();
     for index in 0..batches {
         let batch = channel.recv("batch").await?;
         let entries = match batch.message {
@@ -74,9 +73,6 @@ pub async fn recv_sockets(channel: &mut Channel) -> Result<(u64, Vec<(SocketEntr
             });
         }
         for (entry, fd) in entries.into_iter().zip(batch.fds) {
-            if !names.insert(entry.name.clone()) {
-                return Err(WireError::DuplicateName(entry.name));
-            }
             verify(&entry, fd.as_fd())?;
             received.push((entry, fd));
         }
@@ -88,7 +84,19 @@ pub async fn recv_sockets(channel: &mut Channel) -> Result<(u64, Vec<(SocketEntr
             received: received.len(),
         });
     }
+    check_unique(&received)?;
     Ok((generation, received))
+}
+
+/// Every name at most once, since the successor claims its sockets by name. Checked once all
+/// have arrived, on borrowed names: a copy of each name cost a tenth of a thousand sockets'
+/// reception.
+fn check_unique(received: &[(SocketEntry, OwnedFd)]) -> Result<(), WireError> {
+    let mut names = HashSet::with_capacity(received.len());
+    match received.iter().find(|(entry, _)| !names.insert(entry.name.as_str())) {
+        Some((entry, _)) => Err(WireError::DuplicateName(entry.name.clone())),
+        None => Ok(()),
+    }
 }
 
 /// A manifest's counts must be possible: no empty batch, and no batch with more descriptors
@@ -229,6 +237,28 @@ mod tests {
         drop(sender);
         let err = recv_sockets(&mut receiver).await.unwrap_err();
         assert!(matches!(err, WireError::Closed { expected: "batch" }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn two_sockets_under_one_name_are_refused_and_closed() {
+        let (sender, mut receiver) = channels();
+        let mut sockets = listeners(3);
+        sockets[2].0.name = sockets[0].0.name.clone();
+        let batch = borrowed(&sockets);
+        let (sent, got) = tokio::join!(send_sockets(&sender, 2, &batch), recv_sockets(&mut receiver));
+        sent.unwrap();
+        let err = got.unwrap_err();
+        assert!(matches!(&err, WireError::DuplicateName(name) if name == "l0"), "{err}");
+        // Nothing received stays open here: each listener is held by its sender alone.
+        for (_, listener) in &sockets {
+            let inode = nix::sys::stat::fstat(listener).unwrap().st_ino;
+            let held = std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|fd| nix::sys::stat::stat(&fd.unwrap().path()).ok())
+                .filter(|stat| stat.st_ino == inode)
+                .count();
+            assert_eq!(held, 1, "a received copy of a listener is still open");
+        }
     }
 
     #[test]
