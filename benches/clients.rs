@@ -7,6 +7,8 @@
 //! request, WebSocket echo through `ws_chat`'s room, TCP echo): requests (or round trips) per
 //! second steady and during the storm and their ratio; p50, p99, p99.9 and max latency, steady
 //! and during; errors by kind (refused, reset, other), summed over rounds; the upgrades done.
+//! Then where the CPU went: the server's every generation and the clients, in cores, steady
+//! and during the storm, and what one upgrade costs the server beyond serving its requests.
 //!
 //! `cargo bench --bench clients` (`-- --rounds 3 --seconds 5 --interval-ms 200 --connections 32
 //! --only NAME --wrk`); `--wrk` also runs wrk (when installed) against the HTTP servers as an
@@ -167,6 +169,46 @@ struct Round {
     steady: Phase,
     storm: Phase,
     upgrades: usize,
+    /// The machine's CPU in the round (every mix of the server together).
+    cpu: Cpu,
+}
+
+/// Where the CPU went in one round: the server's every generation and the clients (this
+/// process), in cores (CPU seconds per second), steady and during the storm.
+#[derive(Clone, Copy)]
+struct Cpu {
+    server_steady: f64,
+    server_storm: f64,
+    clients_steady: f64,
+    clients_storm: f64,
+    /// The server's CPU in the storm beyond what serving its requests cost at the steady
+    /// rate (CPU per request steady × requests in the storm), per upgrade, in milliseconds:
+    /// what an upgrade costs the machine.
+    per_upgrade_ms: f64,
+    /// The server's CPU per upgrade through a storm without clients, in milliseconds: the
+    /// upgrade's own cost (spawn, start, handover, the old process's exit).
+    idle_ms: f64,
+}
+
+impl Cpu {
+    /// From CPU seconds read at the start of the steady phase, its end, and the storm's end.
+    fn from_readings(server: [f64; 3], clients: [f64; 3], requests: [f64; 2], seconds: f64, upgrades: usize) -> Self {
+        let server_steady = server[1] - server[0];
+        let server_storm = server[2] - server[1];
+        let serving = server_steady / requests[0].max(1.0) * requests[1];
+        Self {
+            server_steady: server_steady / seconds,
+            server_storm: server_storm / seconds,
+            clients_steady: (clients[1] - clients[0]) / seconds,
+            clients_storm: (clients[2] - clients[1]) / seconds,
+            per_upgrade_ms: (server_storm - serving) * 1e3 / upgrades.max(1) as f64,
+            idle_ms: f64::NAN,
+        }
+    }
+
+    fn idle(self, idle_ms: f64) -> Self {
+        Self { idle_ms, ..self }
+    }
 }
 
 struct Settings {
@@ -183,7 +225,12 @@ async fn measure(target: &Target, examples: &Path, settings: &Settings) -> Vec<R
     let address = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port");
-    let _server = start(&examples.join(target.example), target.args, address, &pid_file);
+    let server = start(&examples.join(target.example), target.args, address, &pid_file);
+    let mut generations = common::cpu::Generations::of_group(server.0.id() as i32);
+    // What an upgrade alone costs: the server's CPU through a storm without clients.
+    let before = generations.seconds();
+    let idle_upgrades = storm(&pid_file, settings.interval, Duration::from_secs(1)).await;
+    let idle_ms = (generations.seconds() - before) * 1e3 / idle_upgrades.max(1) as f64;
 
     let stop = Arc::new(AtomicBool::new(false));
     let counters: Vec<Arc<Counters>> = target.mixes.iter().map(|_| Arc::default()).collect();
@@ -194,12 +241,25 @@ async fn measure(target: &Target, examples: &Path, settings: &Settings) -> Vec<R
     let seconds = settings.seconds;
     tokio::time::sleep(Duration::from_secs(1)).await; // warm-up, not counted
     counters.iter().for_each(|c| drop(Phase::take(c, 1.0)));
+    let mut server_cpu = [generations.seconds(), 0.0, 0.0];
+    let mut clients_cpu = [common::cpu::own_seconds(), 0.0, 0.0];
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     let steady: Vec<Phase> = counters.iter().map(|c| Phase::take(c, seconds)).collect();
+    (server_cpu[1], clients_cpu[1]) = (generations.seconds(), common::cpu::own_seconds());
     let upgrades = storm(&pid_file, settings.interval, Duration::from_secs_f64(seconds)).await;
     let storm: Vec<Phase> = counters.iter().map(|c| Phase::take(c, seconds)).collect();
+    (server_cpu[2], clients_cpu[2]) = (generations.seconds(), common::cpu::own_seconds());
     stop.store(true, Ordering::Relaxed);
     while clients.join_next().await.is_some() {}
+    let requests = |phases: &[Phase]| phases.iter().map(|p| p.per_second * seconds).sum::<f64>();
+    let cpu = Cpu::from_readings(
+        server_cpu,
+        clients_cpu,
+        [requests(&steady), requests(&storm)],
+        seconds,
+        upgrades,
+    )
+    .idle(idle_ms);
     steady
         .into_iter()
         .zip(storm)
@@ -207,6 +267,7 @@ async fn measure(target: &Target, examples: &Path, settings: &Settings) -> Vec<R
             steady,
             storm,
             upgrades,
+            cpu,
         })
         .collect()
 }
@@ -333,6 +394,7 @@ fn print_table(results: &[(&Target, Vec<Vec<Round>>)], settings: &Settings) {
             );
         }
     }
+    print_cpu(results);
     let errors: u64 = results
         .iter()
         .flat_map(|(_, rounds)| rounds.iter().flatten())
@@ -348,11 +410,43 @@ fn print_table(results: &[(&Target, Vec<Vec<Round>>)], settings: &Settings) {
     );
 }
 
+/// Where the CPU went, per server: the machine has `available_parallelism` cores.
+fn print_cpu(results: &[(&Target, Vec<Vec<Round>>)]) {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "\nCPU in cores of {cores} (medians of rounds): the server's every generation and the clients, steady and during the storm"
+    );
+    println!(
+        "{:<20} {:>14} {:>14} {:>14} {:>14} {:>18} {:>16}",
+        "server",
+        "server steady",
+        "server storm",
+        "clients steady",
+        "clients storm",
+        "ms/upgrade loaded",
+        "ms/upgrade idle"
+    );
+    for (target, rounds) in results {
+        let med = |f: fn(&Cpu) -> f64| median(rounds.iter().filter_map(|r| r.first()).map(|r| f(&r.cpu)));
+        println!(
+            "{:<20} {:>14.2} {:>14.2} {:>14.2} {:>14.2} {:>18.1} {:>16.1}",
+            target.name,
+            med(|c| c.server_steady),
+            med(|c| c.server_storm),
+            med(|c| c.clients_steady),
+            med(|c| c.clients_storm),
+            med(|c| c.per_upgrade_ms),
+            med(|c| c.idle_ms),
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     if common::listing_only() {
         return;
     }
+    common::cpu::adopt_orphans();
     let settings = Settings {
         seconds: common::arg("--seconds", 5.0),
         interval: Duration::from_millis(common::arg("--interval-ms", 200)),
@@ -397,8 +491,16 @@ mod wrk {
             settings.connections, settings.seconds, settings.seconds
         );
         println!(
-            "{:<20} {:>9} {:>9} {:>6} {:>18} {:>18} {:>7}",
-            "server", "steady/s", "storm/s", "ratio", "steady p50/p99", "storm p50/p99", "errors"
+            "{:<20} {:>9} {:>9} {:>6} {:>18} {:>18} {:>7} {:>22} {:>10}",
+            "server",
+            "steady/s",
+            "storm/s",
+            "ratio",
+            "steady p50/p99",
+            "storm p50/p99",
+            "errors",
+            "server cores → storm",
+            "ms/upgrade"
         );
         for target in targets.iter().filter(|t| t.mixes == HTTP) {
             let dir = tempfile::tempdir().expect("temporary directory");
@@ -406,13 +508,21 @@ mod wrk {
             let address = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .expect("a free port");
-            let _server = start(&examples.join(target.example), target.args, address, &pid_file);
+            let server = start(&examples.join(target.example), target.args, address, &pid_file);
+            let mut generations = common::cpu::Generations::of_group(server.0.id() as i32);
+            let mut server_cpu = [generations.seconds(), 0.0, 0.0];
             let steady = run(address, settings).await;
+            server_cpu[1] = generations.seconds();
             let wrk = tokio::spawn(run_owned(address, settings.connections, settings.seconds));
-            storm(&pid_file, settings.interval, Duration::from_secs_f64(settings.seconds)).await;
+            let upgrades = storm(&pid_file, settings.interval, Duration::from_secs_f64(settings.seconds)).await;
             let storm = wrk.await.expect("wrk's task");
+            server_cpu[2] = generations.seconds();
+            // wrk runs `seconds` rounded up; the clients' CPU is wrk's, not ours.
+            let seconds = settings.seconds.ceil();
+            let requests = [steady.per_second * seconds, storm.per_second * seconds];
+            let cpu = Cpu::from_readings(server_cpu, [0.0; 3], requests, seconds, upgrades);
             println!(
-                "{:<20} {:>9.0} {:>9.0} {:>6.3} {:>18} {:>18} {:>7}",
+                "{:<20} {:>9.0} {:>9.0} {:>6.3} {:>18} {:>18} {:>7} {:>22} {:>10.1}",
                 target.name,
                 steady.per_second,
                 storm.per_second,
@@ -420,6 +530,8 @@ mod wrk {
                 format!("{}/{}", steady.p50, steady.p99),
                 format!("{}/{}", storm.p50, storm.p99),
                 steady.errors + storm.errors,
+                format!("{:.2} → {:.2}", cpu.server_steady, cpu.server_storm),
+                cpu.per_upgrade_ms,
             );
         }
     }

@@ -1,6 +1,8 @@
 //! What the benches share: arguments, and building the example servers they run.
 #![allow(dead_code)] // each bench uses its own subset
 
+pub mod cpu;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
