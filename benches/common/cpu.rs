@@ -5,8 +5,9 @@
 //! its successor is then reparented. With this process as their subreaper
 //! ([`adopt_orphans`]), every generation ends as our child; [`Generations::seconds`] reaps the
 //! ones that have exited with `wait4`, which returns what each used (its own time and that of
-//! the children it reaped), and reads the live ones (and the zombies not ours yet) from
-//! `/proc`. Only processes of the server's process group are reaped: the benchmark's other
+//! the children it reaped), and reads the live ones (and the zombies not ours yet) on their
+//! CPU-time clocks. The time of a child a live generation reaped itself (after a take-back) is
+//! not counted. Only processes of the server's process group are reaped: the benchmark's other
 //! children (wrk, cargo) are left to whoever waits for them.
 
 use std::fs;
@@ -54,13 +55,25 @@ impl Generations {
         for zombie in members.iter().filter(|p| p.state == 'Z' && p.parent == ours) {
             self.reaped += reap(zombie.pid);
         }
-        let hertz = clock_ticks_per_second();
-        let alive: u64 = members
+        let alive: f64 = members
             .iter()
             .filter(|p| !(p.state == 'Z' && p.parent == ours))
-            .map(|p| p.ticks)
+            .map(Stat::cpu_seconds)
             .sum();
-        self.reaped + alive as f64 / hertz
+        self.reaped + alive
+    }
+}
+
+impl Stat {
+    /// Its CPU to the nanosecond (its CPU-time clock), or to the clock tick from `/proc` where
+    /// the clock cannot be read. The ticks (10 ms) are too coarse for an upgrade's few
+    /// milliseconds.
+    fn cpu_seconds(&self) -> f64 {
+        let clock = nix::time::clock_getcpuclockid(nix::unistd::Pid::from_raw(self.pid));
+        match clock.and_then(|clock| clock.now()) {
+            Ok(time) => time.tv_sec() as f64 + time.tv_nsec() as f64 / 1e9,
+            Err(_) => self.ticks as f64 / clock_ticks_per_second(),
+        }
     }
 }
 
