@@ -177,13 +177,18 @@ struct Round {
 /// process), in cores (CPU seconds per second), steady and during the storm.
 #[derive(Clone, Copy)]
 struct Cpu {
+    /// The server's every generation, steady.
     server_steady: f64,
+    /// The same, through the storm.
     server_storm: f64,
+    /// The clients (this process), steady.
     clients_steady: f64,
+    /// The same, through the storm.
     clients_storm: f64,
     /// The server's CPU in the storm beyond what serving its requests cost at the steady
     /// rate (CPU per request steady × requests in the storm), per upgrade, in milliseconds:
-    /// what an upgrade costs the machine.
+    /// what an upgrade costs the machine. Noisy on a saturated machine, where the requests'
+    /// own cost moves by more between two windows than a few upgrades add.
     per_upgrade_ms: f64,
     /// The server's CPU per upgrade through a storm without clients, in milliseconds: the
     /// upgrade's own cost (spawn, start, handover, the old process's exit).
@@ -206,6 +211,7 @@ impl Cpu {
         }
     }
 
+    /// With the CPU per upgrade measured without clients.
     fn idle(self, idle_ms: f64) -> Self {
         Self { idle_ms, ..self }
     }

@@ -6,7 +6,8 @@
 //! - `transfer sockets`: both sides on one thread, so the time is their CPU added up;
 //! - `transfer sockets, sender apart`: the sender on a thread of its own, as the old process
 //!   is another process, so that encoding the next batch overlaps checking the last one. This
-//!   is the time a successor waits for its sockets.
+//!   is the time a successor waits for its sockets, plus waking the sender's thread (which is
+//!   most of it for a single socket).
 //!
 //! Either way the clock stops once every descriptor is received and checked: closing them
 //! afterwards (which a successor never does with the sockets it adopts) is outside it.
@@ -49,6 +50,7 @@ fn manifest(c: &mut Criterion) {
     group.finish();
 }
 
+/// A runtime on the calling thread, as each side of the channel has.
 fn current_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

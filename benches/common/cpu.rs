@@ -17,7 +17,8 @@ pub fn adopt_orphans() {
     nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
 }
 
-/// The CPU this process used so far (every thread), in seconds.
+/// The CPU this process used so far (every thread: the clients, and the bench's own storm and
+/// readings of `/proc`), in seconds.
 pub fn own_seconds() -> f64 {
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).expect("getrusage");
     let seconds = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
@@ -82,8 +83,8 @@ fn reap(pid: i32) -> f64 {
     // SAFETY: all-zero is a valid `rusage`; `wait4` fills it in.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let mut status = 0;
-    // SAFETY: `status` and `usage` are valid for writes for the call's length; `pid` is a
-    // child of ours that has exited, so the call returns at once.
+    // SAFETY: `status` and `usage` are valid for writes for the call's length, and the kernel
+    // writes nothing else.
     let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
     if reaped != pid {
         return 0.0;
@@ -92,6 +93,7 @@ fn reap(pid: i32) -> f64 {
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
+/// Every process `/proc` lists now.
 fn processes() -> impl Iterator<Item = Stat> {
     fs::read_dir("/proc")
         .into_iter()
@@ -117,6 +119,7 @@ fn parse_stat(pid: i32, line: &str) -> Option<Stat> {
     })
 }
 
+/// The unit of `/proc/PID/stat`'s times.
 fn clock_ticks_per_second() -> f64 {
     // SAFETY: `sysconf` reads a configuration value; it touches no memory of ours.
     let hertz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

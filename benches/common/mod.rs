@@ -49,11 +49,13 @@ pub struct Group(pub Child);
 
 impl Drop for Group {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let group = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.0.wait();
+        // Where the bench is the generations' subreaper (`cpu::adopt_orphans`), every
+        // generation killed is ours to reap: until none of the group is our child.
+        let everyone = nix::unistd::Pid::from_raw(-group.as_raw());
+        while nix::sys::wait::waitpid(everyone, None).is_ok() {}
     }
 }
 

@@ -27,10 +27,11 @@
 //!  ◀──────────── hello {protocol, pid} + SCM_CREDENTIALS (kernel-checked: the child we spawned)
 //!                                                      versions checked both ways;
 //!                                                      MSG_CMSG_CLOEXEC, every received fd owned
-//!                                                      at once; MSG_CTRUNC, a count mismatch, a
-//!                                                      duplicate name: refused, all closed;
-//!                                                      each fd checked against its entry (type,
-//!                                                      family, protocol, address, listening)
+//!                                                      at once; MSG_CTRUNC, a count mismatch:
+//!                                                      refused, all closed; each fd checked
+//!                                                      against its entry (type, family,
+//!                                                      protocol, address, listening); then a
+//!                                                      name given twice: refused, all closed
 //!  ◀──────────────────────────── accepted | rejected {reason, naming the socket}
 //!  ◀──────────────────────────── extend_startup {more_ms} (optional, repeated: a slow start)
 //!                                                      the application claims its sockets by

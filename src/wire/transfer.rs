@@ -89,8 +89,8 @@ pub async fn recv_sockets(channel: &mut Channel) -> Result<(u64, Vec<(SocketEntr
 }
 
 /// Every name at most once, since the successor claims its sockets by name. Checked once all
-/// have arrived, on borrowed names: a copy of each name cost a tenth of a thousand sockets'
-/// reception.
+/// have arrived, on borrowed names: copying each name into a set as it arrived cost about 9 %
+/// of a thousand sockets' reception.
 fn check_unique(received: &[(SocketEntry, OwnedFd)]) -> Result<(), WireError> {
     let mut names = HashSet::with_capacity(received.len());
     match received.iter().find(|(entry, _)| !names.insert(entry.name.as_str())) {
