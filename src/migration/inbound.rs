@@ -211,6 +211,9 @@ impl Inbound {
                     break Predecessor::GaveUp;
                 }
                 Ok(Ok(Some(_))) => {}
+                // Its end released with our acknowledgements unread: gone, but what it sent
+                // before is still queued behind this reset, which is reported once.
+                Ok(Err(WireError::Io(error))) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
                 Ok(Err(error)) if error.is_peer_gone() => break Predecessor::Exited,
                 Ok(Err(error)) => tracing::warn!(%error, "unreadable message from the predecessor; ignored"),
                 Err(_) => {
@@ -286,5 +289,175 @@ impl Inbound {
         stream.set_nonblocking(true).map_err(|e| e.to_string())?;
         let stream = TcpStream::from_std(stream).map_err(|e| e.to_string())?;
         receiver(stream, entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::migration::State;
+    use crate::wire::pair;
+    use std::os::fd::OwnedFd;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+
+    /// A connection as the predecessor holds it (its descriptor and entry), and its client.
+    async fn accepted() -> (OwnedFd, ConnectionEntry, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let entry = ConnectionEntry {
+            listener: "echo".into(),
+            protocol: Protocol::RawTcp,
+            local: stream.local_addr().unwrap(),
+            peer,
+            state: State(serde_json::Value::Null),
+            leftover: Vec::new(),
+        };
+        (stream.into_std().unwrap().into(), entry, client)
+    }
+
+    /// The predecessor is killed between our receiving a batch and acknowledging it. Every
+    /// connection it had sent is ours alone, and served: the batches behind the one we could
+    /// not acknowledge are read to the end of the channel, whether the predecessor had read
+    /// our acknowledgement of the batch before (its end closes clean) or not (its end's
+    /// release leaves us a reset to read first).
+    #[tokio::test]
+    async fn a_predecessor_gone_between_two_batches_leaves_us_every_batch_it_sent() {
+        for acknowledgement_read in [true, false] {
+            predecessor_gone_at_the_second_batch(acknowledgement_read).await;
+        }
+    }
+
+    /// As seen with a predecessor killed mid-migration: our acknowledgement fails (`EPIPE`)
+    /// before the predecessor's end is released, and the release then leaves a reset ahead
+    /// of a batch still queued. The batch is read past the reset, and its connection served.
+    #[tokio::test]
+    async fn a_reset_after_a_failed_acknowledgement_hides_no_batch_behind_it() {
+        let (ours, theirs) = pair().unwrap();
+        let predecessor = Channel::new(theirs).unwrap();
+        let mut channel = Channel::new(ours).unwrap();
+        let mut clients = Vec::new();
+        let mut send = |index| {
+            let predecessor = &predecessor;
+            async move {
+                let (fd, entry, client) = accepted().await;
+                let batch = Message::Migrate {
+                    index,
+                    connections: vec![entry],
+                };
+                predecessor.send(&batch, &[fd.as_fd()]).await.unwrap();
+                client
+            }
+        };
+        clients.push(send(0).await);
+        clients.push(send(1).await);
+        let (taken, mut resumed) = mpsc::unbounded_channel();
+        let inbound = Arc::new(Inbound::default());
+        let receiver: Arc<Receiver> = Arc::new(move |stream, _| {
+            let taken = taken.clone();
+            Ok(Box::new(move || drop(taken.send(stream))))
+        });
+        inbound.register("echo", Protocol::RawTcp, receiver);
+        // At the second batch, before its acknowledgement, the predecessor stops receiving:
+        // that acknowledgement fails with `EPIPE`; the first one stays unread.
+        let their_end = Mutex::new(Some(predecessor.as_fd().try_clone_to_owned().unwrap()));
+        let asked = Arc::new(AtomicU64::new(0));
+        let serving = {
+            let asked = asked.clone();
+            move || {
+                if asked.fetch_add(1, Ordering::Relaxed) == 1 {
+                    // A duplicate, closed at once: the end is released with `predecessor`.
+                    let end = their_end.lock().unwrap().take().unwrap();
+                    socket2::SockRef::from(&end).shutdown(std::net::Shutdown::Read).unwrap();
+                }
+                true
+            }
+        };
+        let receiving = tokio::spawn({
+            let inbound = inbound.clone();
+            async move { inbound.receive(&mut channel, serving).await }
+        });
+        // The receiver has failed to acknowledge the second batch and waits for more.
+        for _ in 0..1000 {
+            if asked.load(Ordering::Relaxed) == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(asked.load(Ordering::Relaxed), 2, "the second batch was received");
+        tokio::task::yield_now().await;
+        // A third batch, then the release of every descriptor of its end: a reset (our first
+        // acknowledgement unread), the third batch, the end.
+        clients.push(send(2).await);
+        drop(send);
+        drop(predecessor);
+        tokio::time::timeout(Duration::from_secs(10), receiving)
+            .await
+            .expect("the channel's end is read")
+            .unwrap();
+        for client in &mut clients {
+            let mut stream = resumed.try_recv().expect("every connection sent is resumed");
+            client.write_all(b"ok").await.unwrap();
+            let mut got = [0; 2];
+            stream.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"ok");
+        }
+    }
+
+    async fn predecessor_gone_at_the_second_batch(acknowledgement_read: bool) {
+        let (ours, theirs) = pair().unwrap();
+        let predecessor = Channel::new(theirs).unwrap();
+        let mut channel = Channel::new(ours).unwrap();
+        let mut clients = Vec::new();
+        for index in 0..3 {
+            let (fd, entry, client) = accepted().await;
+            let batch = Message::Migrate {
+                index,
+                connections: vec![entry],
+            };
+            predecessor.send(&batch, &[fd.as_fd()]).await.unwrap();
+            clients.push(client);
+        }
+        let (taken, mut resumed) = mpsc::unbounded_channel();
+        let inbound = Inbound::default();
+        let receiver: Arc<Receiver> = Arc::new(move |stream, _| {
+            let taken = taken.clone();
+            Ok(Box::new(move || drop(taken.send(stream))))
+        });
+        inbound.register("echo", Protocol::RawTcp, receiver);
+        // Asked once per batch, before its acknowledgement: at the second batch, the
+        // predecessor goes.
+        let predecessor = Mutex::new(Some(predecessor));
+        let asked = AtomicU64::new(0);
+        let serving = || {
+            if asked.fetch_add(1, Ordering::Relaxed) == 1 {
+                let mut gone = predecessor.lock().unwrap().take().unwrap();
+                if acknowledgement_read {
+                    let read = gone.try_recv().unwrap().expect("our acknowledgement of the first");
+                    assert!(matches!(read.message, Message::Migrated { index: 0, .. }));
+                }
+                drop(gone);
+            }
+            true
+        };
+        tokio::time::timeout(Duration::from_secs(10), inbound.receive(&mut channel, serving))
+            .await
+            .expect("the channel's end is read");
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            2,
+            "two batches asked for, the third held"
+        );
+        for client in &mut clients {
+            let mut stream = resumed.try_recv().unwrap_or_else(|_| {
+                panic!("every connection sent is resumed (acknowledgement read: {acknowledgement_read})")
+            });
+            client.write_all(b"ok").await.unwrap();
+            let mut got = [0; 2];
+            stream.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"ok");
+        }
     }
 }
