@@ -339,7 +339,7 @@ mod tests {
         let predecessor = Channel::new(theirs).unwrap();
         let mut channel = Channel::new(ours).unwrap();
         let mut clients = Vec::new();
-        let mut send = |index| {
+        let send = |index| {
             let predecessor = &predecessor;
             async move {
                 let (fd, entry, client) = accepted().await;
@@ -391,7 +391,6 @@ mod tests {
         // A third batch, then the release of every descriptor of its end: a reset (our first
         // acknowledgement unread), the third batch, the end.
         clients.push(send(2).await);
-        drop(send);
         drop(predecessor);
         tokio::time::timeout(Duration::from_secs(10), receiving)
             .await
