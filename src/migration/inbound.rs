@@ -321,8 +321,10 @@ mod tests {
     /// The predecessor is killed between our receiving a batch and acknowledging it. Every
     /// connection it had sent is ours alone, and served: the batches behind the one we could
     /// not acknowledge are read to the end of the channel, whether the predecessor had read
-    /// our acknowledgement of the batch before (its end closes clean) or not (its end's
-    /// release leaves us a reset to read first).
+    /// our acknowledgement of the batch before (its end closes clean, and our next
+    /// acknowledgement fails with `EPIPE`) or not (its end's release leaves a reset, which
+    /// that failing acknowledgement reports). Neither order reaches a reset in the reading
+    /// that follows: see the next test for the one that does.
     #[tokio::test]
     async fn a_predecessor_gone_between_two_batches_leaves_us_every_batch_it_sent() {
         for acknowledgement_read in [true, false] {
