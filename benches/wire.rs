@@ -66,6 +66,19 @@ async fn receive(receiver: &mut Channel, n: usize) -> Vec<(SocketEntry, OwnedFd)
     received
 }
 
+/// How long `iterations` transfers take, the clock stopped as each returns: what it returns
+/// (the descriptors received) is closed after.
+fn timed<T>(iterations: u64, mut transfer: impl FnMut() -> T) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iterations {
+        let start = Instant::now();
+        let received = transfer();
+        total += start.elapsed();
+        drop(received);
+    }
+    total
+}
+
 fn transfer(c: &mut Criterion) {
     let runtime = current_thread();
     let mut group = c.benchmark_group("transfer sockets");
@@ -80,19 +93,14 @@ fn transfer(c: &mut Criterion) {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
             b.iter_custom(|iterations| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iterations {
-                    let start = Instant::now();
-                    let received = runtime.block_on(async {
+                timed(iterations, || {
+                    runtime.block_on(async {
                         let (sent, received) =
                             tokio::join!(wire::send_sockets(&sender, 1, &borrowed), receive(&mut receiver, n));
                         sent.expect("sent");
                         received
-                    });
-                    total += start.elapsed();
-                    drop(received);
-                }
-                total
+                    })
+                })
             })
         });
     }
@@ -121,15 +129,10 @@ fn transfer_with_the_sender_apart(c: &mut Criterion) {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
             b.iter_custom(|iterations| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iterations {
-                    let start = Instant::now();
+                timed(iterations, || {
                     go.send(()).expect("the sender runs");
-                    let received = runtime.block_on(receive(&mut receiver, n));
-                    total += start.elapsed();
-                    drop(received);
-                }
-                total
+                    runtime.block_on(receive(&mut receiver, n))
+                })
             })
         });
         drop(go);
