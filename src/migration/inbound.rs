@@ -318,6 +318,36 @@ mod tests {
         (stream.into_std().unwrap().into(), entry, client)
     }
 
+    /// An inbound side resuming `echo` connections: each resumed stream comes out of the
+    /// receiver returned.
+    fn resuming_echo() -> (Inbound, mpsc::UnboundedReceiver<TcpStream>) {
+        let (taken, resumed) = mpsc::unbounded_channel();
+        let inbound = Inbound::default();
+        let receiver: Arc<Receiver> = Arc::new(move |stream, _| {
+            let taken = taken.clone();
+            Ok(Box::new(move || drop(taken.send(stream))))
+        });
+        inbound.register("echo", Protocol::RawTcp, receiver);
+        (inbound, resumed)
+    }
+
+    /// Each client's connection was resumed, in order, and is still the same live one.
+    async fn every_client_resumed(
+        clients: Vec<TcpStream>,
+        resumed: &mut mpsc::UnboundedReceiver<TcpStream>,
+        case: &str,
+    ) {
+        for mut client in clients {
+            let mut stream = resumed
+                .try_recv()
+                .unwrap_or_else(|_| panic!("every connection sent is resumed ({case})"));
+            client.write_all(b"ok").await.unwrap();
+            let mut got = [0; 2];
+            stream.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"ok");
+        }
+    }
+
     /// The predecessor is killed between our receiving a batch and acknowledging it. Every
     /// connection it had sent is ours alone, and served: the batches behind the one we could
     /// not acknowledge are read to the end of the channel, whether the predecessor had read
@@ -355,13 +385,8 @@ mod tests {
         };
         clients.push(send(0).await);
         clients.push(send(1).await);
-        let (taken, mut resumed) = mpsc::unbounded_channel();
-        let inbound = Arc::new(Inbound::default());
-        let receiver: Arc<Receiver> = Arc::new(move |stream, _| {
-            let taken = taken.clone();
-            Ok(Box::new(move || drop(taken.send(stream))))
-        });
-        inbound.register("echo", Protocol::RawTcp, receiver);
+        let (inbound, mut resumed) = resuming_echo();
+        let inbound = Arc::new(inbound);
         // At the second batch, before its acknowledgement, the predecessor stops receiving:
         // that acknowledgement fails with `EPIPE`; the first one stays unread.
         let their_end = Mutex::new(Some(predecessor.as_fd().try_clone_to_owned().unwrap()));
@@ -398,13 +423,7 @@ mod tests {
             .await
             .expect("the channel's end is read")
             .unwrap();
-        for client in &mut clients {
-            let mut stream = resumed.try_recv().expect("every connection sent is resumed");
-            client.write_all(b"ok").await.unwrap();
-            let mut got = [0; 2];
-            stream.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"ok");
-        }
+        every_client_resumed(clients, &mut resumed, "reset after the failed acknowledgement").await;
     }
 
     async fn predecessor_gone_at_the_second_batch(acknowledgement_read: bool) {
@@ -421,13 +440,7 @@ mod tests {
             predecessor.send(&batch, &[fd.as_fd()]).await.unwrap();
             clients.push(client);
         }
-        let (taken, mut resumed) = mpsc::unbounded_channel();
-        let inbound = Inbound::default();
-        let receiver: Arc<Receiver> = Arc::new(move |stream, _| {
-            let taken = taken.clone();
-            Ok(Box::new(move || drop(taken.send(stream))))
-        });
-        inbound.register("echo", Protocol::RawTcp, receiver);
+        let (inbound, mut resumed) = resuming_echo();
         // Asked once per batch, before its acknowledgement: at the second batch, the
         // predecessor goes.
         let predecessor = Mutex::new(Some(predecessor));
@@ -451,14 +464,7 @@ mod tests {
             2,
             "two batches asked for, the third held"
         );
-        for client in &mut clients {
-            let mut stream = resumed.try_recv().unwrap_or_else(|_| {
-                panic!("every connection sent is resumed (acknowledgement read: {acknowledgement_read})")
-            });
-            client.write_all(b"ok").await.unwrap();
-            let mut got = [0; 2];
-            stream.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"ok");
-        }
+        let case = format!("acknowledgement read: {acknowledgement_read}");
+        every_client_resumed(clients, &mut resumed, &case).await;
     }
 }
